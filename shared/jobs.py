@@ -1,0 +1,42 @@
+"""The job a gateway stores in JetStream for a worker: one ``chat`` plus who asked it.
+
+It carries everything the worker needs and nothing the client could forge: ``user`` comes
+from the connection's identity, ``key`` from (user, id), ``reply`` is the connection's frame
+subject. ``trace_id`` follows the request through every log line and Dify's ``X-Request-Id``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["JOB_VERSION", "Job"]
+
+JOB_VERSION = 1
+
+
+class Job(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    v: int = JOB_VERSION
+    key: str
+    id: str
+    user: str
+    conn: str
+    reply: str
+    query: str
+    conversation_id: str | None = None
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    files: list[dict[str, Any]] = Field(default_factory=list)
+    app: str | None = None
+    trace_id: str
+    created_ms: int
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="python"))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Job:
+        return cls.model_validate(orjson.loads(data))

@@ -1,0 +1,90 @@
+"""The one settings object, read from the environment by pydantic-settings.
+
+Names are fixed by the contract: Dify's two variables keep Dify's own names (`DIFY_API_URL`,
+`DIFY_API_KEY`); everything of tokenwire's own is `TOKENWIRE_*`. Both processes read the same
+class so a value means the same thing in the gateway and the worker.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "get_settings"]
+
+
+class Settings(BaseSettings):
+    """Every knob of tokenwire. See the README's configuration table."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TOKENWIRE_", extra="ignore", populate_by_name=True, frozen=True
+    )
+
+    # --- Dify (worker side only) -------------------------------------------------------
+    dify_api_url: str = Field(
+        default="http://127.0.0.1:5001/v1",
+        validation_alias=AliasChoices("DIFY_API_URL", "dify_api_url"),
+    )
+    dify_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("DIFY_API_KEY", "dify_api_key")
+    )
+    dify_connect_timeout_s: float = 5.0
+    # Dify pings every ~10 s, so a read gap of a minute means the stream is dead.
+    dify_read_timeout_s: float = 60.0
+    dify_stop_timeout_s: float = 10.0
+
+    # --- NATS --------------------------------------------------------------------------
+    nats_url: str = "nats://127.0.0.1:4222"
+    stream_replicas: int = Field(default=1, ge=1, le=5)
+    # Retention of each request's frames for `resume` (seconds).
+    frame_ttl_s: float = 15 * 60
+    # JetStream dedup window for jobs: a chat re-sent with the same id within it is one job.
+    job_dedup_window_s: float = 15 * 60
+    # How long a job may stay un-acked before JetStream redelivers it; workers send
+    # in-progress acks well inside it while a long answer streams.
+    job_ack_wait_s: float = 30.0
+    job_max_deliver: int = 20
+    # Cluster-wide cap on answers streaming at once (the job consumer's max_ack_pending).
+    max_inflight_jobs: int = Field(default=1000, ge=1)
+
+    # --- gateway -------------------------------------------------------------------------
+    auth: Literal["jwt", "none"] = "jwt"
+    allow_insecure: bool = False
+    jwt_secret: SecretStr | None = None
+    jwt_public_key: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    # Where the web page and the browser SDK are served from (default: the repo's web/).
+    web_dir: Path | None = None
+    max_frame_bytes: int = Field(default=64 * 1024, ge=1024)
+    max_query_chars: int = Field(default=32_000, ge=1)
+    max_inputs_bytes: int = Field(default=32 * 1024, ge=2)
+    max_inputs_depth: int = Field(default=8, ge=1)
+    max_files: int = Field(default=10, ge=0)
+    max_inflight_per_connection: int = Field(default=32, ge=1)
+    send_queue_frames: int = Field(default=4096, ge=16)
+    # Frames a request may hold out of order before the gateway gives up waiting for a gap.
+    reorder_window: int = Field(default=1024, ge=1)
+
+    # --- worker --------------------------------------------------------------------------
+    worker_concurrency: int = Field(default=64, ge=1)
+    worker_metrics_port: int = 9100
+
+    # --- logging -------------------------------------------------------------------------
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @field_validator("dify_api_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

@@ -1,0 +1,79 @@
+"""Every NATS subject, stream, bucket and consumer name tokenwire uses, in one place.
+
+Layout::
+
+    tw.jobs.chat                     chat jobs (stream TW_JOBS, work queue)
+    tw.frames.<conn>.<key>           every frame of request <key>, addressed to connection <conn>
+                                     (stream TW_FRAMES keeps them for resume; the owning gateway
+                                     reads them live with one core subscription per connection)
+    tw.ctl.stop.<key>                stop request <key> (every worker listens; the owner acts)
+
+``<key>`` is :func:`request_key`: a hash of (user, client id), so ids chosen by clients never
+reach a subject, two users' ids never collide, and only the same user can name a request again
+(resume, stop).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+__all__ = [
+    "CONTROL_STOP_ALL",
+    "FRAMES_ALL",
+    "FRAMES_STREAM",
+    "JOBS_ALL",
+    "JOBS_STREAM",
+    "JOB_CHAT",
+    "JOB_CONSUMER",
+    "REQUESTS_BUCKET",
+    "connection_frames",
+    "new_connection_id",
+    "request_frames",
+    "request_frames_any_connection",
+    "request_key",
+    "stop_subject",
+]
+
+JOBS_STREAM = "TW_JOBS"
+JOBS_ALL = "tw.jobs.>"
+JOB_CHAT = "tw.jobs.chat"
+JOB_CONSUMER = "tw-workers"
+
+FRAMES_STREAM = "TW_FRAMES"
+FRAMES_ALL = "tw.frames.>"
+
+CONTROL_STOP_ALL = "tw.ctl.stop.*"
+
+REQUESTS_BUCKET = "tw_requests"
+
+
+def request_key(user: str, request_id: str) -> str:
+    """The subject-safe, user-scoped key of a request (also its JetStream ``Nats-Msg-Id``)."""
+    digest = hashlib.blake2b(f"{user}\x00{request_id}".encode(), digest_size=16)
+    return digest.hexdigest()
+
+
+def new_connection_id() -> str:
+    """A fresh, unguessable id for one WebSocket connection."""
+    return secrets.token_hex(10)
+
+
+def connection_frames(conn: str) -> str:
+    """What the owning gateway subscribes to for one connection."""
+    return f"tw.frames.{conn}.*"
+
+
+def request_frames(conn: str, key: str) -> str:
+    """Where a worker publishes the frames of request ``key`` of connection ``conn``."""
+    return f"tw.frames.{conn}.{key}"
+
+
+def request_frames_any_connection(key: str) -> str:
+    """Filter for every kept frame of request ``key``, whatever connection asked it (resume)."""
+    return f"tw.frames.*.{key}"
+
+
+def stop_subject(key: str) -> str:
+    """Where a gateway announces that request ``key`` should stop."""
+    return f"tw.ctl.stop.{key}"

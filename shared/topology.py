@@ -1,0 +1,81 @@
+"""What JetStream must hold, as plain data: streams, the job consumer, the request bucket.
+
+Both processes declare this topology at start (idempotently), so whichever starts first
+creates it and a gateway never publishes into a stream that does not exist yet. The values are
+chosen here, once, and explained in docs/operations.md:
+
+* ``TW_JOBS`` — work-queue retention (a job is deleted when a worker acks it), file storage,
+  ``duplicate_window`` = ``TOKENWIRE_JOB_DEDUP_WINDOW_S`` so a chat re-sent with the same id
+  (e.g. after a reconnect) is stored once.
+* ``TW_FRAMES`` — limits retention with ``max_age`` = ``TOKENWIRE_FRAME_TTL_S``: every frame
+  of every request, kept for ``resume``. Workers publish into it with core NATS (no per-token
+  ack round trip); the stream captures the subject.
+* job consumer — durable, explicit ack, ``ack_wait`` short (a dead worker's job comes back
+  fast) because live workers send in-progress acks; ``max_ack_pending`` caps answers streaming
+  at once across the whole cluster.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared.settings import Settings
+from shared.subjects import (
+    FRAMES_ALL,
+    FRAMES_STREAM,
+    JOB_CONSUMER,
+    JOBS_ALL,
+    JOBS_STREAM,
+    REQUESTS_BUCKET,
+)
+
+__all__ = ["job_consumer_config", "request_bucket_config", "stream_configs"]
+
+
+def stream_configs(settings: Settings) -> list[dict[str, Any]]:
+    """Keyword arguments for ``nats.js.api.StreamConfig``, one dict per stream."""
+    return [
+        {
+            "name": JOBS_STREAM,
+            "subjects": [JOBS_ALL],
+            "retention": "workqueue",
+            "storage": "file",
+            "num_replicas": settings.stream_replicas,
+            "duplicate_window": settings.job_dedup_window_s,
+            "max_age": 24 * 3600.0,
+            "discard": "old",
+        },
+        {
+            "name": FRAMES_STREAM,
+            "subjects": [FRAMES_ALL],
+            "retention": "limits",
+            "storage": "file",
+            "num_replicas": settings.stream_replicas,
+            "max_age": settings.frame_ttl_s,
+            "discard": "old",
+            "allow_direct": True,
+        },
+    ]
+
+
+def job_consumer_config(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for the durable job consumer's ``ConsumerConfig``."""
+    return {
+        "durable_name": JOB_CONSUMER,
+        "ack_policy": "explicit",
+        "ack_wait": settings.job_ack_wait_s,
+        "max_deliver": settings.job_max_deliver,
+        "max_ack_pending": settings.max_inflight_jobs,
+        "filter_subject": JOBS_ALL,
+    }
+
+
+def request_bucket_config(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for the KV bucket of per-request facts (stop flags, Dify ids)."""
+    return {
+        "bucket": REQUESTS_BUCKET,
+        "ttl": settings.frame_ttl_s,
+        "storage": "file",
+        "replicas": settings.stream_replicas,
+        "history": 1,
+    }

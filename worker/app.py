@@ -1,0 +1,107 @@
+"""The worker process: a FastStream app around :class:`~worker.runner.JobRunner`.
+
+One durable pull consumer (``tw-workers``) is shared by every worker, so JetStream spreads
+jobs across them; each worker runs up to ``TOKENWIRE_WORKER_CONCURRENCY`` answers at once and
+the consumer's ``max_ack_pending`` caps the whole cluster. Stops arrive on a core subject that
+every worker hears; the one running the request acts. ``/metrics`` and ``/healthz`` are served
+on the worker's own port through FastStream's ASGI wrapper.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from faststream import AckPolicy
+from faststream.asgi import AsgiFastStream, AsgiResponse, get
+from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
+from nats.js.api import ConsumerConfig
+from prometheus_client import make_asgi_app
+from pydantic import ValidationError
+
+from shared.jobs import Job
+from shared.settings import Settings
+from shared.subjects import CONTROL_STOP_ALL, JOBS_ALL, JOBS_STREAM
+from shared.topology import job_consumer_config
+from worker.bus import NatsBus, ensure_topology
+from worker.dify import DifyClient
+from worker.runner import JobRunner
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("tokenwire.worker")
+
+
+def create_app(settings: Settings) -> AsgiFastStream:
+    """Build the worker app: broker, job subscriber, stop subscriber, HTTP routes."""
+    broker = NatsBroker(
+        settings.nats_url,
+        name="tokenwire-worker",
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=1,
+        logger=None,
+    )
+    holder: dict[str, Any] = {}
+    consumer = job_consumer_config(settings)
+
+    @broker.subscriber(
+        JOBS_ALL,
+        stream=JStream(JOBS_STREAM, declare=False),
+        durable=consumer["durable_name"],
+        config=ConsumerConfig(**consumer),
+        pull_sub=PullSub(batch_size=1, timeout=5.0),
+        max_workers=settings.worker_concurrency,
+        ack_policy=AckPolicy.MANUAL,
+        title="jobs",
+        description="Chat jobs stored by gateways; answered by streaming from Dify.",
+    )
+    async def on_job(msg: NatsMessage) -> None:
+        runner: JobRunner = holder["runner"]
+        try:
+            job = Job.from_bytes(msg.body)
+        except (ValidationError, orjson.JSONDecodeError):
+            log.error("dropping a job that cannot be parsed")
+            await msg.reject()
+            return
+        delivered = msg.raw_message.metadata.num_delivered or 1
+        await runner.run(job, msg, delivered=delivered)
+
+    @broker.subscriber(CONTROL_STOP_ALL, title="stop", description="Stop a running request.")
+    async def on_stop(msg: NatsMessage) -> None:
+        key = msg.raw_message.subject.rsplit(".", 1)[-1]
+        runner: JobRunner = holder["runner"]
+        if runner.request_stop(key):
+            log.info("stop requested", extra={"key": key})
+
+    async def startup() -> None:
+        await broker.connect()
+        nc = broker.connection
+        js = nc.jetstream()
+        kv = await ensure_topology(js, settings)
+        dify = DifyClient(settings)
+        holder["dify"] = dify
+        holder["runner"] = JobRunner(
+            NatsBus(nc, js, kv),
+            dify,
+            heartbeat_s=max(settings.job_ack_wait_s / 3, 0.5),
+        )
+        log.info("worker ready", extra={"dify": settings.dify_api_url})
+
+    async def shutdown() -> None:
+        dify: DifyClient | None = holder.get("dify")
+        if dify is not None:
+            await dify.aclose()
+
+    @get
+    async def healthz(scope: Any) -> AsgiResponse:
+        ok = broker.connection is not None and broker.connection.is_connected
+        return AsgiResponse(b"ok" if ok else b"nats disconnected", status_code=200 if ok else 503)
+
+    return AsgiFastStream(
+        broker,
+        asgi_routes=[("/metrics", make_asgi_app()), ("/healthz", healthz)],
+        on_startup=[startup],
+        after_shutdown=[shutdown],
+        logger=None,
+    )

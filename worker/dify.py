@@ -1,0 +1,170 @@
+"""The worker's HTTP shell around Dify's Service API: one pooled httpx client per process.
+
+Everything httpx can raise is translated here, once, into tokenwire's errors
+(:func:`map_httpx_errors`); the runner never sees an httpx type. Dify's two error paths are
+kept apart as NOTES.md describes: before the stream, a non-200 JSON ``{code, message, status}``
+(:func:`rejection`); after it started, in-band ``error`` events (handled by the mapper).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+import httpx
+import orjson
+
+from shared.exceptions import (
+    DifyRejected,
+    DifyStreamCut,
+    DifyStreamError,
+    DifyUnavailable,
+    ErrorCode,
+    UpstreamError,
+)
+from shared.settings import Settings
+from shared.sse import SSEEvent, SSEParser, SSEProtocolError
+
+__all__ = ["DifyClient", "map_httpx_errors", "rejection"]
+
+_MAX_ERROR_BODY = 16 * 1024
+
+
+@contextmanager
+def map_httpx_errors(*, started: bool) -> Iterator[None]:
+    """Turn httpx's errors into tokenwire's: before the first byte Dify is *unavailable*
+    (retry later); once a stream has started, a broken connection *cut* the answer."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        if started:
+            raise DifyStreamCut(f"Dify stopped sending ({type(exc).__name__})") from exc
+        raise DifyUnavailable(f"Dify did not answer in time ({type(exc).__name__})") from exc
+    except (httpx.TransportError, httpx.StreamError) as exc:
+        if started:
+            raise DifyStreamCut(f"connection to Dify broke ({type(exc).__name__})") from exc
+        raise DifyUnavailable(f"cannot reach Dify ({type(exc).__name__})") from exc
+
+
+def rejection(status: int, body: bytes) -> UpstreamError:
+    """The tokenwire error for a non-200 answer from Dify, keeping Dify's own code and text."""
+    upstream_code: str | None = None
+    message = f"HTTP {status}"
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        obj = None
+    if isinstance(obj, dict):
+        upstream_code = obj.get("code") if isinstance(obj.get("code"), str) else None
+        if isinstance(obj.get("message"), str):
+            message = (
+                obj["message"].strip().splitlines()[0][:500] if obj["message"].strip() else message
+            )
+    text = f"Dify {status} {upstream_code or ''}: {message}".replace("  ", " ")
+    kwargs: dict[str, Any] = {"status": status, "upstream_code": upstream_code}
+    if status == 429:
+        return DifyUnavailable(text, code=ErrorCode.DIFY_RATE_LIMITED, **kwargs)
+    if status >= 500:
+        return DifyUnavailable(text, code=ErrorCode.DIFY_SERVER_ERROR, **kwargs)
+    if status in (401, 403):
+        return DifyRejected(text, code=ErrorCode.DIFY_UNAUTHORIZED, **kwargs)
+    if status == 404:
+        return DifyRejected(text, code=ErrorCode.CONVERSATION_NOT_FOUND, **kwargs)
+    if status == 413:
+        return DifyRejected(text, code=ErrorCode.DIFY_PAYLOAD_TOO_LARGE, **kwargs)
+    return DifyRejected(text, code=ErrorCode.DIFY_BAD_REQUEST, **kwargs)
+
+
+class DifyClient:
+    """Talks to one Dify Service API base URL with one app key."""
+
+    def __init__(self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None):
+        key = settings.dify_api_key.get_secret_value() if settings.dify_api_key else ""
+        pool = settings.worker_concurrency
+        self._http = httpx.AsyncClient(
+            base_url=settings.dify_api_url,
+            headers={"Authorization": f"Bearer {key}", "User-Agent": "tokenwire"},
+            # No overall limit: answers may stream for many minutes. The read timeout bounds
+            # the gap between bytes; Dify pings every ~10 s, so a minute of silence is death.
+            timeout=httpx.Timeout(
+                connect=settings.dify_connect_timeout_s,
+                read=settings.dify_read_timeout_s,
+                write=30.0,
+                pool=settings.dify_read_timeout_s,
+            ),
+            # Room for every concurrent stream plus their stop calls.
+            limits=httpx.Limits(max_connections=pool * 2, max_keepalive_connections=pool),
+            transport=transport,
+        )
+        self._stop_timeout = settings.dify_stop_timeout_s
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    @asynccontextmanager
+    async def stream_chat(
+        self, body: dict[str, Any], *, trace_id: str
+    ) -> AsyncIterator[AsyncIterator[SSEEvent]]:
+        """POST /chat-messages in streaming mode; yields the stream's SSE events.
+
+        Raises an :class:`UpstreamError` before yielding if Dify refuses, and from the
+        iterator if the stream breaks.
+        """
+        headers = {"X-Request-Id": trace_id, "X-Trace-Id": trace_id, "Accept": "text/event-stream"}
+        payload = orjson.dumps(body)
+        request = self._http.build_request(
+            "POST",
+            "/chat-messages",
+            content=payload,
+            headers=headers | {"Content-Type": "application/json"},
+        )
+        with map_httpx_errors(started=False):
+            response = await self._http.send(request, stream=True)
+        try:
+            if response.status_code != 200:
+                with map_httpx_errors(started=False):
+                    data = await _read_bounded(response)
+                raise rejection(response.status_code, data)
+            kind = response.headers.get("content-type", "")
+            if not kind.startswith("text/event-stream"):
+                raise DifyStreamError(f"Dify answered {kind or 'no content type'}, not a stream")
+            yield _events(response)
+        finally:
+            await response.aclose()
+
+    async def stop(self, task_id: str, user: str, *, trace_id: str) -> None:
+        """POST /chat-messages/{task_id}/stop with the same ``user`` (best effort at Dify)."""
+        with map_httpx_errors(started=False):
+            response = await self._http.post(
+                f"/chat-messages/{task_id}/stop",
+                content=orjson.dumps({"user": user}),
+                headers={"Content-Type": "application/json", "X-Request-Id": trace_id},
+                timeout=self._stop_timeout,
+            )
+        if response.status_code != 200:
+            raise rejection(response.status_code, response.content[:_MAX_ERROR_BODY])
+
+
+async def _read_bounded(response: httpx.Response) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_raw():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= _MAX_ERROR_BODY:
+            break
+    return b"".join(chunks)[:_MAX_ERROR_BODY]
+
+
+async def _events(response: httpx.Response) -> AsyncIterator[SSEEvent]:
+    parser = SSEParser()
+    try:
+        with map_httpx_errors(started=True):
+            async for chunk in response.aiter_bytes():
+                for event in parser.feed(chunk):
+                    yield event
+        for event in parser.feed_eof():
+            yield event
+    except SSEProtocolError as exc:
+        raise DifyStreamError(f"Dify's stream is malformed: {exc}") from exc
