@@ -33,6 +33,8 @@ class Job(BaseModel):
     app: str | None = None
     trace_id: str
     created_ms: int
+    # Set by `tokenwire jobs replay`: the request already has frames; continue after them.
+    replay: int = 0
 
     def to_bytes(self) -> bytes:
         return orjson.dumps(self.model_dump(mode="python"))

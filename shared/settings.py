@@ -47,11 +47,15 @@ class Settings(BaseSettings):
     # How long a job may stay un-acked before JetStream redelivers it; workers send
     # in-progress acks well inside it while a long answer streams.
     job_ack_wait_s: float = 30.0
-    job_max_deliver: int = 20
     # Cluster-wide cap on answers streaming at once (the job consumer's max_ack_pending).
     max_inflight_jobs: int = Field(default=1000, ge=1)
 
     # --- gateway -------------------------------------------------------------------------
+    # Drain on SIGTERM (docs/operations.md): /readyz turns 503 at once, the gateway waits this
+    # long for load balancers to stop sending new connections, then closes every client with
+    # 4100 DRAINING (reconnect and resume elsewhere) and exits. Keep the pod's
+    # terminationGracePeriodSeconds above it (deploy/k8s: 30 s).
+    drain_delay_s: float = Field(default=5.0, ge=0)
     auth: Literal["jwt", "none"] = "jwt"
     allow_insecure: bool = False
     jwt_secret: SecretStr | None = None
@@ -72,7 +76,24 @@ class Settings(BaseSettings):
 
     # --- worker --------------------------------------------------------------------------
     worker_concurrency: int = Field(default=64, ge=1)
+    # Drain on SIGTERM (docs/operations.md): a worker stops pulling jobs, finishes its running
+    # answers for up to this long, then hands the rest back (their clients get `reset`).
+    # Keep the pod's terminationGracePeriodSeconds above it (deploy/k8s: 75 s).
+    worker_drain_s: float = Field(default=60.0, ge=0)
     worker_metrics_port: int = 9100
+    # Optional extra Dify apps, chosen by a chat's `app` field: {"sales": "app-..."}.
+    dify_apps: dict[str, SecretStr] = Field(default_factory=dict)
+    # Retrying while Dify is down (refused, timeouts before the first byte, 429, 5xx).
+    job_max_attempts: int = Field(default=30, ge=1)
+    job_max_age_s: float = Field(default=3600.0, gt=0)
+    retry_base_s: float = Field(default=1.0, gt=0)
+    retry_max_s: float = Field(default=30.0, gt=0)
+    breaker_threshold: int = Field(default=3, ge=1)
+    breaker_cooldown_s: float = Field(default=2.0, gt=0)
+    # Recovering an answer from Dify's history instead of asking twice.
+    recovery_timeout_s: float = Field(default=180.0, gt=0)
+    recovery_poll_s: float = Field(default=1.0, gt=0)
+    dead_letter_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)
 
     # --- logging -------------------------------------------------------------------------
     log_level: str = "INFO"

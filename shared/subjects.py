@@ -7,6 +7,7 @@ Layout::
                                      (stream TW_FRAMES keeps them for resume; the owning gateway
                                      reads them live with one core subscription per connection)
     tw.ctl.stop.<key>                stop request <key> (every worker listens; the owner acts)
+    tw.dead.chat                     jobs that exhausted their attempts (stream TW_DEAD)
 
 ``<key>`` is :func:`request_key`: a hash of (user, client id), so ids chosen by clients never
 reach a subject, two users' ids never collide, and only the same user can name a request again
@@ -20,6 +21,9 @@ import secrets
 
 __all__ = [
     "CONTROL_STOP_ALL",
+    "DEAD_ALL",
+    "DEAD_CHAT",
+    "DEAD_STREAM",
     "FRAMES_ALL",
     "FRAMES_STREAM",
     "JOBS_ALL",
@@ -39,6 +43,10 @@ JOBS_STREAM = "TW_JOBS"
 JOBS_ALL = "tw.jobs.>"
 JOB_CHAT = "tw.jobs.chat"
 JOB_CONSUMER = "tw-workers"
+
+DEAD_STREAM = "TW_DEAD"
+DEAD_ALL = "tw.dead.>"
+DEAD_CHAT = "tw.dead.chat"
 
 FRAMES_STREAM = "TW_FRAMES"
 FRAMES_ALL = "tw.frames.>"

@@ -10,6 +10,8 @@ chosen here, once, and explained in docs/operations.md:
 * ``TW_FRAMES`` — limits retention with ``max_age`` = ``TOKENWIRE_FRAME_TTL_S``: every frame
   of every request, kept for ``resume``. Workers publish into it with core NATS (no per-token
   ack round trip); the stream captures the subject.
+* ``TW_DEAD`` — jobs that exhausted their attempts or age, with the last error in headers,
+  kept ``TOKENWIRE_DEAD_LETTER_TTL_S`` for ``tokenwire jobs list/replay``.
 * job consumer — durable, explicit ack, ``ack_wait`` short (a dead worker's job comes back
   fast) because live workers send in-progress acks; ``max_ack_pending`` caps answers streaming
   at once across the whole cluster.
@@ -21,6 +23,8 @@ from typing import Any
 
 from shared.settings import Settings
 from shared.subjects import (
+    DEAD_ALL,
+    DEAD_STREAM,
     FRAMES_ALL,
     FRAMES_STREAM,
     JOB_CONSUMER,
@@ -55,6 +59,15 @@ def stream_configs(settings: Settings) -> list[dict[str, Any]]:
             "discard": "old",
             "allow_direct": True,
         },
+        {
+            "name": DEAD_STREAM,
+            "subjects": [DEAD_ALL],
+            "retention": "limits",
+            "storage": "file",
+            "num_replicas": settings.stream_replicas,
+            "max_age": settings.dead_letter_ttl_s,
+            "discard": "old",
+        },
     ]
 
 
@@ -64,7 +77,9 @@ def job_consumer_config(settings: Settings) -> dict[str, Any]:
         "durable_name": JOB_CONSUMER,
         "ack_policy": "explicit",
         "ack_wait": settings.job_ack_wait_s,
-        "max_deliver": settings.job_max_deliver,
+        # The worker gives up (dead letter) after job_max_attempts; this is a safety net
+        # for a job that kills every worker that takes it.
+        "max_deliver": settings.job_max_attempts + 5,
         "max_ack_pending": settings.max_inflight_jobs,
         "filter_subject": JOBS_ALL,
     }

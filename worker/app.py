@@ -10,6 +10,8 @@ on the worker's own port through FastStream's ASGI wrapper.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from typing import Any
 
 import orjson
@@ -36,7 +38,7 @@ log = logging.getLogger("tokenwire.worker")
 def create_app(settings: Settings) -> AsgiFastStream:
     """Build the worker app: broker, job subscriber, stop subscriber, HTTP routes."""
     broker = NatsBroker(
-        settings.nats_url,
+        [url.strip() for url in settings.nats_url.split(",") if url.strip()],
         name="tokenwire-worker",
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
@@ -82,9 +84,7 @@ def create_app(settings: Settings) -> AsgiFastStream:
         dify = DifyClient(settings)
         holder["dify"] = dify
         holder["runner"] = JobRunner(
-            NatsBus(nc, js, kv),
-            dify,
-            heartbeat_s=max(settings.job_ack_wait_s / 3, 0.5),
+            NatsBus(nc, js, kv), dify, settings, worker_id=f"{socket.gethostname()}:{os.getpid()}"
         )
         log.info("worker ready", extra={"dify": settings.dify_api_url})
 

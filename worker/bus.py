@@ -1,29 +1,42 @@
-"""The worker's NATS wiring: declare the topology, publish frames, read back what is kept."""
+"""The worker's NATS wiring: declare the topology, publish frames, keep per-request facts."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from typing import Any
 
 import nats.errors
 import nats.js.errors
+import orjson
 from nats.aio.client import Client
-from nats.js.api import KeyValueConfig, StreamConfig
+from nats.js.api import DeliverPolicy, KeyValueConfig, StreamConfig
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
-from shared.exceptions import InternalError
-from shared.frames import peek_id_seq
+from shared.exceptions import InternalError, TokenwireError
+from shared.jobs import Job
 from shared.settings import Settings
-from shared.subjects import FRAMES_STREAM
+from shared.subjects import DEAD_CHAT, FRAMES_STREAM
 from shared.topology import request_bucket_config, stream_configs
+from worker.runner import DifyIds
 
-__all__ = ["NatsBus", "ensure_topology", "stop_flag_key"]
+__all__ = ["NatsBus", "ensure_topology", "ids_key", "status_key", "stop_flag_key"]
 
 
 def stop_flag_key(key: str) -> str:
     """The KV key under which a gateway records that request ``key`` must stop."""
     return f"{key}.stop"
+
+
+def ids_key(key: str) -> str:
+    """The KV key holding the ids Dify gave request ``key`` (task, message, conversation)."""
+    return f"{key}.dify"
+
+
+def status_key(key: str) -> str:
+    """The KV key holding the job's state for operators (``tokenwire jobs``)."""
+    return f"{key}.job"
 
 
 async def ensure_topology(js: JetStreamContext, settings: Settings) -> KeyValue:
@@ -52,16 +65,92 @@ class NatsBus:
         except nats.errors.Error as exc:
             raise InternalError(f"cannot publish to NATS: {type(exc).__name__}") from exc
 
-    async def last_seq(self, subject: str) -> int:
+    async def kept_frames(self, subject: str) -> list[dict[str, Any]]:
+        """Every frame kept for ``subject``, oldest first (what the client may already hold)."""
+        await self.nc.flush(timeout=5)
         try:
-            msg: Any = await self.js.get_last_msg(FRAMES_STREAM, subject)
+            info = await self.js.stream_info(FRAMES_STREAM, subjects_filter=subject)
         except nats.js.errors.NotFoundError:
-            return 0
-        _, seq, _ = peek_id_seq(msg.data)
-        return int(seq)
+            return []
+        if not info.state.subjects:
+            return []
+        frames: list[dict[str, Any]] = []
+        done = asyncio.Event()
+
+        async def collect(msg: Any) -> None:
+            frames.append(orjson.loads(msg.data))
+            if msg.metadata.num_pending == 0:
+                done.set()
+
+        sub = await self.js.subscribe(
+            subject,
+            stream=FRAMES_STREAM,
+            cb=collect,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.ALL,
+        )
+        try:
+            await asyncio.wait_for(done.wait(), timeout=10)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        return frames
 
     async def stop_recorded(self, key: str) -> bool:
-        with contextlib.suppress(nats.js.errors.KeyNotFoundError, nats.js.errors.NotFoundError):
-            entry = await self.kv.get(stop_flag_key(key))
-            return bool(entry.value)
-        return False
+        return await self._get(stop_flag_key(key)) is not None
+
+    async def save_ids(self, key: str, ids: DifyIds) -> None:
+        await self._put(
+            ids_key(key),
+            {
+                "task_id": ids.task_id,
+                "message_id": ids.message_id,
+                "conversation_id": ids.conversation_id,
+            },
+        )
+
+    async def load_ids(self, key: str) -> DifyIds | None:
+        value = await self._get(ids_key(key))
+        if not isinstance(value, dict):
+            return None
+        return DifyIds(value.get("task_id"), value.get("message_id"), value.get("conversation_id"))
+
+    async def save_status(self, key: str, status: dict[str, Any]) -> None:
+        await self._put(status_key(key), status)
+
+    async def dead_letter(self, job: Job, error: TokenwireError, attempts: int) -> None:
+        """Keep the job in the dead-letter stream, with why and after how many attempts."""
+        try:
+            await self.js.publish(
+                DEAD_CHAT,
+                job.to_bytes(),
+                timeout=5.0,
+                headers={
+                    "Tw-Key": job.key,
+                    "Tw-Error-Code": error.code.value,
+                    "Tw-Error": error.message[:500],
+                    "Tw-Attempts": str(attempts),
+                },
+            )
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise InternalError(f"cannot dead-letter the job: {type(exc).__name__}") from exc
+
+    async def _put(self, name: str, value: dict[str, Any]) -> None:
+        try:
+            await self.kv.put(name, orjson.dumps(value))
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise InternalError(f"cannot record request state: {type(exc).__name__}") from exc
+
+    async def _get(self, name: str) -> Any:
+        try:
+            entry = await self.kv.get(name)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.NotFoundError):
+            return None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise InternalError(f"cannot read request state: {type(exc).__name__}") from exc
+        if not entry.value:
+            return None
+        try:
+            return orjson.loads(entry.value)
+        except orjson.JSONDecodeError:
+            return entry.value

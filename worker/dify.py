@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -26,7 +27,7 @@ from shared.exceptions import (
 from shared.settings import Settings
 from shared.sse import SSEEvent, SSEParser, SSEProtocolError
 
-__all__ = ["DifyClient", "map_httpx_errors", "rejection"]
+__all__ = ["DifyClient", "HistoryMessage", "map_httpx_errors", "rejection"]
 
 _MAX_ERROR_BODY = 16 * 1024
 
@@ -76,11 +77,39 @@ def rejection(status: int, body: bytes) -> UpstreamError:
     return DifyRejected(text, code=ErrorCode.DIFY_BAD_REQUEST, **kwargs)
 
 
+@dataclass(frozen=True, slots=True)
+class HistoryMessage:
+    """One message of Dify's conversation history, as recovery needs it."""
+
+    answer: str
+    status: str | None
+    retriever_resources: list[Any]
+
+    @property
+    def finished(self) -> bool:
+        """Dify has stopped writing this answer (recent Dify marks it; older ones fill
+        ``answer`` only at the end, so a non-empty answer with no status counts as done)."""
+        if self.status in ("generating", "running"):
+            return False
+        return bool(self.answer) or self.status in ("stopped", "error")
+
+    @property
+    def stopped(self) -> bool:
+        return self.status == "stopped"
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "error"
+
+
 class DifyClient:
-    """Talks to one Dify Service API base URL with one app key."""
+    """Talks to one Dify Service API base URL with one app key (and optional named apps)."""
 
     def __init__(self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None):
         key = settings.dify_api_key.get_secret_value() if settings.dify_api_key else ""
+        self._app_keys = {
+            name: secret.get_secret_value() for name, secret in settings.dify_apps.items()
+        }
         pool = settings.worker_concurrency
         self._http = httpx.AsyncClient(
             base_url=settings.dify_api_url,
@@ -102,16 +131,32 @@ class DifyClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
+    def _auth(self, app: str | None) -> dict[str, str]:
+        """The Authorization header for ``app`` (None: the default app)."""
+        if app is None:
+            return {}
+        key = self._app_keys.get(app)
+        if key is None:
+            raise DifyRejected(
+                f"no Dify app named {app!r} is configured", code=ErrorCode.UNKNOWN_APP
+            )
+        return {"Authorization": f"Bearer {key}"}
+
     @asynccontextmanager
     async def stream_chat(
-        self, body: dict[str, Any], *, trace_id: str
+        self, body: dict[str, Any], *, trace_id: str, app: str | None = None
     ) -> AsyncIterator[AsyncIterator[SSEEvent]]:
         """POST /chat-messages in streaming mode; yields the stream's SSE events.
 
         Raises an :class:`UpstreamError` before yielding if Dify refuses, and from the
         iterator if the stream breaks.
         """
-        headers = {"X-Request-Id": trace_id, "X-Trace-Id": trace_id, "Accept": "text/event-stream"}
+        headers = {
+            "X-Request-Id": trace_id,
+            "X-Trace-Id": trace_id,
+            "Accept": "text/event-stream",
+            **self._auth(app),
+        }
         payload = orjson.dumps(body)
         request = self._http.build_request(
             "POST",
@@ -133,17 +178,51 @@ class DifyClient:
         finally:
             await response.aclose()
 
-    async def stop(self, task_id: str, user: str, *, trace_id: str) -> None:
+    async def stop(self, task_id: str, user: str, *, trace_id: str, app: str | None = None) -> None:
         """POST /chat-messages/{task_id}/stop with the same ``user`` (best effort at Dify)."""
         with map_httpx_errors(started=False):
             response = await self._http.post(
                 f"/chat-messages/{task_id}/stop",
                 content=orjson.dumps({"user": user}),
-                headers={"Content-Type": "application/json", "X-Request-Id": trace_id},
+                headers={
+                    "Content-Type": "application/json",
+                    "X-Request-Id": trace_id,
+                    **self._auth(app),
+                },
                 timeout=self._stop_timeout,
             )
         if response.status_code != 200:
             raise rejection(response.status_code, response.content[:_MAX_ERROR_BODY])
+
+    async def history_message(
+        self,
+        conversation_id: str,
+        message_id: str,
+        user: str,
+        *,
+        trace_id: str,
+        app: str | None = None,
+    ) -> HistoryMessage | None:
+        """The message ``message_id`` from ``GET /messages`` (latest page), or None."""
+        with map_httpx_errors(started=False):
+            response = await self._http.get(
+                "/messages",
+                params={"conversation_id": conversation_id, "user": user, "limit": 20},
+                headers={"X-Request-Id": trace_id, **self._auth(app)},
+                timeout=self._stop_timeout,
+            )
+        if response.status_code != 200:
+            raise rejection(response.status_code, response.content[:_MAX_ERROR_BODY])
+        payload = orjson.loads(response.content)
+        for item in payload.get("data", []) if isinstance(payload, dict) else []:
+            if isinstance(item, dict) and item.get("id") == message_id:
+                resources = item.get("retriever_resources")
+                return HistoryMessage(
+                    answer=str(item.get("answer") or ""),
+                    status=item.get("status") if isinstance(item.get("status"), str) else None,
+                    retriever_resources=resources if isinstance(resources, list) else [],
+                )
+        return None
 
 
 async def _read_bounded(response: httpx.Response) -> bytes:

@@ -1,10 +1,20 @@
 """Answers one job: Dify's stream in, frames out, the job acked once the request has closed.
 
-How this works: :meth:`JobRunner.run` registers the request (so a ``stop`` can find it), keeps
-the job alive with in-progress acks, and races two things: the *pump* (Dify's SSE stream →
-:class:`~shared.mapping.DifyStreamMapper` → frames published to the request's subject) and the
-request's *stop* event. Whatever wins, exactly one ``end`` or ``error`` closes the request; the
-mapper's state machine refuses anything after it. Only then is the job acked.
+How this works. :meth:`JobRunner.run` takes one delivery of a job and ends it one of three ways:
+
+* **answered** — the request closed with exactly one ``end`` or ``error``; the job is acked.
+* **retry later** — Dify could not be reached (refused, timeout before the first byte, 429,
+  5xx) or this worker's circuit is open: the client gets ``queued`` and the job goes back to
+  JetStream with a delay (nak). Past ``job_max_attempts`` or ``job_max_age_s`` it is
+  dead-lettered instead and closed with ``upstream_unavailable``.
+* **recovered** — Dify had already started this answer (ids recorded in the request bucket
+  before ``start`` was sent) when the stream broke or the previous worker died. Dify keeps
+  generating without its client, so asking again would bill twice and put two answers in the
+  conversation: instead the runner waits for the message in Dify's history and continues the
+  client's stream from what it already holds. Only if that fails does it ``reset`` and ask again.
+
+The pump (Dify → mapper → NATS) races the request's stop event; a stop calls Dify's stop
+endpoint with the task id and the same user, then closes the request with ``end`` (stopped).
 """
 
 from __future__ import annotations
@@ -12,19 +22,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from shared.exceptions import InternalError, TokenwireError
-from shared.frames import Reset, ServerFrame, encode
+from shared.exceptions import (
+    DifyStreamCut,
+    DifyUnavailable,
+    ErrorCode,
+    InternalError,
+    TokenwireError,
+)
+from shared.frames import Delta, End, Queued, Replace, Reset, ServerFrame, encode, error_frame
 from shared.jobs import Job
 from shared.logs import trace_id_var
 from shared.mapping import DifyStreamMapper
 from shared.sequencing import SeqCounter
+from shared.settings import Settings
 from shared.state import RequestMachine, RequestState
-from worker.dify import DifyClient
+from worker.breaker import CircuitBreaker, backoff_s
+from worker.dify import DifyClient, HistoryMessage
 
-__all__ = ["Bus", "JobMessage", "JobRunner", "Running"]
+__all__ = ["Bus", "DifyIds", "JobMessage", "JobRunner", "Running", "dify_body"]
 
 log = logging.getLogger("tokenwire.worker")
 
@@ -37,15 +56,29 @@ class JobMessage(Protocol):
     """The job's JetStream message, as the runner needs it (FastStream's NatsMessage fits)."""
 
     async def ack(self) -> None: ...
+    async def nack(self, delay: float | None = None) -> None: ...
     async def in_progress(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DifyIds:
+    """What Dify named a request when it began answering; recorded before ``start`` is sent."""
+
+    task_id: str | None
+    message_id: str | None
+    conversation_id: str | None
 
 
 class Bus(Protocol):
     """What the runner needs of NATS (the seam unit tests replace)."""
 
     async def publish(self, subject: str, data: bytes) -> None: ...
-    async def last_seq(self, subject: str) -> int: ...
+    async def kept_frames(self, subject: str) -> list[dict[str, Any]]: ...
     async def stop_recorded(self, key: str) -> bool: ...
+    async def save_ids(self, key: str, ids: DifyIds) -> None: ...
+    async def load_ids(self, key: str) -> DifyIds | None: ...
+    async def save_status(self, key: str, status: dict[str, Any]) -> None: ...
+    async def dead_letter(self, job: Job, error: TokenwireError, attempts: int) -> None: ...
 
 
 @dataclass(slots=True)
@@ -57,18 +90,34 @@ class Running:
     task_known: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+class _Retry(Exception):
+    """Dify is unavailable before the answer started: send the job back for later."""
+
+    def __init__(self, cause: DifyUnavailable) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 class JobRunner:
     def __init__(
         self,
         bus: Bus,
         dify: DifyClient,
+        settings: Settings,
         *,
-        heartbeat_s: float,
-        api_keys: dict[str, str] | None = None,
+        worker_id: str = "worker",
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.bus = bus
         self.dify = dify
-        self.heartbeat_s = heartbeat_s
+        self.settings = settings
+        self.worker_id = worker_id
+        self.heartbeat_s = max(settings.job_ack_wait_s / 3, 0.5)
+        self.breaker = breaker or CircuitBreaker(
+            threshold=settings.breaker_threshold,
+            cooldown_s=settings.breaker_cooldown_s,
+            max_cooldown_s=settings.retry_max_s,
+        )
         self.running: dict[str, Running] = {}
 
     def request_stop(self, key: str) -> bool:
@@ -79,52 +128,97 @@ class JobRunner:
         running.stop.set()
         return True
 
+    # --- one delivery ---------------------------------------------------------------------
+
     async def run(self, job: Job, msg: JobMessage, *, delivered: int = 1) -> None:
-        """Answer ``job`` and ack it. Never raises for a request's own failure."""
+        """Handle one delivery of ``job``: answer, retry later, or recover. Never raises."""
         token = trace_id_var.set(job.trace_id)
         running = Running(job)
         self.running[job.key] = running
         heartbeat = asyncio.create_task(self._heartbeat(msg))
+        attempt = delivered + job.replay
+        settle: str = "ack"
+        delay = 0.0
         try:
-            mapper = await self._mapper_for(job, delivered)
+            kept = await self._kept(job, delivered)
+            seq = SeqCounter(max((f["seq"] for f in kept), default=1))
+            machine = _machine_after(kept)
+            if machine.done and not job.replay:
+                return  # closed by an earlier delivery that died before its ack
             if await self.bus.stop_recorded(job.key):
                 running.stop.set()
-            log.info("job started", extra={"attempt": delivered, "conn": job.conn})
-            await self._answer(job, mapper, running)
-            log.info("job finished", extra={"state": mapper.machine.state.value})
+            await self._status(job, "running", attempt)
+            log.info("job started", extra={"attempt": attempt, "conn": job.conn})
+            try:
+                await self._attempt(job, running, kept, seq, machine)
+                await self._status(job, "done", attempt)
+            except _Retry as retry:
+                settle, delay = await self._retry_or_give_up(
+                    job, retry.cause, attempt, seq, machine
+                )
         except Exception:
             log.exception("job failed inside tokenwire")
         finally:
             heartbeat.cancel()
             self.running.pop(job.key, None)
             with contextlib.suppress(Exception):
-                await msg.ack()
+                if settle == "nak":
+                    await msg.nack(delay=delay)
+                else:
+                    await msg.ack()
             trace_id_var.reset(token)
 
-    async def _mapper_for(self, job: Job, delivered: int) -> DifyStreamMapper:
-        """A fresh mapper numbering from 2 (``accepted`` is 1), or, for a redelivered job,
-        continuing after the last frame the previous attempt published, with a ``reset``."""
-        if delivered <= 1:
-            return DifyStreamMapper(job.id, SeqCounter(1))
-        last = max(await self.bus.last_seq(job.reply), 1)
-        seq = SeqCounter(last)
-        machine = RequestMachine(RequestState.ACCEPTED)
-        if last > 1:
-            reset = Reset(id=job.id, seq=seq.next(), reason="redelivered")
-            machine.emit("reset")
-            await self._publish(job, [reset])
-        return DifyStreamMapper(job.id, seq, machine)
+    async def _kept(self, job: Job, delivered: int) -> list[dict[str, Any]]:
+        """Frames an earlier delivery already published (none on a first delivery)."""
+        if delivered <= 1 and not job.replay:
+            return []
+        return await self.bus.kept_frames(job.reply)
+
+    async def _attempt(
+        self,
+        job: Job,
+        running: Running,
+        kept: list[dict[str, Any]],
+        seq: SeqCounter,
+        machine: RequestMachine,
+    ) -> None:
+        if running.stop.is_set():
+            await self._publish(job, DifyStreamMapper(job.id, seq, machine).stopped())
+            return
+        ids = await self.bus.load_ids(job.key) if kept else None
+        if ids is not None and ids.message_id and not job.replay:
+            # Dify began this answer in an earlier delivery: recover it, never ask twice.
+            if await self._recover(job, ids, _answer_of(kept), seq, machine, running):
+                return
+            machine = await self._reset(job, seq, machine, "recovery_failed")
+        elif machine.state in (RequestState.STARTED, RequestState.FAILED, RequestState.ENDED):
+            machine = await self._reset(job, seq, machine, "replayed" if job.replay else "retry")
+        now = time.monotonic()
+        if not self.breaker.allow(now):
+            raise _Retry(
+                DifyUnavailable(
+                    "Dify is unavailable (circuit open)", code=ErrorCode.UPSTREAM_UNAVAILABLE
+                )
+            )
+        await self._answer(job, DifyStreamMapper(job.id, seq, machine), running)
+
+    async def _reset(
+        self, job: Job, seq: SeqCounter, machine: RequestMachine, reason: str
+    ) -> RequestMachine:
+        fresh = RequestMachine(RequestState.RESET)
+        await self._publish(job, [Reset(id=job.id, seq=seq.next(), reason=reason)])
+        _ = machine
+        return fresh
+
+    # --- asking Dify ----------------------------------------------------------------------
 
     async def _answer(self, job: Job, mapper: DifyStreamMapper, running: Running) -> None:
-        if running.stop.is_set():
-            await self._publish(job, mapper.stopped())
-            return
         pump = asyncio.create_task(self._pump(job, mapper, running))
         stopper = asyncio.create_task(running.stop.wait())
         await asyncio.wait({pump, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if not stopper.done():
             stopper.cancel()
-            await self._close_after_pump(job, mapper, pump)
+            await self._after_pump(job, mapper, pump, running)
             return
         # Stop requested. Let Dify name the task first, so that it can be stopped there too.
         if mapper.task_id is None and not pump.done():
@@ -136,17 +230,27 @@ class JobRunner:
             await pump
         if mapper.task_id is not None and not mapper.machine.done:
             try:
-                await self.dify.stop(mapper.task_id, job.user, trace_id=job.trace_id)
+                await self.dify.stop(mapper.task_id, job.user, trace_id=job.trace_id, app=job.app)
             except TokenwireError as exc:
                 log.warning("Dify stop call failed", extra={"error": str(exc)})
         await self._publish(job, mapper.stopped())
 
-    async def _close_after_pump(
-        self, job: Job, mapper: DifyStreamMapper, pump: asyncio.Task[None]
+    async def _after_pump(
+        self, job: Job, mapper: DifyStreamMapper, pump: asyncio.Task[None], running: Running
     ) -> None:
         exc = pump.exception()
         if exc is None:
+            self.breaker.success()
             return
+        if isinstance(exc, DifyUnavailable) and not mapper.started:
+            self.breaker.failure(time.monotonic())
+            raise _Retry(exc)
+        self.breaker.success()  # Dify answered something: it is up
+        if isinstance(exc, DifyStreamCut) and mapper.message_id:
+            log.info("Dify's stream broke mid-answer; recovering from history")
+            ids = DifyIds(mapper.task_id, mapper.message_id, mapper.conversation_id)
+            if await self._recover(job, ids, mapper.answer, mapper.seq, mapper.machine, running):
+                return
         if not isinstance(exc, TokenwireError):
             log.error("unexpected error while streaming", exc_info=exc)
             exc = InternalError("tokenwire failed while streaming the answer")
@@ -154,9 +258,18 @@ class JobRunner:
         await self._publish(job, mapper.fail(exc))
 
     async def _pump(self, job: Job, mapper: DifyStreamMapper, running: Running) -> None:
-        async with self.dify.stream_chat(dify_body(job), trace_id=job.trace_id) as events:
+        async with self.dify.stream_chat(
+            dify_body(job), trace_id=job.trace_id, app=job.app
+        ) as events:
             async for event in events:
+                was_started = mapper.started
                 frames = mapper.feed(event)
+                if not was_started and mapper.message_id is not None:
+                    # Recorded before `start` leaves: whoever takes this job over knows that
+                    # Dify is answering it and must not be asked again.
+                    await self.bus.save_ids(
+                        job.key, DifyIds(mapper.task_id, mapper.message_id, mapper.conversation_id)
+                    )
                 if frames:
                     await self._publish(job, frames)
                 if mapper.task_id is not None and not running.task_known.is_set():
@@ -164,6 +277,133 @@ class JobRunner:
                 if mapper.machine.done:
                     return
         await self._publish(job, mapper.finish())
+
+    # --- recovering from Dify's history ---------------------------------------------------
+
+    async def _recover(
+        self,
+        job: Job,
+        ids: DifyIds,
+        held: str,
+        seq: SeqCounter,
+        machine: RequestMachine,
+        running: Running,
+    ) -> bool:
+        """Finish the client's answer from Dify's stored message; False if that cannot be done."""
+        if not ids.conversation_id or not ids.message_id:
+            return False
+        deadline = time.monotonic() + self.settings.recovery_timeout_s
+        message: HistoryMessage | None = None
+        while time.monotonic() < deadline and not running.stop.is_set():
+            try:
+                message = await self.dify.history_message(
+                    ids.conversation_id,
+                    ids.message_id,
+                    job.user,
+                    trace_id=job.trace_id,
+                    app=job.app,
+                )
+            except TokenwireError as exc:
+                log.info("history not reachable yet", extra={"error": str(exc)})
+                message = None
+            if message is not None and message.finished:
+                break
+            await asyncio.sleep(self.settings.recovery_poll_s)
+        if running.stop.is_set() and ids.task_id:
+            with contextlib.suppress(TokenwireError):
+                await self.dify.stop(ids.task_id, job.user, trace_id=job.trace_id, app=job.app)
+        if message is None or not message.finished:
+            log.warning("could not recover the answer from Dify's history")
+            return False
+        if message.failed:
+            return False
+        frames: list[ServerFrame] = []
+        if machine.state is not RequestState.STARTED:
+            return False
+        if message.answer.startswith(held):
+            rest = message.answer[len(held) :]
+            if rest:
+                frames.append(Delta(id=job.id, seq=seq.next(), text=rest))
+        else:
+            frames.append(Replace(id=job.id, seq=seq.next(), text=message.answer))
+        frames.append(
+            End(
+                id=job.id,
+                seq=seq.next(),
+                conversation_id=ids.conversation_id,
+                message_id=ids.message_id,
+                usage=None,
+                retriever_resources=message.retriever_resources,
+                stopped=message.stopped or running.stop.is_set(),
+            )
+        )
+        machine.emit("end")
+        await self._publish(job, frames)
+        log.info("answer recovered from Dify's history", extra={"chars": len(message.answer)})
+        return True
+
+    # --- outages ----------------------------------------------------------------------------
+
+    async def _retry_or_give_up(
+        self,
+        job: Job,
+        cause: DifyUnavailable,
+        attempt: int,
+        seq: SeqCounter,
+        machine: RequestMachine,
+    ) -> tuple[str, float]:
+        age_s = time.time() - job.created_ms / 1000
+        if attempt >= self.settings.job_max_attempts or age_s >= self.settings.job_max_age_s:
+            final = DifyUnavailable(
+                f"Dify stayed unavailable ({attempt} attempts, {age_s:.0f} s): {cause.message}",
+                code=ErrorCode.UPSTREAM_UNAVAILABLE,
+            )
+            await self.bus.dead_letter(job, final, attempt)
+            await self._status(job, "dead", attempt, error=str(cause))
+            await self._publish(job, [error_frame(final, id=job.id, seq=seq.next())])
+            log.warning("job dead-lettered", extra={"attempts": attempt, "error": str(cause)})
+            return "ack", 0.0
+        now = time.monotonic()
+        delay = self.breaker.retry_in(now) or backoff_s(
+            attempt, self.settings.retry_base_s, self.settings.retry_max_s
+        )
+        reason = "circuit_open" if "circuit open" in cause.message else cause.code.value
+        await self._publish(
+            job,
+            [
+                Queued(
+                    id=job.id,
+                    seq=seq.next(),
+                    reason=reason,
+                    attempt=attempt,
+                    retry_in_ms=int(delay * 1000),
+                )
+            ],
+        )
+        await self._status(job, "queued", attempt, error=str(cause))
+        log.info(
+            "Dify unavailable; job sent back",
+            extra={"attempt": attempt, "delay_s": round(delay, 2)},
+        )
+        _ = machine
+        return "nak", delay
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    async def _status(
+        self, job: Job, state: str, attempt: int, *, error: str | None = None
+    ) -> None:
+        with contextlib.suppress(Exception):
+            await self.bus.save_status(
+                job.key,
+                {
+                    "state": state,
+                    "attempts": attempt,
+                    "last_error": error,
+                    "worker": self.worker_id,
+                    "updated_ms": int(time.time() * 1000),
+                },
+            )
 
     async def _publish(self, job: Job, frames: list[ServerFrame]) -> None:
         for frame in frames:
@@ -174,6 +414,29 @@ class JobRunner:
             await asyncio.sleep(self.heartbeat_s)
             with contextlib.suppress(Exception):
                 await msg.in_progress()
+
+
+def _answer_of(frames: list[dict[str, Any]]) -> str:
+    text = ""
+    for frame in frames:
+        kind = frame.get("type")
+        if kind == "delta":
+            text += frame.get("text", "")
+        elif kind == "replace":
+            text = frame.get("text", "")
+        elif kind == "reset":
+            text = ""
+    return text
+
+
+def _machine_after(frames: list[dict[str, Any]]) -> RequestMachine:
+    """The request's state after the frames an earlier delivery published."""
+    machine = RequestMachine(RequestState.ACCEPTED)
+    for frame in frames:
+        kind = str(frame.get("type"))
+        if machine.can_emit(kind):
+            machine.emit(kind)
+    return machine
 
 
 def dify_body(job: Job) -> dict[str, Any]:
