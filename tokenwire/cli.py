@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
+import orjson
 import typer
 
 __all__ = ["app", "main"]
@@ -119,6 +121,112 @@ def simulate_dify(
             api_key=api_key,
         ),
     )
+
+
+jobs_app = typer.Typer(help="Operator view of queued, running and dead-lettered jobs.")
+app.add_typer(jobs_app, name="jobs")
+
+
+def _jobs_run(work: Any) -> Any:
+    import asyncio
+
+    from shared.settings import Settings
+    from tokenwire.jobs import connect
+
+    async def go() -> Any:
+        async with connect(Settings()) as (js, kv):
+            return await work(js, kv)
+
+    try:
+        return asyncio.run(go())
+    except Exception as exc:  # a CLI says what went wrong in one line
+        typer.echo(f"tokenwire jobs: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+@jobs_app.command("list")
+def jobs_list(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    limit: int = typer.Option(500, help="At most this many rows."),
+) -> None:
+    """Queued, running and dead-lettered jobs: age, attempts, user, app, last error."""
+    from tokenwire.jobs import list_jobs
+
+    rows = _jobs_run(lambda js, kv: list_jobs(js, kv, limit=limit))
+    if as_json:
+        typer.echo(orjson.dumps([r.as_dict() for r in rows]).decode())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("STATE", "KEY", "ID", "USER", "APP", "AGE", "ATTEMPTS", "LAST ERROR")
+    for r in rows:
+        table.add_row(
+            r.state,
+            r.key,
+            r.id,
+            r.user,
+            r.app or "-",
+            f"{r.age_s:.0f}s",
+            str(r.attempts),
+            r.last_error or "",
+        )
+    Console().print(table)
+    counts = {s: sum(1 for r in rows if r.state == s) for s in ("queued", "running", "dead")}
+    typer.echo(", ".join(f"{n} {s}" for s, n in counts.items()))
+
+
+@jobs_app.command("show")
+def jobs_show(
+    key: str = typer.Argument(..., help="The job's key (from `jobs list`) or its request id."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """Everything known of one job."""
+    from tokenwire.jobs import show
+
+    detail = _jobs_run(lambda js, kv: show(js, kv, key))
+    if detail is None:
+        typer.echo(f"no job {key!r}", err=True)
+        raise typer.Exit(1)
+    typer.echo(orjson.dumps(detail, option=0 if as_json else orjson.OPT_INDENT_2).decode())
+
+
+@jobs_app.command("replay")
+def jobs_replay(
+    keys: list[str] = typer.Argument(None, help="Keys or request ids of dead jobs."),
+    all_dead: bool = typer.Option(False, "--all-dead", help="Replay every dead-lettered job."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """Put dead-lettered jobs back in the queue; their clients can resume them."""
+    from tokenwire.jobs import replay
+
+    if not keys and not all_dead:
+        typer.echo("name the jobs to replay, or pass --all-dead", err=True)
+        raise typer.Exit(2)
+    done = _jobs_run(lambda js, kv: replay(js, None if all_dead else list(keys)))
+    if as_json:
+        typer.echo(orjson.dumps({"replayed": done}).decode())
+    else:
+        typer.echo(f"replayed {len(done)} job(s)" + "".join(f"\n  {k}" for k in done))
+    if keys and not all_dead and len(done) < len(keys):
+        raise typer.Exit(1)
+
+
+@jobs_app.command("purge")
+def jobs_purge(
+    dead: bool = typer.Option(True, "--dead/--no-dead", help="Drop dead-lettered jobs."),
+    queued: bool = typer.Option(False, "--queued", help="Also drop jobs waiting or running."),
+    yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """Drop dead-lettered jobs (and, with --queued, everything still waiting)."""
+    from tokenwire.jobs import purge
+
+    what = " and ".join(w for w, on in (("dead-lettered", dead), ("queued/running", queued)) if on)
+    if not yes and not typer.confirm(f"Drop all {what} jobs?"):
+        raise typer.Exit(1)
+    out = _jobs_run(lambda js, kv: purge(js, dead=dead, queued=queued))
+    typer.echo(orjson.dumps(out).decode() if as_json else f"purged: {out}")
 
 
 def main() -> None:
