@@ -145,7 +145,7 @@ async def test_exhausted_job_is_dead_lettered_listed_and_replay_answers_it(stack
     async with Client(stack.ws_url(user="dora")) as client:
         await client.send({"type": "resume", "id": rid, "after": error["seq"]})
         rest = await client.finish(rid, timeout=60)
-    assert [f["type"] for f in rest][0] == "reset" and rest[-1]["type"] == "end"
+    assert rest[0]["type"] == "reset" and rest[-1]["type"] == "end"
     assert_seq_complete(frames + rest)
     assert answer_of(rest) == expected_final_answer(query, controls)
     assert [
