@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     # Recovering an answer from Dify's history instead of asking twice.
     recovery_timeout_s: float = Field(default=180.0, gt=0)
     recovery_poll_s: float = Field(default=1.0, gt=0)
+    # How often a running answer checks that no newer delivery took its job over; a
+    # redelivered job waits 1.5x this before publishing, so the two never overlap.
+    lease_check_s: float = Field(default=2.0, gt=0)
     dead_letter_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)
 
     # --- logging -------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import nats.errors
@@ -14,14 +15,34 @@ from nats.js.api import DeliverPolicy, KeyValueConfig, StreamConfig
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
-from shared.exceptions import InternalError, TokenwireError
+from shared.exceptions import ErrorCode, InternalError, TokenwireError
 from shared.jobs import Job
 from shared.settings import Settings
 from shared.subjects import DEAD_CHAT, FRAMES_STREAM
 from shared.topology import request_bucket_config, stream_configs
 from worker.runner import DifyIds
 
-__all__ = ["NatsBus", "ensure_topology", "ids_key", "status_key", "stop_flag_key"]
+__all__ = [
+    "NatsBus",
+    "ensure_topology",
+    "ids_key",
+    "lease_key",
+    "map_nats_errors",
+    "status_key",
+    "stop_flag_key",
+]
+
+
+@contextlib.contextmanager
+def map_nats_errors(what: str) -> Iterator[None]:
+    """Translate nats-py's errors into :class:`InternalError` (``bus_unavailable``)."""
+    try:
+        yield
+    except (nats.errors.Error, TimeoutError) as exc:
+        raise InternalError(
+            f"cannot {what}: NATS is unavailable ({type(exc).__name__})",
+            code=ErrorCode.BUS_UNAVAILABLE,
+        ) from exc
 
 
 def stop_flag_key(key: str) -> str:
@@ -32,6 +53,11 @@ def stop_flag_key(key: str) -> str:
 def ids_key(key: str) -> str:
     """The KV key holding the ids Dify gave request ``key`` (task, message, conversation)."""
     return f"{key}.dify"
+
+
+def lease_key(key: str) -> str:
+    """The KV key naming the delivery that owns request ``key`` (set on redelivery only)."""
+    return f"{key}.lease"
 
 
 def status_key(key: str) -> str:
@@ -60,20 +86,22 @@ class NatsBus:
 
     async def publish(self, subject: str, data: bytes) -> None:
         # Core NATS: the frames stream captures the subject, with no per-token ack round trip.
-        try:
+        with map_nats_errors("publish a frame"):
             await self.nc.publish(subject, data)
-        except nats.errors.Error as exc:
-            raise InternalError(f"cannot publish to NATS: {type(exc).__name__}") from exc
 
     async def kept_frames(self, subject: str) -> list[dict[str, Any]]:
         """Every frame kept for ``subject``, oldest first (what the client may already hold)."""
-        await self.nc.flush(timeout=5)
-        try:
-            info = await self.js.stream_info(FRAMES_STREAM, subjects_filter=subject)
-        except nats.js.errors.NotFoundError:
-            return []
-        if not info.state.subjects:
-            return []
+        with map_nats_errors("read the kept frames"):
+            await self.nc.flush(timeout=5)
+            try:
+                info = await self.js.stream_info(FRAMES_STREAM, subjects_filter=subject)
+            except nats.js.errors.NotFoundError:
+                return []
+            if not info.state.subjects:
+                return []
+            return await self._read_all(subject)
+
+    async def _read_all(self, subject: str) -> list[dict[str, Any]]:
         frames: list[dict[str, Any]] = []
         done = asyncio.Event()
 
@@ -100,14 +128,12 @@ class NatsBus:
         return await self._get(stop_flag_key(key)) is not None
 
     async def save_ids(self, key: str, ids: DifyIds) -> None:
-        await self._put(
-            ids_key(key),
-            {
-                "task_id": ids.task_id,
-                "message_id": ids.message_id,
-                "conversation_id": ids.conversation_id,
-            },
-        )
+        value = {
+            "task_id": ids.task_id,
+            "message_id": ids.message_id,
+            "conversation_id": ids.conversation_id,
+        }
+        await self._put(ids_key(key), value)
 
     async def load_ids(self, key: str) -> DifyIds | None:
         value = await self._get(ids_key(key))
@@ -120,34 +146,32 @@ class NatsBus:
 
     async def dead_letter(self, job: Job, error: TokenwireError, attempts: int) -> None:
         """Keep the job in the dead-letter stream, with why and after how many attempts."""
-        try:
-            await self.js.publish(
-                DEAD_CHAT,
-                job.to_bytes(),
-                timeout=5.0,
-                headers={
-                    "Tw-Key": job.key,
-                    "Tw-Error-Code": error.code.value,
-                    "Tw-Error": error.message[:500],
-                    "Tw-Attempts": str(attempts),
-                },
-            )
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise InternalError(f"cannot dead-letter the job: {type(exc).__name__}") from exc
+        headers = {
+            "Tw-Key": job.key,
+            "Tw-Error-Code": error.code.value,
+            "Tw-Error": error.message[:500],
+            "Tw-Attempts": str(attempts),
+        }
+        with map_nats_errors("dead-letter the job"):
+            await self.js.publish(DEAD_CHAT, job.to_bytes(), timeout=5.0, headers=headers)
+
+    async def take_lease(self, key: str, lease: str) -> None:
+        await self._put(lease_key(key), {"lease": lease})
+
+    async def lease_holder(self, key: str) -> str | None:
+        value = await self._get(lease_key(key))
+        return str(value["lease"]) if isinstance(value, dict) and "lease" in value else None
 
     async def _put(self, name: str, value: dict[str, Any]) -> None:
-        try:
+        with map_nats_errors("record request state"):
             await self.kv.put(name, orjson.dumps(value))
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise InternalError(f"cannot record request state: {type(exc).__name__}") from exc
 
     async def _get(self, name: str) -> Any:
-        try:
-            entry = await self.kv.get(name)
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.NotFoundError):
-            return None
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise InternalError(f"cannot read request state: {type(exc).__name__}") from exc
+        with map_nats_errors("read request state"):
+            try:
+                entry = await self.kv.get(name)
+            except nats.js.errors.NotFoundError:  # KeyNotFoundError too: nothing recorded
+                return None
         if not entry.value:
             return None
         try:

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -79,6 +80,8 @@ class Bus(Protocol):
     async def load_ids(self, key: str) -> DifyIds | None: ...
     async def save_status(self, key: str, status: dict[str, Any]) -> None: ...
     async def dead_letter(self, job: Job, error: TokenwireError, attempts: int) -> None: ...
+    async def take_lease(self, key: str, lease: str) -> None: ...
+    async def lease_holder(self, key: str) -> str | None: ...
 
 
 @dataclass(slots=True)
@@ -86,8 +89,10 @@ class Running:
     """One request this worker is answering."""
 
     job: Job
+    lease: str = ""
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     task_known: asyncio.Event = field(default_factory=asyncio.Event)
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class _Retry(Exception):
@@ -131,42 +136,71 @@ class JobRunner:
     # --- one delivery ---------------------------------------------------------------------
 
     async def run(self, job: Job, msg: JobMessage, *, delivered: int = 1) -> None:
-        """Handle one delivery of ``job``: answer, retry later, or recover. Never raises."""
-        token = trace_id_var.set(job.trace_id)
-        running = Running(job)
+        """Handle one delivery of ``job``: answer, retry later, or recover. Never raises.
+
+        A redelivery first takes the request's lease and waits one lease check, so that a
+        worker still streaming an earlier delivery (stalled past the ack wait, or cut off from
+        NATS) notices and stops: two workers never publish one request's frames at once.
+        """
+        trace = trace_id_var.set(job.trace_id)
+        running = Running(job, lease=uuid.uuid4().hex)
         self.running[job.key] = running
-        heartbeat = asyncio.create_task(self._heartbeat(msg))
-        attempt = delivered + job.replay
-        settle: str = "ack"
-        delay = 0.0
+        heartbeat = asyncio.create_task(self._heartbeat(msg, running))
+        work = asyncio.create_task(self._deliver(job, running, delivered))
+        lost = asyncio.create_task(running.lost.wait())
+        settle, delay = "ack", 0.0
         try:
+            await asyncio.wait({work, lost}, return_when=asyncio.FIRST_COMPLETED)
+            if running.lost.is_set():
+                log.warning("lease lost: another delivery owns this request; stopping")
+                work.cancel()
+                settle = "none"  # the message belongs to the newer delivery now
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await work
+            else:
+                settle, delay = work.result()
+        finally:
+            lost.cancel()
+            heartbeat.cancel()
+            if self.running.get(job.key) is running:
+                del self.running[job.key]
+            with contextlib.suppress(Exception):
+                if settle == "nak":
+                    await msg.nack(delay=delay)
+                elif settle == "ack":
+                    await msg.ack()
+            trace_id_var.reset(trace)
+
+    async def _deliver(self, job: Job, running: Running, delivered: int) -> tuple[str, float]:
+        """One delivery's work; returns how to settle the message: ("ack"|"nak", delay)."""
+        attempt = delivered + job.replay
+        try:
+            if delivered > 1 or job.replay:
+                await self.bus.take_lease(job.key, running.lease)
+                await asyncio.sleep(self.settings.lease_check_s * 1.5)
             kept = await self._kept(job, delivered)
             seq = SeqCounter(max((f["seq"] for f in kept), default=1))
             machine = _machine_after(kept)
             if machine.done and not job.replay:
-                return  # closed by an earlier delivery that died before its ack
+                return "ack", 0.0  # closed by an earlier delivery that died before its ack
             if await self.bus.stop_recorded(job.key):
                 running.stop.set()
             await self._status(job, "running", attempt)
             log.info("job started", extra={"attempt": attempt, "conn": job.conn})
             try:
                 await self._attempt(job, running, kept, seq, machine)
-                await self._status(job, "done", attempt)
             except _Retry as retry:
-                settle, delay = await self._retry_or_give_up(
-                    job, retry.cause, attempt, seq, machine
-                )
+                return await self._retry_or_give_up(job, retry.cause, attempt, seq, machine)
+            await self._status(job, "done", attempt)
+            return "ack", 0.0
+        except InternalError as exc:
+            # NATS blinked (restart, leader change): nothing is lost if the job goes back;
+            # the next delivery continues from the frames kept so far.
+            log.warning("job sent back: tokenwire could not finish it", extra={"error": str(exc)})
+            return "nak", 1.0
         except Exception:
-            log.exception("job failed inside tokenwire")
-        finally:
-            heartbeat.cancel()
-            self.running.pop(job.key, None)
-            with contextlib.suppress(Exception):
-                if settle == "nak":
-                    await msg.nack(delay=delay)
-                else:
-                    await msg.ack()
-            trace_id_var.reset(token)
+            log.exception("job failed inside tokenwire; sent back")
+            return "nak", 2.0
 
     async def _kept(self, job: Job, delivered: int) -> list[dict[str, Any]]:
         """Frames an earlier delivery already published (none on a first delivery)."""
@@ -267,8 +301,8 @@ class JobRunner:
                 if not was_started and mapper.message_id is not None:
                     # Recorded before `start` leaves: whoever takes this job over knows that
                     # Dify is answering it and must not be asked again.
-                    await self.bus.save_ids(
-                        job.key, DifyIds(mapper.task_id, mapper.message_id, mapper.conversation_id)
+                    await self._save_ids(
+                        job, DifyIds(mapper.task_id, mapper.message_id, mapper.conversation_id)
                     )
                 if frames:
                     await self._publish(job, frames)
@@ -277,6 +311,17 @@ class JobRunner:
                 if mapper.machine.done:
                     return
         await self._publish(job, mapper.finish())
+
+    async def _save_ids(self, job: Job, ids: DifyIds) -> None:
+        """Record Dify's ids, retrying through a NATS blip; the answer goes on regardless
+        (losing the record only matters if this worker also dies before the end)."""
+        for attempt in range(5):
+            try:
+                await self.bus.save_ids(job.key, ids)
+                return
+            except TokenwireError as exc:
+                log.warning("cannot record Dify's ids yet", extra={"error": str(exc)})
+                await asyncio.sleep(0.2 * (attempt + 1))
 
     # --- recovering from Dify's history ---------------------------------------------------
 
@@ -409,11 +454,22 @@ class JobRunner:
         for frame in frames:
             await self.bus.publish(job.reply, encode(frame))
 
-    async def _heartbeat(self, msg: JobMessage) -> None:
+    async def _heartbeat(self, msg: JobMessage, running: Running) -> None:
+        """Keep the job ours (in-progress acks) and watch the lease."""
+        next_ack = time.monotonic() + self.heartbeat_s
         while True:
-            await asyncio.sleep(self.heartbeat_s)
-            with contextlib.suppress(Exception):
-                await msg.in_progress()
+            await asyncio.sleep(min(self.settings.lease_check_s, self.heartbeat_s))
+            if time.monotonic() >= next_ack:
+                next_ack = time.monotonic() + self.heartbeat_s
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
+            try:
+                holder = await self.bus.lease_holder(running.job.key)
+            except TokenwireError:
+                continue  # cannot tell while NATS is away; nobody can take over then either
+            if holder is not None and holder != running.lease:
+                running.lost.set()
+                return
 
 
 def _answer_of(frames: list[dict[str, Any]]) -> str:
