@@ -24,6 +24,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# Node tools the Python tests use offline (the AsyncAPI 3 schema).
+npm ci --prefix deploy --no-audit --no-fund --loglevel=error >/dev/null
+
 echo "== ruff"
 .venv/bin/ruff check .
 echo "== mypy --strict (gateway, worker, shared)"

@@ -1,0 +1,253 @@
+"""The gateway's Prometheus metrics: the families, and one small helper per event.
+
+Every family is registered in prometheus-client's default registry, so the gateway's existing
+``/metrics`` route serves them as soon as this module is imported. Handlers call the helpers,
+never the metric objects, so label values stay inside the bounded sets below: a label never
+holds a user id, a request id, a connection id or any other unbounded value, and a value the
+helpers do not know becomes ``"other"``.
+
+Families (all prefixed ``tokenwire_gateway_``):
+
+================================  =========  ==============  ==================================
+name                              type       labels          what
+================================  =========  ==============  ==================================
+``connections``                   gauge      —               WebSocket connections open now
+``connections_opened_total``      counter    —               WebSocket upgrades accepted
+``connections_closed_total``      counter    ``code``        closes, by WebSocket close code
+``frames_in_total``               counter    ``type``        client frames read (``invalid``:
+                                                             refused before its type was known)
+``frames_out_total``              counter    ``type``        server frames sent
+``requests_accepted_total``       counter    —               chats durably queued (``accepted``)
+``requests_total``                counter    ``outcome``     requests closed on this gateway:
+                                                             completed, stopped, error, detached
+``ttft_seconds``                  histogram  —               ``accepted`` → first ``delta`` sent
+``resumes_total``                 counter    ``outcome``     ``resume`` frames: replayed,
+                                                             unknown, refused, error
+``refusals_total``                counter    ``kind``        refused before any work: auth,
+                                                             origin, rate_limit,
+                                                             connection_limit, inflight_limit,
+                                                             frame, draining
+``draining``                      gauge      —               1 from SIGTERM until exit
+``nats_connected``                gauge      —               1 while the NATS link is up
+================================  =========  ==============  ==================================
+
+One process per pod: ``tokenwire gateway`` runs a single uvicorn process, so the default
+registry is the whole truth. The gauges still name a ``multiprocess_mode``, so that a future
+multi-process mode only has to set ``PROMETHEUS_MULTIPROC_DIR`` and serve a
+``MultiProcessCollector`` for the sums to stay right.
+"""
+
+from __future__ import annotations
+
+from typing import Final, get_args
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from shared.exceptions import CloseCode
+from shared.frames import (
+    AuthFrame,
+    ChatFrame,
+    PingFrame,
+    ResumeFrame,
+    ServerFrame,
+    StopFrame,
+)
+
+__all__ = [
+    "CLIENT_FRAME_TYPES",
+    "CLOSE_CODES",
+    "CONNECTIONS",
+    "CONNECTIONS_CLOSED",
+    "CONNECTIONS_OPENED",
+    "DRAINING",
+    "FRAMES_IN",
+    "FRAMES_OUT",
+    "NATS_CONNECTED",
+    "REFUSALS",
+    "REFUSAL_KINDS",
+    "REQUESTS",
+    "REQUESTS_ACCEPTED",
+    "REQUEST_OUTCOMES",
+    "RESUMES",
+    "RESUME_OUTCOMES",
+    "SERVER_FRAME_TYPES",
+    "TTFT",
+    "TTFT_BUCKETS",
+    "connection_closed",
+    "connection_opened",
+    "frame_in",
+    "frame_out",
+    "observe_ttft",
+    "refusal",
+    "request_accepted",
+    "request_finished",
+    "resume",
+    "set_draining",
+    "set_nats_connected",
+]
+
+OTHER: Final = "other"
+
+#: Seconds; from 10 ms (a warm, local Dify) to a minute (a cold agent app).
+TTFT_BUCKETS: Final = (
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    7.5,
+    10.0,
+    15.0,
+    30.0,
+    60.0,
+)
+
+#: Close codes kept as their own label value: RFC 6455's and every code of :class:`CloseCode`.
+CLOSE_CODES: Final = frozenset(range(1000, 1016)) | frozenset(int(c) for c in CloseCode)
+SERVER_FRAME_TYPES: Final = frozenset(
+    cls.__dataclass_fields__["type"].default for cls in get_args(ServerFrame)
+)
+CLIENT_FRAME_TYPES: Final = frozenset(
+    get_args(model.model_fields["type"].annotation)[0]
+    for model in (ChatFrame, StopFrame, ResumeFrame, PingFrame, AuthFrame)
+) | {"invalid"}
+REQUEST_OUTCOMES: Final = frozenset({"completed", "stopped", "error", "detached"})
+RESUME_OUTCOMES: Final = frozenset({"replayed", "unknown", "refused", "error"})
+REFUSAL_KINDS: Final = frozenset(
+    {
+        "auth",
+        "origin",
+        "rate_limit",
+        "connection_limit",
+        "inflight_limit",
+        "frame",
+        "draining",
+    }
+)
+
+CONNECTIONS: Final = Gauge(
+    "tokenwire_gateway_connections",
+    "WebSocket connections open now.",
+    multiprocess_mode="livesum",
+)
+CONNECTIONS_OPENED: Final = Counter(
+    "tokenwire_gateway_connections_opened",
+    "WebSocket upgrades accepted.",
+)
+CONNECTIONS_CLOSED: Final = Counter(
+    "tokenwire_gateway_connections_closed",
+    "WebSocket connections closed, by close code (4100-4199: the client should resume).",
+    ["code"],
+)
+FRAMES_IN: Final = Counter(
+    "tokenwire_gateway_frames_in",
+    "Client frames read, by type ('invalid': refused before its type was known).",
+    ["type"],
+)
+FRAMES_OUT: Final = Counter(
+    "tokenwire_gateway_frames_out",
+    "Server frames sent to clients, by type.",
+    ["type"],
+)
+REQUESTS_ACCEPTED: Final = Counter(
+    "tokenwire_gateway_requests_accepted",
+    "Chat requests durably queued (an 'accepted' frame was sent).",
+)
+REQUESTS: Final = Counter(
+    "tokenwire_gateway_requests",
+    "Requests closed on this gateway, by outcome "
+    "(completed, stopped, error; detached: the client left first).",
+    ["outcome"],
+)
+TTFT: Final = Histogram(
+    "tokenwire_gateway_ttft_seconds",
+    "Time to first token: 'accepted' sent to the first 'delta' sent, in seconds.",
+    buckets=TTFT_BUCKETS,
+)
+RESUMES: Final = Counter(
+    "tokenwire_gateway_resumes",
+    "Resume frames handled, by outcome (replayed, unknown, refused, error).",
+    ["outcome"],
+)
+REFUSALS: Final = Counter(
+    "tokenwire_gateway_refusals",
+    "Connections or frames refused before any work, by kind.",
+    ["kind"],
+)
+DRAINING: Final = Gauge(
+    "tokenwire_gateway_draining",
+    "1 from SIGTERM until the process exits.",
+    multiprocess_mode="livemax",
+)
+NATS_CONNECTED: Final = Gauge(
+    "tokenwire_gateway_nats_connected",
+    "1 while the gateway's NATS connection is up.",
+    multiprocess_mode="livemin",
+)
+
+
+def _bounded(value: str, allowed: frozenset[str]) -> str:
+    return value if value in allowed else OTHER
+
+
+def connection_opened() -> None:
+    """A WebSocket upgrade was accepted."""
+    CONNECTIONS_OPENED.inc()
+    CONNECTIONS.inc()
+
+
+def connection_closed(code: int) -> None:
+    """A connection that :func:`connection_opened` counted has closed with ``code``."""
+    CONNECTIONS.dec()
+    CONNECTIONS_CLOSED.labels(code=str(code) if code in CLOSE_CODES else OTHER).inc()
+
+
+def frame_in(kind: str) -> None:
+    """A client frame of type ``kind`` was read (``"invalid"`` if it had no known type)."""
+    FRAMES_IN.labels(type=_bounded(kind, CLIENT_FRAME_TYPES)).inc()
+
+
+def frame_out(kind: str) -> None:
+    """A server frame of type ``kind`` was sent to a client."""
+    FRAMES_OUT.labels(type=_bounded(kind, SERVER_FRAME_TYPES)).inc()
+
+
+def request_accepted() -> None:
+    """A chat was durably queued and its ``accepted`` frame sent."""
+    REQUESTS_ACCEPTED.inc()
+
+
+def request_finished(outcome: str) -> None:
+    """A request closed on this gateway: completed, stopped, error or detached."""
+    REQUESTS.labels(outcome=_bounded(outcome, REQUEST_OUTCOMES)).inc()
+
+
+def observe_ttft(seconds: float) -> None:
+    """Time from ``accepted`` to the request's first ``delta``, as the client saw it."""
+    TTFT.observe(max(seconds, 0.0))
+
+
+def resume(outcome: str) -> None:
+    """A ``resume`` frame was handled: replayed, unknown, refused or error."""
+    RESUMES.labels(outcome=_bounded(outcome, RESUME_OUTCOMES)).inc()
+
+
+def refusal(kind: str) -> None:
+    """Something was refused before any work: auth, origin, rate_limit, … (see the table)."""
+    REFUSALS.labels(kind=_bounded(kind, REFUSAL_KINDS)).inc()
+
+
+def set_draining(draining: bool) -> None:
+    DRAINING.set(1 if draining else 0)
+
+
+def set_nats_connected(connected: bool) -> None:
+    NATS_CONNECTED.set(1 if connected else 0)
