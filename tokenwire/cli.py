@@ -94,7 +94,7 @@ def worker(
         port=metrics_port or settings.worker_metrics_port,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=int(settings.worker_drain_s) + 10,
     )
 
 

@@ -9,9 +9,12 @@ on the worker's own port through FastStream's ASGI wrapper.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import socket
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -24,8 +27,9 @@ from pydantic import ValidationError
 
 from shared.jobs import Job
 from shared.settings import Settings
-from shared.subjects import CONTROL_STOP_ALL, JOBS_ALL, JOBS_STREAM
+from shared.subjects import CONTROL_STOP_ALL, DEAD_STREAM, JOB_CONSUMER, JOBS_ALL, JOBS_STREAM
 from shared.topology import job_consumer_config
+from worker import metrics
 from worker.bus import NatsBus, ensure_topology
 from worker.dify import DifyClient
 from worker.runner import JobRunner
@@ -33,6 +37,24 @@ from worker.runner import JobRunner
 __all__ = ["create_app"]
 
 log = logging.getLogger("tokenwire.worker")
+
+
+async def _watch_queue(js: Any, every_s: float = 5.0) -> None:
+    """Cluster-wide queue gauges (consumer lag, oldest job's age, dead letters), every few s."""
+    while True:
+        with contextlib.suppress(Exception):
+            consumer = await js.consumer_info(JOBS_STREAM, JOB_CONSUMER)
+            metrics.set_consumer_lag(consumer.num_pending or 0, consumer.num_ack_pending or 0)
+            jobs = await js.stream_info(JOBS_STREAM)
+            first = jobs.state.first_ts
+            age = 0.0
+            if jobs.state.messages and first:
+                stamp = datetime.fromisoformat(str(first).replace("Z", "+00:00"))
+                age = (datetime.now(UTC) - stamp).total_seconds()
+            metrics.set_queue_age(age)
+            dead = await js.stream_info(DEAD_STREAM)
+            metrics.set_dead_letters(dead.state.messages or 0)
+        await asyncio.sleep(every_s)
 
 
 def create_app(settings: Settings) -> AsgiFastStream:
@@ -86,7 +108,17 @@ def create_app(settings: Settings) -> AsgiFastStream:
         holder["runner"] = JobRunner(
             NatsBus(nc, js, kv), dify, settings, worker_id=f"{socket.gethostname()}:{os.getpid()}"
         )
+        holder["lag"] = asyncio.create_task(_watch_queue(js))
         log.info("worker ready", extra={"dify": settings.dify_api_url})
+
+    async def drain() -> None:
+        """SIGTERM: stop taking jobs, finish or hand back running answers, then close."""
+        runner: JobRunner | None = holder.get("runner")
+        lag: asyncio.Task[None] | None = holder.get("lag")
+        if lag is not None:
+            lag.cancel()
+        if runner is not None:
+            await runner.drain(settings.worker_drain_s)
 
     async def shutdown() -> None:
         dify: DifyClient | None = holder.get("dify")
@@ -102,6 +134,7 @@ def create_app(settings: Settings) -> AsgiFastStream:
         broker,
         asgi_routes=[("/metrics", make_asgi_app()), ("/healthz", healthz)],
         on_startup=[startup],
+        on_shutdown=[drain],
         after_shutdown=[shutdown],
         logger=None,
     )

@@ -8,6 +8,7 @@ kept apart as NOTES.md describes: before the stream, a non-200 JSON ``{code, mes
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from shared.exceptions import (
 )
 from shared.settings import Settings
 from shared.sse import SSEEvent, SSEParser, SSEProtocolError
+from worker import metrics
 
 __all__ = ["DifyClient", "HistoryMessage", "map_httpx_errors", "rejection"]
 
@@ -164,8 +166,14 @@ class DifyClient:
             content=payload,
             headers=headers | {"Content-Type": "application/json"},
         )
-        with map_httpx_errors(started=False):
-            response = await self._http.send(request, stream=True)
+        sent = time.monotonic()
+        try:
+            with map_httpx_errors(started=False):
+                response = await self._http.send(request, stream=True)
+        except DifyUnavailable:
+            metrics.dify_response(None, time.monotonic() - sent, "chat")
+            raise
+        metrics.dify_response(response.status_code, time.monotonic() - sent, "chat")
         try:
             if response.status_code != 200:
                 with map_httpx_errors(started=False):
@@ -178,21 +186,35 @@ class DifyClient:
         finally:
             await response.aclose()
 
-    async def stop(self, task_id: str, user: str, *, trace_id: str, app: str | None = None) -> None:
-        """POST /chat-messages/{task_id}/stop with the same ``user`` (best effort at Dify)."""
-        with map_httpx_errors(started=False):
-            response = await self._http.post(
-                f"/chat-messages/{task_id}/stop",
-                content=orjson.dumps({"user": user}),
-                headers={
-                    "Content-Type": "application/json",
-                    "X-Request-Id": trace_id,
-                    **self._auth(app),
-                },
-                timeout=self._stop_timeout,
-            )
+    async def _call(self, endpoint: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One short Dify call (stop, history): timed, errors translated, non-200 raised."""
+        sent = time.monotonic()
+        try:
+            with map_httpx_errors(started=False):
+                response = await self._http.request(
+                    method, path, timeout=self._stop_timeout, **kwargs
+                )
+        except DifyUnavailable:
+            metrics.dify_response(None, time.monotonic() - sent, endpoint)
+            raise
+        metrics.dify_response(response.status_code, time.monotonic() - sent, endpoint)
         if response.status_code != 200:
             raise rejection(response.status_code, response.content[:_MAX_ERROR_BODY])
+        return response
+
+    async def stop(self, task_id: str, user: str, *, trace_id: str, app: str | None = None) -> None:
+        """POST /chat-messages/{task_id}/stop with the same ``user`` (best effort at Dify)."""
+        await self._call(
+            "stop",
+            "POST",
+            f"/chat-messages/{task_id}/stop",
+            content=orjson.dumps({"user": user}),
+            headers={
+                "Content-Type": "application/json",
+                "X-Request-Id": trace_id,
+                **self._auth(app),
+            },
+        )
 
     async def history_message(
         self,
@@ -204,25 +226,27 @@ class DifyClient:
         app: str | None = None,
     ) -> HistoryMessage | None:
         """The message ``message_id`` from ``GET /messages`` (latest page), or None."""
-        with map_httpx_errors(started=False):
-            response = await self._http.get(
-                "/messages",
-                params={"conversation_id": conversation_id, "user": user, "limit": 20},
-                headers={"X-Request-Id": trace_id, **self._auth(app)},
-                timeout=self._stop_timeout,
+        response = await self._call(
+            "messages",
+            "GET",
+            "/messages",
+            params={"conversation_id": conversation_id, "user": user, "limit": 20},
+            headers={"X-Request-Id": trace_id, **self._auth(app)},
+        )
+        return _find_message(orjson.loads(response.content), message_id)
+
+
+def _find_message(payload: Any, message_id: str) -> HistoryMessage | None:
+    for item in payload.get("data", []) if isinstance(payload, dict) else []:
+        if isinstance(item, dict) and item.get("id") == message_id:
+            resources = item.get("retriever_resources")
+            status = item.get("status")
+            return HistoryMessage(
+                answer=str(item.get("answer") or ""),
+                status=status if isinstance(status, str) else None,
+                retriever_resources=resources if isinstance(resources, list) else [],
             )
-        if response.status_code != 200:
-            raise rejection(response.status_code, response.content[:_MAX_ERROR_BODY])
-        payload = orjson.loads(response.content)
-        for item in payload.get("data", []) if isinstance(payload, dict) else []:
-            if isinstance(item, dict) and item.get("id") == message_id:
-                resources = item.get("retriever_resources")
-                return HistoryMessage(
-                    answer=str(item.get("answer") or ""),
-                    status=item.get("status") if isinstance(item.get("status"), str) else None,
-                    retriever_resources=resources if isinstance(resources, list) else [],
-                )
-        return None
+    return None
 
 
 async def _read_bounded(response: httpx.Response) -> bytes:

@@ -41,7 +41,8 @@ from shared.mapping import DifyStreamMapper
 from shared.sequencing import SeqCounter
 from shared.settings import Settings
 from shared.state import RequestMachine, RequestState
-from worker.breaker import CircuitBreaker, backoff_s
+from worker import metrics
+from worker.breaker import BreakerState, CircuitBreaker, backoff_s
 from worker.dify import DifyClient, HistoryMessage
 
 __all__ = ["Bus", "DifyIds", "JobMessage", "JobRunner", "Running", "dify_body"]
@@ -93,6 +94,8 @@ class Running:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     task_known: asyncio.Event = field(default_factory=asyncio.Event)
     lost: asyncio.Event = field(default_factory=asyncio.Event)
+    handback: asyncio.Event = field(default_factory=asyncio.Event)
+    outcome: str = "completed"
 
 
 class _Retry(Exception):
@@ -124,6 +127,9 @@ class JobRunner:
             max_cooldown_s=settings.retry_max_s,
         )
         self.running: dict[str, Running] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.draining = False
 
     def request_stop(self, key: str) -> bool:
         """Stop request ``key`` if this worker runs it; returns whether it does."""
@@ -142,34 +148,69 @@ class JobRunner:
         worker still streaming an earlier delivery (stalled past the ack wait, or cut off from
         NATS) notices and stops: two workers never publish one request's frames at once.
         """
+        metrics.job_received(delivered)
+        if self.draining:
+            # Shutting down: leave it to another worker at once.
+            with contextlib.suppress(Exception):
+                await msg.nack(delay=0)
+            metrics.job_finished("handed_back")
+            return
+        if delivered == 1:
+            metrics.observe_queue_wait(time.time() - job.created_ms / 1000)
         trace = trace_id_var.set(job.trace_id)
         running = Running(job, lease=uuid.uuid4().hex)
         self.running[job.key] = running
+        self._idle.clear()
         heartbeat = asyncio.create_task(self._heartbeat(msg, running))
         work = asyncio.create_task(self._deliver(job, running, delivered))
         lost = asyncio.create_task(running.lost.wait())
+        handback = asyncio.create_task(running.handback.wait())
         settle, delay = "ack", 0.0
         try:
-            await asyncio.wait({work, lost}, return_when=asyncio.FIRST_COMPLETED)
-            if running.lost.is_set():
-                log.warning("lease lost: another delivery owns this request; stopping")
+            await asyncio.wait({work, lost, handback}, return_when=asyncio.FIRST_COMPLETED)
+            if work.done():
+                settle, delay = work.result()
+            else:
                 work.cancel()
-                settle = "none"  # the message belongs to the newer delivery now
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await work
-            else:
-                settle, delay = work.result()
+                if running.lost.is_set():
+                    log.warning("lease lost: another delivery owns this request; stopping")
+                    settle = "none"  # the message belongs to the newer delivery now
+                else:
+                    log.info("draining: job handed back to another worker")
+                    settle = "nak"
         finally:
             lost.cancel()
+            handback.cancel()
             heartbeat.cancel()
             if self.running.get(job.key) is running:
                 del self.running[job.key]
+            if not self.running:
+                self._idle.set()
             with contextlib.suppress(Exception):
                 if settle == "nak":
                     await msg.nack(delay=delay)
                 elif settle == "ack":
                     await msg.ack()
+            outcome = {"nak": "handed_back", "none": "dropped"}.get(settle, running.outcome)
+            metrics.job_finished(outcome)
             trace_id_var.reset(trace)
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop taking jobs, let running answers finish for up to ``grace_s`` seconds, then
+        hand the rest back to JetStream (another worker recovers them from Dify's history)."""
+        self.draining = True
+        metrics.set_draining(True)
+        log.info("draining", extra={"running": len(self.running), "grace_s": grace_s})
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace_s):
+                await self._idle.wait()
+        for running in list(self.running.values()):
+            running.handback.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5.0):
+                await self._idle.wait()
 
     async def _deliver(self, job: Job, running: Running, delivered: int) -> tuple[str, float]:
         """One delivery's work; returns how to settle the message: ("ack"|"nak", delay)."""
@@ -263,6 +304,7 @@ class JobRunner:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await pump
         if mapper.task_id is not None and not mapper.machine.done:
+            metrics.stop_acted()
             try:
                 await self.dify.stop(mapper.task_id, job.user, trace_id=job.trace_id, app=job.app)
             except TokenwireError as exc:
@@ -275,11 +317,16 @@ class JobRunner:
         exc = pump.exception()
         if exc is None:
             self.breaker.success()
+            metrics.set_breaker_open(False)
             return
         if isinstance(exc, DifyUnavailable) and not mapper.started:
             self.breaker.failure(time.monotonic())
+            metrics.set_breaker_open(self.breaker.state is not BreakerState.CLOSED)
             raise _Retry(exc)
         self.breaker.success()  # Dify answered something: it is up
+        metrics.set_breaker_open(False)
+        if isinstance(exc, TokenwireError):
+            metrics.dify_error(exc.code.value)
         if isinstance(exc, DifyStreamCut) and mapper.message_id:
             log.info("Dify's stream broke mid-answer; recovering from history")
             ids = DifyIds(mapper.task_id, mapper.message_id, mapper.conversation_id)
@@ -292,6 +339,12 @@ class JobRunner:
         await self._publish(job, mapper.fail(exc))
 
     async def _pump(self, job: Job, mapper: DifyStreamMapper, running: Running) -> None:
+        with metrics.running_stream():
+            await self._stream(job, mapper, running)
+
+    async def _stream(self, job: Job, mapper: DifyStreamMapper, running: Running) -> None:
+        asked = time.monotonic()
+        first_text = True
         async with self.dify.stream_chat(
             dify_body(job), trace_id=job.trace_id, app=job.app
         ) as events:
@@ -305,6 +358,9 @@ class JobRunner:
                         job, DifyIds(mapper.task_id, mapper.message_id, mapper.conversation_id)
                     )
                 if frames:
+                    if first_text and mapper.answer:
+                        first_text = False
+                        metrics.observe_dify_first_token(time.monotonic() - asked)
                     await self._publish(job, frames)
                 if mapper.task_id is not None and not running.task_known.is_set():
                     running.task_known.set()
@@ -404,6 +460,9 @@ class JobRunner:
                 code=ErrorCode.UPSTREAM_UNAVAILABLE,
             )
             await self.bus.dead_letter(job, final, attempt)
+            running = self.running.get(job.key)
+            if running is not None:
+                running.outcome = "dead_lettered"
             await self._status(job, "dead", attempt, error=str(cause))
             await self._publish(job, [error_frame(final, id=job.id, seq=seq.next())])
             log.warning("job dead-lettered", extra={"attempts": attempt, "error": str(cause)})
@@ -413,6 +472,8 @@ class JobRunner:
             attempt, self.settings.retry_base_s, self.settings.retry_max_s
         )
         reason = "circuit_open" if "circuit open" in cause.message else cause.code.value
+        metrics.job_queued(cause.code.value)
+        metrics.dify_error(cause.code.value)
         await self._publish(
             job,
             [
@@ -453,6 +514,20 @@ class JobRunner:
     async def _publish(self, job: Job, frames: list[ServerFrame]) -> None:
         for frame in frames:
             await self.bus.publish(job.reply, encode(frame))
+            metrics.frame_published(frame.type)
+            running = self.running.get(job.key)
+            if isinstance(frame, End):
+                if running is not None:
+                    running.outcome = "stopped" if frame.stopped else "completed"
+                tokens = (frame.usage or {}).get("completion_tokens")
+                if isinstance(tokens, int):
+                    metrics.answer_tokens(tokens)
+            elif (
+                frame.type == "error" and running is not None and running.outcome != "dead_lettered"
+            ):
+                running.outcome = "error"
+            elif frame.type == "reset":
+                metrics.reset_sent()
 
     async def _heartbeat(self, msg: JobMessage, running: Running) -> None:
         """Keep the job ours (in-progress acks) and watch the lease."""
