@@ -124,6 +124,24 @@ class NatsBus:
                 await sub.unsubscribe()
         return frames
 
+    async def ensure_kept(self, subject: str, published: dict[int, bytes]) -> None:
+        """Publish again, with JetStream acks, any of ``published`` the frames stream lost.
+
+        Cheap when nothing was lost: one stream-info call compares the subject's message count
+        with the highest seq. Duplicates are harmless: readers release each seq once.
+        """
+        if not published:
+            return
+        with map_nats_errors("check the kept frames"):
+            await self.nc.flush(timeout=5)
+            info = await self.js.stream_info(FRAMES_STREAM, subjects_filter=subject)
+            stored = (info.state.subjects or {}).get(subject, 0)
+            if stored >= max(published):
+                return
+            kept = {frame["seq"] for frame in await self._read_all(subject)}
+            for seq in sorted(set(published) - kept):
+                await self.js.publish(subject, published[seq], stream=FRAMES_STREAM, timeout=5.0)
+
     async def stop_recorded(self, key: str) -> bool:
         return await self._get(stop_flag_key(key)) is not None
 

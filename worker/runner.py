@@ -83,6 +83,7 @@ class Bus(Protocol):
     async def dead_letter(self, job: Job, error: TokenwireError, attempts: int) -> None: ...
     async def take_lease(self, key: str, lease: str) -> None: ...
     async def lease_holder(self, key: str) -> str | None: ...
+    async def ensure_kept(self, subject: str, published: dict[int, bytes]) -> None: ...
 
 
 @dataclass(slots=True)
@@ -96,6 +97,8 @@ class Running:
     lost: asyncio.Event = field(default_factory=asyncio.Event)
     handback: asyncio.Event = field(default_factory=asyncio.Event)
     outcome: str = "completed"
+    # Every frame this delivery published, by seq: what ensure_kept may need to publish again.
+    published: dict[int, bytes] = field(default_factory=dict)
 
 
 class _Retry(Exception):
@@ -230,10 +233,15 @@ class JobRunner:
             log.info("job started", extra={"attempt": attempt, "conn": job.conn})
             try:
                 await self._attempt(job, running, kept, seq, machine)
+                settle: tuple[str, float] = ("ack", 0.0)
             except _Retry as retry:
-                return await self._retry_or_give_up(job, retry.cause, attempt, seq, machine)
-            await self._status(job, "done", attempt)
-            return "ack", 0.0
+                settle = await self._retry_or_give_up(job, retry.cause, attempt, seq, machine)
+            # Frames travel on core NATS (no per-token ack), so a stream leader change can
+            # drop some from TW_FRAMES; make sure all of them are kept before the job is done.
+            await self._ensure_kept(job, running)
+            if settle[0] == "ack":
+                await self._status(job, "done", attempt)
+            return settle
         except InternalError as exc:
             # NATS blinked (restart, leader change): nothing is lost if the job goes back;
             # the next delivery continues from the frames kept so far.
@@ -242,6 +250,18 @@ class JobRunner:
         except Exception:
             log.exception("job failed inside tokenwire; sent back")
             return "nak", 2.0
+
+    async def _ensure_kept(self, job: Job, running: Running) -> None:
+        """Retry through a NATS leader change (seconds) rather than hand the job back: this
+        delivery still holds every frame it published, a later one would not."""
+        for wait in (0.2, 0.5, 1.0, 2.0, 4.0, 8.0):
+            try:
+                await self.bus.ensure_kept(job.reply, running.published)
+                return
+            except InternalError as exc:
+                log.warning("frames not confirmed kept yet", extra={"error": str(exc)})
+                await asyncio.sleep(wait)
+        await self.bus.ensure_kept(job.reply, running.published)
 
     async def _kept(self, job: Job, delivered: int) -> list[dict[str, Any]]:
         """Frames an earlier delivery already published (none on a first delivery)."""
@@ -512,10 +532,14 @@ class JobRunner:
             )
 
     async def _publish(self, job: Job, frames: list[ServerFrame]) -> None:
+        running = self.running.get(job.key)
         for frame in frames:
-            await self.bus.publish(job.reply, encode(frame))
+            data = encode(frame)
+            await self.bus.publish(job.reply, data)
             metrics.frame_published(frame.type)
-            running = self.running.get(job.key)
+            seq = getattr(frame, "seq", None)
+            if running is not None and isinstance(seq, int):
+                running.published[seq] = data
             if isinstance(frame, End):
                 if running is not None:
                     running.outcome = "stopped" if frame.stopped else "completed"
