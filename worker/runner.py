@@ -310,16 +310,28 @@ class JobRunner:
     async def _answer(self, job: Job, mapper: DifyStreamMapper, running: Running) -> None:
         pump = asyncio.create_task(self._pump(job, mapper, running))
         stopper = asyncio.create_task(running.stop.wait())
-        await asyncio.wait({pump, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if not stopper.done():
+        try:
+            await asyncio.wait({pump, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if not stopper.done():
+                await self._after_pump(job, mapper, pump, running)
+            else:
+                await self._stop(job, mapper, pump, running)
+        finally:
+            # Also when cancelled (lease lost, handed back while draining): not one more
+            # frame from this delivery.
+            pump.cancel()
             stopper.cancel()
-            await self._after_pump(job, mapper, pump, running)
-            return
-        # Stop requested. Let Dify name the task first, so that it can be stopped there too.
+
+    async def _stop(
+        self, job: Job, mapper: DifyStreamMapper, pump: asyncio.Task[None], running: Running
+    ) -> None:
+        # Let Dify name the task first, so that it can be stopped there too.
         if mapper.task_id is None and not pump.done():
             waiter = asyncio.create_task(running.task_known.wait())
-            await asyncio.wait({pump, waiter}, timeout=STOP_TASK_ID_GRACE_S)
-            waiter.cancel()
+            try:
+                await asyncio.wait({pump, waiter}, timeout=STOP_TASK_ID_GRACE_S)
+            finally:
+                waiter.cancel()
         pump.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await pump
