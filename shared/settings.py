@@ -98,6 +98,10 @@ class Settings(BaseSettings):
     lease_check_s: float = Field(default=2.0, gt=0)
     dead_letter_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)
 
+    # --- tracing -------------------------------------------------------------------------
+    # OTLP/HTTP traces endpoint (e.g. http://collector:4318/v1/traces); unset: tracing off.
+    otel_endpoint: str | None = None
+
     # --- logging -------------------------------------------------------------------------
     log_level: str = "INFO"
     log_json: bool = True

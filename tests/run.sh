@@ -11,7 +11,7 @@ py=$(command -v python3.11 || command -v python3)
 if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,bench]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,bench,otel]'
 
 # Debian packages: a browser for the browser tests, nginx for the TLS proxy test.
 missing=()

@@ -81,10 +81,12 @@ def worker(
 
     from shared.logs import configure_logging
     from shared.settings import Settings
+    from tokenwire.tracing import configure_tracing
     from worker.app import create_app
 
     settings = Settings()
     configure_logging("worker", settings.log_level, json=settings.log_json)
+    configure_tracing("worker", settings.otel_endpoint)
     if settings.dify_api_key is None:
         typer.echo("DIFY_API_KEY is not set: the worker cannot call Dify.", err=True)
         raise typer.Exit(2)

@@ -21,6 +21,7 @@ import orjson
 from faststream import AckPolicy
 from faststream.asgi import AsgiFastStream, AsgiResponse, get
 from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
+from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from nats.js.api import ConsumerConfig
 from prometheus_client import make_asgi_app
 from pydantic import ValidationError
@@ -65,6 +66,7 @@ def create_app(settings: Settings) -> AsgiFastStream:
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
         logger=None,
+        middlewares=[NatsTelemetryMiddleware()] if settings.otel_endpoint else (),
     )
     holder: dict[str, Any] = {}
     consumer = job_consumer_config(settings)

@@ -27,6 +27,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from opentelemetry import trace
+
 from shared.exceptions import (
     DifyStreamCut,
     DifyUnavailable,
@@ -48,6 +50,7 @@ from worker.dify import DifyClient, HistoryMessage
 __all__ = ["Bus", "DifyIds", "JobMessage", "JobRunner", "Running", "dify_body"]
 
 log = logging.getLogger("tokenwire.worker")
+tracer = trace.get_tracer("tokenwire.worker")
 
 # How long a stop waits for Dify to name the task (its first event) so it can be stopped
 # at Dify too, instead of leaving Dify generating an answer nobody reads.
@@ -371,8 +374,14 @@ class JobRunner:
         await self._publish(job, mapper.fail(exc))
 
     async def _pump(self, job: Job, mapper: DifyStreamMapper, running: Running) -> None:
-        with metrics.running_stream():
+        with (
+            metrics.running_stream(),
+            tracer.start_as_current_span(
+                "dify chat-messages", attributes={"tokenwire.request_id": job.trace_id}
+            ) as span,
+        ):
             await self._stream(job, mapper, running)
+            span.set_attribute("tokenwire.frames", mapper.seq.last)
 
     async def _stream(self, job: Job, mapper: DifyStreamMapper, running: Running) -> None:
         asked = time.monotonic()
