@@ -96,6 +96,7 @@ def worker(
         port=metrics_port or settings.worker_metrics_port,
         log_config=None,
         access_log=False,
+        # Lifespan shutdown runs the drain: running answers get worker_drain_s to finish.
         timeout_graceful_shutdown=int(settings.worker_drain_s) + 10,
     )
 
@@ -229,6 +230,24 @@ def jobs_purge(
         raise typer.Exit(1)
     out = _jobs_run(lambda js, kv: purge(js, dead=dead, queued=queued))
     typer.echo(orjson.dumps(out).decode() if as_json else f"purged: {out}")
+
+
+@app.command()
+def chat(
+    url: str = typer.Argument(
+        "http://127.0.0.1:8000/", help="The gateway (http(s):// or ws(s)://)."
+    ),
+    user: str | None = typer.Option(
+        None, help="User id when the gateway runs TOKENWIRE_AUTH=none."
+    ),
+    token: str | None = typer.Option(
+        None, envvar="TOKENWIRE_TOKEN", help="Bearer token (JWT) for TOKENWIRE_AUTH=jwt."
+    ),
+) -> None:
+    """Chat in the terminal: answers stream in as Markdown; /stop, /new, /quit."""
+    from tokenwire.chat import run_chat
+
+    raise typer.Exit(run_chat(url, user=user, token=token))
 
 
 def main() -> None:

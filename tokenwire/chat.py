@@ -1,0 +1,317 @@
+"""``tokenwire chat``: a terminal chat over the WebSocket protocol, Markdown rendered live.
+
+How this works: a daemon thread reads stdin lines into an asyncio queue (so the event loop
+never blocks on the keyboard). At the prompt, lines are gathered into one message: a line
+ending with ``\\`` continues on the next, and lines pasted together (arriving within
+``PASTE_GAP_S`` of each other) stay together. While an answer streams, a rich ``Live``
+region re-renders the Markdown on every frame with a status line under it (queued,
+reconnecting, stopped); lines typed meanwhile are read as commands (``/stop``), and Ctrl-C
+stops the answer. The connection (:mod:`tokenwire.client`) reconnects and resumes by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Final
+from urllib.parse import urlsplit, urlunsplit
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.markdown import Markdown
+from rich.text import Text
+
+from tokenwire.client import ChatStream, Connection, ConnectionState, RequestStatus, StateChange
+
+__all__ = ["HELP", "gather_message", "run_chat", "websocket_url"]
+
+PASTE_GAP_S: Final = 0.05
+PROMPT: Final = "› "
+CONTINUATION: Final = "… "
+HELP: Final = (
+    "Commands: /new (new conversation), /stop (stop the answer, or Ctrl-C), /quit (or Ctrl-D).\n"
+    "End a line with \\ to continue on the next line; pasted lines stay together."
+)
+
+
+def websocket_url(url: str) -> str:
+    """Accept what a user would paste (``http://host:8000/``) and give the WebSocket URL."""
+    if "://" not in url:
+        url = f"ws://{url}"
+    parts = urlsplit(url)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    path = parts.path if parts.path not in ("", "/") else "/v1/ws"
+    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+
+
+def gather_message(lines: list[str]) -> tuple[str, bool]:
+    """Join input lines into one message; True if the last line asks to continue (``\\``)."""
+    parts: list[str] = []
+    more = False
+    for raw in lines:
+        line = raw.rstrip("\r\n")
+        more = line.endswith("\\")
+        parts.append(line[:-1] if more else line)
+    return "\n".join(parts), more
+
+
+@dataclass
+class _View:
+    """The live region: the answer as Markdown, and a status line under it."""
+
+    conn: Connection
+    stream: ChatStream
+    note: str = ""
+
+    def __rich__(self) -> RenderableType:
+        parts: list[RenderableType] = []
+        if self.stream.text:
+            parts.append(Markdown(self.stream.text))
+        status = self._status()
+        if status:
+            parts.append(Text(status, style="dim italic"))
+        return Group(*parts)
+
+    def _status(self) -> str:
+        s, conn = self.stream, self.conn
+        if conn.state is ConnectionState.RECONNECTING and not s.finished:
+            return f"↻ connection lost: reconnecting (attempt {max(1, conn.attempt)})…"
+        if s.status is RequestStatus.QUEUED and s.queued is not None:
+            q = s.queued
+            return (
+                f"⏳ queued ({q.reason}): retrying in {q.retry_in_ms / 1000:.0f} s, "
+                f"attempt {q.attempt}"
+            )
+        if s.finished:
+            return ""
+        if self.note:
+            return self.note
+        activity = _activity(s)
+        if activity:
+            return activity
+        if s.status in (RequestStatus.SENDING, RequestStatus.ACCEPTED):
+            return "… waiting for the answer"
+        return ""
+
+
+def _activity(stream: ChatStream) -> str:
+    """What an agent or a workflow is doing right now, from its latest event."""
+    if not stream.events:
+        return ""
+    event = stream.events[-1]
+    data = event.data
+    if event.event == "agent_thought" and data.get("tool") and not data.get("observation"):
+        return f"⚙ using {data['tool']}…"
+    if event.event == "node_started":
+        node = data.get("data") or {}
+        return f"⚙ running {node.get('title') or node.get('node_type') or 'a step'}…"
+    return ""
+
+
+@dataclass
+class _Chat:
+    conn: Connection
+    console: Console
+    lines: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
+    conversation_id: str | None = None
+    current: ChatStream | None = None
+    interrupted: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        _start_reader(loop, self.lines)
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGINT, self._on_interrupt)
+        self.conn.on_state.append(self._on_state)
+        self.console.print(f"connecting to {self.conn.url}…", style="dim", markup=False)
+        connecting = asyncio.ensure_future(self.conn.connect())
+        interrupt = asyncio.ensure_future(self.interrupted.wait())
+        await asyncio.wait({connecting, interrupt}, return_when=asyncio.FIRST_COMPLETED)
+        interrupt.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            return 130  # Ctrl-C while connecting
+        try:
+            connecting.result()
+        except ConnectionError as exc:
+            self.console.print(f"cannot connect: {exc}", style="bold red", markup=False)
+            return 1
+        user = self.conn.hello.user if self.conn.hello else "?"
+        self.console.print(f"[green]connected[/] to {self.conn.url} as [bold]{user}[/]")
+        self.console.print(HELP, style="dim")
+        while True:
+            message = await self._read_message()
+            if message is None:
+                return 0
+            command = message.strip()
+            if command in ("/quit", "/exit"):
+                return 0
+            if command == "/new":
+                self.conversation_id = None
+                self.console.print("new conversation", style="dim")
+                continue
+            if command == "/help":
+                self.console.print(HELP, style="dim")
+                continue
+            if command == "/stop":
+                self.console.print("nothing to stop", style="dim")
+                continue
+            if not command:
+                continue
+            await self._ask(message)
+
+    async def _read_message(self) -> str | None:
+        """One message from the prompt, or None at end of input / Ctrl-C."""
+        self._prompt(PROMPT)
+        collected: list[str] = []
+        while True:
+            line = await self._next_line()
+            if line is None:
+                return "\n".join(collected) if collected else None
+            batch = [line]
+            # Lines pasted together arrive together: keep them in one message.
+            while True:
+                try:
+                    nxt = await asyncio.wait_for(self.lines.get(), PASTE_GAP_S)
+                except TimeoutError:
+                    break
+                if nxt is None:
+                    self.lines.put_nowait(None)
+                    break
+                batch.append(nxt)
+            text, more = gather_message(batch)
+            collected.append(text)
+            if not more:
+                return "\n".join(collected)
+            self._prompt(CONTINUATION)
+
+    async def _next_line(self) -> str | None:
+        self.interrupted.clear()
+        get = asyncio.ensure_future(self.lines.get())
+        interrupt = asyncio.ensure_future(self.interrupted.wait())
+        done, _ = await asyncio.wait({get, interrupt}, return_when=asyncio.FIRST_COMPLETED)
+        if get in done:
+            interrupt.cancel()
+            return get.result()
+        get.cancel()
+        self.console.print()
+        return None  # Ctrl-C at the prompt quits
+
+    async def _ask(self, query: str) -> None:
+        stream = await self.conn.chat(query, conversation_id=self.conversation_id)
+        self.current = stream
+        view = _View(self.conn, stream)
+        watcher = asyncio.get_running_loop().create_task(self._watch_commands(stream, view))
+        try:
+            with Live(
+                view,
+                console=self.console,
+                refresh_per_second=4,
+                vertical_overflow="visible",
+                transient=False,
+            ) as live:
+                async for _frame in stream:
+                    live.refresh()  # every frame shows: token by token
+        finally:
+            watcher.cancel()
+            self.current = None
+        self._footer(stream)
+        if stream.status is not RequestStatus.ERROR and stream.conversation_id:
+            self.conversation_id = stream.conversation_id
+
+    async def _watch_commands(self, stream: ChatStream, view: _View) -> None:
+        """Lines typed while an answer streams are commands."""
+        while not stream.finished:
+            line = await self.lines.get()
+            if line is None:
+                await stream.stop()
+                self.lines.put_nowait(None)  # end of input: quit after this answer
+                return
+            command = line.strip()
+            if command == "/stop":
+                view.note = "stopping…"
+                await stream.stop()
+            elif command:
+                view.note = "an answer is streaming: /stop stops it"
+
+    def _footer(self, stream: ChatStream) -> None:
+        if stream.status is RequestStatus.STOPPED:
+            self.console.print("■ stopped", style="yellow")
+        elif stream.status is RequestStatus.ERROR and stream.error is not None:
+            e = stream.error
+            self.console.print(f"✗ {e.code}: {e.message}", style="bold red", markup=False)
+        elif stream.end is not None and stream.end.usage:
+            tokens = stream.end.usage.get("total_tokens")
+            self.console.print(f"✓ done · {tokens} tokens", style="dim")
+        else:
+            self.console.print("✓ done", style="dim")
+
+    def _prompt(self, text: str) -> None:
+        self.console.print(Text(text, style="bold cyan"), end="")
+        self.console.file.flush()
+
+    def _on_interrupt(self) -> None:
+        if self.current is not None and not self.current.finished:
+            asyncio.get_running_loop().create_task(self.current.stop())
+        else:
+            self.interrupted.set()
+
+    def _on_state(self, change: StateChange) -> None:
+        if self.conn.hello is None and change.state is ConnectionState.RECONNECTING:
+            if change.delay_s:
+                why = change.reason or f"closed with {change.code}"
+                self.console.print(
+                    f"cannot reach the gateway ({why}); retrying in {change.delay_s:.1f} s",
+                    style="yellow",
+                    markup=False,
+                )
+            return
+        if self.current is None and change.state is ConnectionState.CLOSED and change.code:
+            self.console.print(
+                f"[bold red]disconnected[/] ({change.code} {change.reason})", highlight=False
+            )
+
+
+def _start_reader(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str | None]) -> None:
+    """Read stdin lines in a daemon thread (the process may exit while it blocks)."""
+
+    def read() -> None:
+        while True:
+            try:
+                line = sys.stdin.readline()
+            except (OSError, ValueError):
+                line = ""
+            if not line:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(queue.put_nowait, None)
+                return
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(queue.put_nowait, line)
+
+    threading.Thread(target=read, name="stdin", daemon=True).start()
+
+
+def run_chat(url: str, user: str | None = None, token: str | None = None) -> int:
+    """Run the terminal chat until /quit, Ctrl-D or Ctrl-C at the prompt; the exit code."""
+    console = Console(highlight=False)
+    user = user or os.environ.get("TOKENWIRE_USER") or f"cli-{secrets.token_hex(4)}"
+    token = token or os.environ.get("TOKENWIRE_TOKEN") or None
+
+    async def main() -> int:
+        provider = (lambda: token) if token else None
+        conn = Connection(websocket_url(url), provider, user=None if token else user)
+        try:
+            return await _Chat(conn, console).run()
+        finally:
+            await conn.close()
+
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        return 130

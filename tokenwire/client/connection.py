@@ -1,0 +1,572 @@
+"""A Python client for tokenwire's WebSocket protocol v1, with reconnect and resume built in.
+
+How this works
+--------------
+A :class:`Connection` runs one background task that owns the socket: connect, wait for
+``hello``, (re)send every unfinished request, then read frames until the socket closes. Each
+``chat`` is a :class:`ChatStream` holding its request's state: the last ``seq`` applied, the
+running answer ``text`` (``replace`` and ``reset`` applied), the status and the events.
+
+A frame is applied only when its ``seq`` is above the last one the request holds, so what the
+gateway replays after a ``resume`` is never applied twice. When the socket drops (any close
+but 1000 with nothing in flight, 4000-4099 "do not reconnect", or :meth:`Connection.close`)
+the task waits an exponential backoff with jitter and reconnects; on the new ``hello`` every
+unfinished request is sent again: ``resume {id, after: last_seq}`` once the gateway has
+acknowledged it, else the same ``chat`` (same id: the gateway never asks Dify twice).
+
+A ``ping`` goes out every ``ping_interval_s``; a socket that then stays silent for
+``pong_timeout_s`` is dropped and replaced. This mirrors the browser SDK (web/sdk/tokenwire.js).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Final
+from urllib.parse import quote, urlsplit
+
+import orjson
+import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.typing import Subprotocol
+
+from shared.frames import (
+    Accepted,
+    Delta,
+    End,
+    ErrorFrame,
+    Event,
+    Hello,
+    Pong,
+    Queued,
+    Replace,
+    Reset,
+    Start,
+    decode_server_frame,
+)
+
+__all__ = [
+    "CONNECTION_CLOSED",
+    "PROTOCOL",
+    "Backoff",
+    "ChatStream",
+    "Connection",
+    "ConnectionState",
+    "RequestFrame",
+    "RequestStatus",
+    "StateChange",
+    "TokenProvider",
+]
+
+PROTOCOL: Final = "tokenwire.v1"
+#: Code of the local ``error`` a request gets when the connection ends for good.
+CONNECTION_CLOSED: Final = "connection_closed"
+
+RequestFrame = Accepted | Queued | Start | Delta | Replace | Event | Reset | End | ErrorFrame
+TokenProvider = Callable[[], str | Awaitable[str | None] | None]
+
+
+class ConnectionState(StrEnum):
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    OPEN = "open"
+    RECONNECTING = "reconnecting"
+    CLOSED = "closed"
+
+
+class RequestStatus(StrEnum):
+    SENDING = "sending"
+    ACCEPTED = "accepted"
+    QUEUED = "queued"
+    ANSWERING = "answering"
+    DONE = "done"
+    STOPPED = "stopped"
+    ERROR = "error"
+
+
+_FINAL: Final = frozenset({RequestStatus.DONE, RequestStatus.STOPPED, RequestStatus.ERROR})
+
+
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    """What :attr:`Connection.on_state` callbacks receive."""
+
+    state: ConnectionState
+    attempt: int = 0
+    delay_s: float = 0.0
+    code: int | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential backoff; a delay is uniform in ``[base * (1 - jitter), base]``."""
+
+    initial_s: float = 0.5
+    max_s: float = 15.0
+    factor: float = 2.0
+    jitter: float = 0.5
+
+    def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
+        """The wait before reconnect ``attempt`` (0-based)."""
+        base = min(self.max_s, self.initial_s * self.factor ** max(0, attempt))
+        jitter = min(1.0, max(0.0, self.jitter))
+        return max(0.0, base * (1.0 - jitter * rand()))
+
+
+@dataclass(eq=False)
+class ChatStream:
+    """One chat request: ``async for frame in stream`` yields each frame once, in seq order,
+    and ends after ``end`` or ``error``; :attr:`text` is the answer so far."""
+
+    connection: Connection = field(repr=False)
+    id: str
+    query: str
+    conversation_id: str | None = None
+    inputs: dict[str, Any] = field(default_factory=dict)
+    files: list[dict[str, Any]] = field(default_factory=list)
+    app: str | None = None
+    text: str = ""
+    last_seq: int = 0
+    status: RequestStatus = RequestStatus.SENDING
+    queued: Queued | None = None
+    start: Start | None = None
+    end: End | None = None
+    error: ErrorFrame | None = None
+    events: list[Event] = field(default_factory=list)
+    frames: list[RequestFrame] = field(default_factory=list, repr=False)
+    stop_wanted: bool = False
+    _asked_in: str | None = field(default=None, repr=False)
+    _sent_on: int = field(default=-1, repr=False)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in _FINAL
+
+    @property
+    def stopped(self) -> bool:
+        return self.status is RequestStatus.STOPPED
+
+    async def stop(self) -> None:
+        """Stop this answer (at Dify too); an ``end`` with ``stopped`` follows."""
+        await self.connection.stop(self.id)
+
+    async def wait(self) -> ChatStream:
+        """Wait until the request ended or failed."""
+        while not self.finished:
+            await self._wait_change()
+        return self
+
+    async def _wait_change(self) -> None:
+        self._changed.clear()
+        await self._changed.wait()
+
+    def __aiter__(self) -> AsyncIterator[RequestFrame]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[RequestFrame]:
+        index = 0
+        while True:
+            while index < len(self.frames):
+                index += 1
+                yield self.frames[index - 1]
+            if self.finished:
+                return
+            await self._wait_change()
+
+    def _apply(self, frame: RequestFrame) -> bool:
+        """Apply a frame; False (nothing changes) for one already applied or after the end."""
+        if self.finished or frame.seq is None or frame.seq <= self.last_seq:
+            return False
+        self.last_seq = frame.seq
+        match frame:
+            case Accepted():
+                if self.status is RequestStatus.SENDING:
+                    self.status = RequestStatus.ACCEPTED
+            case Queued():
+                self.status = RequestStatus.QUEUED
+                self.queued = frame
+            case Start():
+                self.status = RequestStatus.ANSWERING
+                self.queued = None
+                self.start = frame
+                if frame.conversation_id:
+                    self.conversation_id = frame.conversation_id
+            case Delta():
+                self.status = RequestStatus.ANSWERING
+                self.text += frame.text
+            case Replace():
+                self.text = frame.text
+            case Reset():
+                self.text = ""
+                self.events.clear()
+                self.status = RequestStatus.ACCEPTED
+            case Event():
+                self.events.append(frame)
+            case End():
+                self.end = frame
+                self.status = RequestStatus.STOPPED if frame.stopped else RequestStatus.DONE
+                if frame.conversation_id:
+                    self.conversation_id = frame.conversation_id
+            case ErrorFrame():
+                self.error = frame
+                self.status = RequestStatus.ERROR
+        self.frames.append(frame)
+        self._changed.set()
+        return True
+
+    def _fail(self, code: str, message: str) -> None:
+        if self.finished:
+            return
+        self.error = ErrorFrame(code=code, message=message, retryable=True, id=self.id)
+        self.status = RequestStatus.ERROR
+        self._changed.set()
+
+    def _chat_frame(self) -> dict[str, Any]:
+        frame: dict[str, Any] = {"type": "chat", "id": self.id, "query": self.query}
+        if self._asked_in:
+            frame["conversation_id"] = self._asked_in
+        if self.inputs:
+            frame["inputs"] = self.inputs
+        if self.files:
+            frame["files"] = self.files
+        if self.app:
+            frame["app"] = self.app
+        return frame
+
+
+class Connection:
+    """One logical connection to a gateway that survives socket drops. Use as
+    ``async with Connection(url) as conn:`` or call :meth:`connect` and :meth:`close`."""
+
+    def __init__(
+        self,
+        url: str,
+        token_provider: TokenProvider | None = None,
+        *,
+        user: str | None = None,
+        backoff: Backoff | None = None,
+        ping_interval_s: float = 20.0,
+        pong_timeout_s: float = 10.0,
+        connect_timeout_s: float = 10.0,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        if urlsplit(url).scheme not in ("ws", "wss"):
+            raise ValueError(f"not a WebSocket URL (ws:// or wss://): {url!r}")
+        self.url = url
+        self.user = user
+        self.token_provider = token_provider
+        self.backoff = backoff or Backoff()
+        self.ping_interval_s = ping_interval_s
+        self.pong_timeout_s = pong_timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self._rand = rand
+        self.state = ConnectionState.IDLE
+        self.attempt = 0
+        self.hello: Hello | None = None
+        self.last_close: tuple[int | None, str] | None = None
+        self.requests: dict[str, ChatStream] = {}
+        #: Called on every state change (from the connection's task; keep it quick).
+        self.on_state: list[Callable[[StateChange], None]] = []
+        #: Called with connection-level ``error`` frames (a client frame was refused).
+        self.on_error: list[Callable[[ErrorFrame], None]] = []
+        self._ws: ClientConnection | None = None
+        self._generation = 0
+        self._task: asyncio.Task[None] | None = None
+        self._opened = asyncio.Event()
+        self._closing = False
+        self._wake = asyncio.Event()
+        self._session_open = False
+        self._last_rx = 0.0
+
+    async def __aenter__(self) -> Connection:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def session(self) -> str | None:
+        return self.hello.session if self.hello else None
+
+    # --- public API ------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Start (idempotent) and wait until the gateway said ``hello``.
+
+        Raises :class:`ConnectionError` if the gateway refuses the connection for good.
+        """
+        self._closing = False
+        self._ensure_running()
+        opened = asyncio.ensure_future(self._opened.wait())
+        assert self._task is not None
+        done, _ = await asyncio.wait({opened, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        if opened not in done:
+            opened.cancel()
+            if not self._task.cancelled() and (exc := self._task.exception()) is not None:
+                raise exc
+            code, reason = self.last_close or (None, "")
+            raise ConnectionError(f"the gateway closed the connection ({code} {reason})".strip())
+
+    async def chat(
+        self,
+        query: str,
+        *,
+        conversation_id: str | None = None,
+        inputs: Mapping[str, Any] | None = None,
+        files: Sequence[Mapping[str, Any]] | None = None,
+        app: str | None = None,
+        id: str | None = None,
+    ) -> ChatStream:
+        """Ask a question; returns at once with the stream (sent when the socket is open)."""
+        if not query:
+            raise ValueError("query must not be empty")
+        stream = ChatStream(
+            connection=self,
+            id=id or str(uuid.uuid4()),
+            query=query,
+            conversation_id=conversation_id,
+            inputs=dict(inputs or {}),
+            files=[dict(f) for f in files or ()],
+            app=app,
+            _asked_in=conversation_id,
+        )
+        self.requests[stream.id] = stream
+        self._closing = False
+        self._ensure_running()
+        if self.state is ConnectionState.OPEN:
+            await self._send_request(stream)
+        return stream
+
+    async def stop(self, id: str) -> None:
+        """Stop a request (sent now, or right after the next reconnect)."""
+        stream = self.requests.get(id)
+        if stream is not None:
+            stream.stop_wanted = True
+        if self.state is ConnectionState.OPEN:
+            await self._send({"type": "stop", "id": id})
+
+    async def ping(self) -> None:
+        await self._send({"type": "ping"})
+
+    async def close(self) -> None:
+        """Close for good; unfinished requests fail with ``connection_closed``."""
+        self._closing = True
+        self._wake.set()
+        ws = self._ws
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                await ws.close()
+        if self._task is not None:
+            task, self._task = self._task, None
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._fail_all("the connection was closed")
+        self._set_state(ConnectionState.CLOSED)
+
+    def drop_for_testing(self) -> None:
+        """Cut the socket as a network failure would; the connection reconnects and resumes."""
+        ws = self._ws
+        if ws is not None:
+            ws.transport.abort()
+
+    # --- the connection's task ---------------------------------------------------------------
+
+    def _ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._opened.clear()
+            self.attempt = 0
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        auth_retried = False
+        while not self._closing:
+            first = self.hello is None and self.attempt == 0
+            self._set_state(
+                ConnectionState.CONNECTING if first else ConnectionState.RECONNECTING,
+                attempt=self.attempt,
+            )
+            opened, code, reason = await self._session()
+            self.last_close = (code, reason)
+            self._opened.clear()
+            if self._closing:
+                return
+            if opened:
+                auth_retried = False
+            if code is not None and 4000 <= code <= 4099:
+                if code == 4001 and self.token_provider is not None and not auth_retried:
+                    auth_retried = True  # the token may have expired: one fresh try
+                else:
+                    self._fail_all(f"the gateway closed the connection ({code} {reason})")
+                    self._set_state(ConnectionState.CLOSED, code=code, reason=reason)
+                    return
+            elif code == 1000 and not self.requests:
+                self._set_state(ConnectionState.IDLE, code=code, reason=reason)
+                return  # reconnect lazily, on the next chat()
+            delay = self.backoff.delay(self.attempt, self._rand)
+            self.attempt += 1
+            self._set_state(
+                ConnectionState.RECONNECTING,
+                attempt=self.attempt,
+                delay_s=delay,
+                code=code,
+                reason=reason,
+            )
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def _session(self) -> tuple[bool, int | None, str]:
+        """One socket, from connect to close: (whether it got ``hello``, close code, reason)."""
+        headers: dict[str, str] = {}
+        if self.token_provider is not None:
+            try:
+                token = self.token_provider()
+                if inspect.isawaitable(token):
+                    token = await token
+            except Exception as exc:  # the caller's code: any failure is "retry later"
+                return False, None, f"token provider failed: {exc!r}"
+            if token:
+                headers["Authorization"] = f"Bearer {token}"
+        url = self._socket_url()
+        try:
+            ws = await websockets.connect(
+                url,
+                subprotocols=[Subprotocol(PROTOCOL)],
+                additional_headers=headers,
+                open_timeout=self.connect_timeout_s,
+                max_size=None,
+                proxy=None if _is_loopback(url) else True,
+            )
+        except (OSError, TimeoutError, InvalidHandshake) as exc:
+            return False, None, f"connect failed: {exc}"
+        self._ws = ws
+        self._generation += 1
+        self._session_open = False
+        heartbeat: asyncio.Task[None] | None = None
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                while not self._session_open:
+                    self._handle(await ws.recv())
+            await self._resend()
+            heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(ws))
+            async for message in ws:
+                self._handle(message)
+        except (ConnectionClosed, TimeoutError, OSError):
+            pass
+        finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
+            self._ws = None
+            if ws.close_code is None:
+                ws.transport.abort()
+        return self._session_open, ws.close_code, ws.close_reason or ""
+
+    def _socket_url(self) -> str:
+        if not self.user:
+            return self.url
+        sep = "&" if "?" in self.url else "?"
+        return f"{self.url}{sep}user={quote(self.user, safe='')}"
+
+    async def _heartbeat(self, ws: ClientConnection) -> None:
+        if self.ping_interval_s <= 0:
+            return
+        while True:
+            await asyncio.sleep(self.ping_interval_s)
+            sent_at = time.monotonic()
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send('{"type":"ping"}')
+            await asyncio.sleep(self.pong_timeout_s)
+            if self._last_rx < sent_at:
+                ws.transport.abort()  # silent for too long: replace the socket
+                return
+
+    def _handle(self, message: str | bytes) -> None:
+        self._last_rx = time.monotonic()
+        try:
+            frame = decode_server_frame(message)
+        except Exception:
+            return  # a frame type from a newer gateway, or not JSON: ignore
+        if isinstance(frame, Hello):
+            self._on_hello(frame)
+        elif isinstance(frame, Pong):
+            return
+        elif frame.id is not None and frame.seq is not None:
+            stream = self.requests.get(frame.id)
+            if stream is not None and stream._apply(frame) and stream.finished:
+                del self.requests[stream.id]
+        elif isinstance(frame, ErrorFrame):
+            for callback in list(self.on_error):
+                callback(frame)
+
+    def _on_hello(self, frame: Hello) -> None:
+        self.hello = frame
+        self.attempt = 0
+        self._session_open = True
+        self._set_state(ConnectionState.OPEN)
+        self._opened.set()
+
+    async def _resend(self) -> None:
+        """After ``hello``: every request not yet sent on this socket, as chat or resume."""
+        generation = self._generation
+        for stream in list(self.requests.values()):
+            if stream._sent_on != generation:
+                await self._send_request(stream)
+
+    async def _send_request(self, stream: ChatStream) -> None:
+        if stream.finished:
+            return
+        stream._sent_on = self._generation
+        if stream.last_seq == 0:
+            # Never acknowledged: the same chat again. The gateway knows the id, so a chat that
+            # did arrive before the drop is replayed, not asked twice.
+            await self._send(stream._chat_frame())
+        else:
+            await self._send({"type": "resume", "id": stream.id, "after": stream.last_seq})
+        if stream.stop_wanted:
+            await self._send({"type": "stop", "id": stream.id})
+
+    async def _send(self, frame: dict[str, Any]) -> bool:
+        ws = self._ws
+        if ws is None or self.state is not ConnectionState.OPEN:
+            return False
+        try:
+            await ws.send(orjson.dumps(frame).decode())
+        except ConnectionClosed:
+            return False  # the task reconnects and sends it again
+        return True
+
+    def _fail_all(self, message: str) -> None:
+        for stream in list(self.requests.values()):
+            stream._fail(CONNECTION_CLOSED, message)
+        self.requests.clear()
+
+    def _set_state(
+        self,
+        state: ConnectionState,
+        *,
+        attempt: int = 0,
+        delay_s: float = 0.0,
+        code: int | None = None,
+        reason: str = "",
+    ) -> None:
+        self.state = state
+        change = StateChange(state, attempt, delay_s, code, reason)
+        for callback in list(self.on_state):
+            callback(change)
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")

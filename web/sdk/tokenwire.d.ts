@@ -1,0 +1,317 @@
+// Types of the tokenwire browser SDK (tokenwire.js). Protocol v1: see the project's docs.
+
+export const PROTOCOL: 'tokenwire.v1';
+export const VERSION: string;
+
+// --- frames the gateway sends -----------------------------------------------------------
+
+export interface HelloFrame {
+  type: 'hello';
+  session: string;
+  user: string;
+  protocol: number;
+  server: string;
+}
+
+interface RequestFrameBase {
+  /** The request's id (the one `chat` was sent with). */
+  id: string;
+  /** 1, 2, 3 … per request, without gaps. */
+  seq: number;
+}
+
+export interface AcceptedFrame extends RequestFrameBase {
+  type: 'accepted';
+}
+
+export interface QueuedFrame extends RequestFrameBase {
+  type: 'queued';
+  reason: string;
+  attempt: number;
+  retry_in_ms: number;
+  position?: number | null;
+}
+
+export interface StartFrame extends RequestFrameBase {
+  type: 'start';
+  conversation_id: string | null;
+  message_id: string | null;
+  task_id: string | null;
+}
+
+export interface DeltaFrame extends RequestFrameBase {
+  type: 'delta';
+  text: string;
+}
+
+export interface ReplaceFrame extends RequestFrameBase {
+  type: 'replace';
+  text: string;
+}
+
+export interface EventFrame extends RequestFrameBase {
+  type: 'event';
+  /** Dify's event name: agent_thought, workflow_started, node_finished, message_file, … */
+  event: string;
+  data: Record<string, unknown>;
+}
+
+export interface ResetFrame extends RequestFrameBase {
+  type: 'reset';
+  reason: string;
+}
+
+export interface EndFrame extends RequestFrameBase {
+  type: 'end';
+  conversation_id: string | null;
+  message_id: string | null;
+  usage: Record<string, unknown> | null;
+  retriever_resources: unknown[];
+  stopped: boolean;
+}
+
+/** With `id` and `seq` it closes that request; without, a client frame was refused. */
+export interface ErrorFrame {
+  type: 'error';
+  code: string;
+  message: string;
+  retryable: boolean;
+  id?: string;
+  seq?: number;
+}
+
+export interface PongFrame {
+  type: 'pong';
+}
+
+export type RequestFrame =
+  | AcceptedFrame
+  | QueuedFrame
+  | StartFrame
+  | DeltaFrame
+  | ReplaceFrame
+  | EventFrame
+  | ResetFrame
+  | EndFrame
+  | (ErrorFrame & RequestFrameBase);
+
+export type ServerFrame = HelloFrame | RequestFrame | ErrorFrame | PongFrame;
+
+// --- client side ------------------------------------------------------------------------
+
+/** A file for Dify, as Dify's `files` items. */
+export interface FileRef {
+  type: 'image' | 'document' | 'audio' | 'video' | 'custom';
+  transfer_method: 'remote_url' | 'local_file';
+  url?: string;
+  upload_file_id?: string;
+}
+
+export interface ChatOptions {
+  /** Client-chosen request id, unique per user (default: a random UUID). */
+  id?: string;
+  /** Continue this Dify conversation. */
+  conversationId?: string | null;
+  inputs?: Record<string, unknown>;
+  files?: FileRef[];
+  /** Which configured Dify app to ask (gateway default when absent). */
+  app?: string | null;
+}
+
+export interface BackoffOptions {
+  /** First delay (default 500 ms). */
+  initialMs?: number;
+  /** Upper bound (default 15 000 ms). */
+  maxMs?: number;
+  /** Growth per attempt (default 2). */
+  factor?: number;
+  /** 0..1: a delay is uniform in [base·(1−jitter), base] (default 0.5). */
+  jitter?: number;
+}
+
+/** Returns the bearer token for the next (re)connect; sent as a `bearer.<token>` subprotocol. */
+export type TokenProvider = () => string | null | undefined | Promise<string | null | undefined>;
+
+/** Just enough of the Web Storage API (sessionStorage) for resume across page reloads. */
+export interface StorageLike {
+  getItem(key: string): string | null;
+  setItem(key: string, value: string): void;
+  removeItem(key: string): void;
+}
+
+/** What the SDK needs of a WebSocket (the browser's, or any compatible one). */
+export interface WebSocketLike {
+  readonly protocol?: string;
+  send(data: string): void;
+  close(code?: number, reason?: string): void;
+  onmessage: ((event: { data: unknown }) => void) | null;
+  onclose: ((event: { code: number; reason: string }) => void) | null;
+  onerror: ((event: unknown) => void) | null;
+}
+
+export type WebSocketConstructor = new (url: string, protocols?: string | string[]) => WebSocketLike;
+
+export interface ConnectionOptions {
+  /** `ws(s)://host/v1/ws` (default: the page's own host). */
+  url?: string;
+  /** With TOKENWIRE_AUTH=none: the `user` query parameter. */
+  user?: string | null;
+  /** With TOKENWIRE_AUTH=jwt: a token, or a function called before every (re)connect. */
+  token?: string | TokenProvider | null;
+  /** Default: `globalThis.WebSocket`. */
+  WebSocket?: WebSocketConstructor;
+  /** Where unfinished requests are kept for resume after a reload (default: sessionStorage; null: nowhere). */
+  storage?: StorageLike | null;
+  storageKey?: string;
+  backoff?: BackoffOptions;
+  /** Heartbeat `ping` period (default 20 000 ms; 0 disables). */
+  pingIntervalMs?: number;
+  /** A socket that receives nothing this long after a ping is replaced (default 10 000 ms). */
+  pongTimeoutMs?: number;
+  /** A socket without `hello` this long is replaced (default 10 000 ms). */
+  connectTimeoutMs?: number;
+  /** Connect at once when stored requests were found (default true). */
+  autoConnect?: boolean;
+  /** Random source for jitter, in [0, 1) (tests pass a fixed one). */
+  random?: () => number;
+}
+
+export type ConnectionState = 'idle' | 'connecting' | 'open' | 'reconnecting' | 'closed';
+
+export interface StateChange {
+  state: ConnectionState;
+  /** Reconnect attempt number (1 for the first retry). */
+  attempt?: number;
+  /** Wait before this attempt. */
+  delayMs?: number;
+  /** Close code that caused the change, when one did. */
+  code?: number | null;
+  reason?: string | null;
+}
+
+export type RequestStatus =
+  | 'sending'
+  | 'accepted'
+  | 'queued'
+  | 'answering'
+  | 'done'
+  | 'stopped'
+  | 'error';
+
+export interface QueuedInfo {
+  reason: string;
+  attempt: number;
+  retryInMs: number;
+  position: number | null;
+}
+
+export interface StartInfo {
+  conversationId: string | null;
+  messageId: string | null;
+  taskId: string | null;
+}
+
+/** One `event` frame of a request (agent thoughts, workflow and node events, files, …). */
+export interface RequestEvent {
+  event: string;
+  data: Record<string, unknown>;
+  seq: number;
+}
+
+export class TokenwireError extends Error {
+  constructor(code: string, message: string, retryable?: boolean, frame?: ErrorFrame | null);
+  readonly code: string;
+  readonly retryable: boolean;
+  readonly frame: ErrorFrame | null;
+}
+
+type Unsubscribe = () => void;
+
+interface RequestEvents {
+  /** Every frame applied, once each, in seq order. */
+  frame: RequestFrame;
+  /** The running answer text, after each change. */
+  text: string;
+  status: RequestStatus;
+  end: ChatRequest;
+  error: ChatRequest;
+}
+
+export class ChatRequest implements AsyncIterable<RequestFrame> {
+  readonly id: string;
+  readonly query: string;
+  /** The conversation: the one asked in, then the one Dify reported. */
+  readonly conversationId: string | null;
+  readonly inputs: Record<string, unknown>;
+  readonly files: FileRef[];
+  readonly app: string | null;
+  /** The answer so far, with `replace` and `reset` applied. */
+  readonly text: string;
+  /** The last seq applied (what a resume sends as `after`). */
+  readonly lastSeq: number;
+  readonly status: RequestStatus;
+  readonly queued: QueuedInfo | null;
+  readonly start: StartInfo | null;
+  readonly events: RequestEvent[];
+  readonly end: EndFrame | null;
+  readonly error: TokenwireError | null;
+  /** True for a request picked up from sessionStorage after a page reload. */
+  readonly restored: boolean;
+  readonly createdAt: number;
+  readonly frames: RequestFrame[];
+  /** Resolves (never rejects) with this request once it has ended or failed. */
+  readonly done: Promise<ChatRequest>;
+  readonly finished: boolean;
+  stop(): void;
+  on<K extends keyof RequestEvents>(type: K, handler: (value: RequestEvents[K]) => void): Unsubscribe;
+  off<K extends keyof RequestEvents>(type: K, handler: (value: RequestEvents[K]) => void): void;
+  [Symbol.asyncIterator](): AsyncIterator<RequestFrame>;
+}
+
+interface ConnectionEvents {
+  state: StateChange;
+  hello: HelloFrame;
+  /** A connection-level `error` frame, or a local failure (token, socket, auth close). */
+  error: TokenwireError;
+  frame: ServerFrame;
+  pong: PongFrame;
+}
+
+export class Connection {
+  constructor(options?: ConnectionOptions);
+  readonly url: string;
+  readonly user: string | null;
+  readonly state: ConnectionState;
+  /** Reconnect attempts since the last `hello`. */
+  readonly attempt: number;
+  readonly session: string | null;
+  readonly hello: HelloFrame | null;
+  readonly lastClose: { code: number; reason: string } | null;
+  readonly backoff: Required<BackoffOptions>;
+  /** Unfinished requests by id. */
+  readonly requests: ReadonlyMap<string, ChatRequest>;
+  /** Requests found in sessionStorage at construction; they resume once connected. */
+  readonly restored: ChatRequest[];
+  /** Open (idempotent); resolves on `hello`, rejects on close() or an auth refusal. */
+  connect(): Promise<void>;
+  chat(query: string, options?: ChatOptions): ChatRequest;
+  stop(id: string): void;
+  ping(): void;
+  close(code?: number, reason?: string): void;
+  /** Drop the socket as a network failure would (it reconnects and resumes). */
+  dropForTesting(): void;
+  clearStorage(): void;
+  on<K extends keyof ConnectionEvents>(type: K, handler: (value: ConnectionEvents[K]) => void): Unsubscribe;
+  off<K extends keyof ConnectionEvents>(type: K, handler: (value: ConnectionEvents[K]) => void): void;
+}
+
+export const DEFAULT_BACKOFF: Readonly<Required<BackoffOptions>>;
+
+/** Delay before reconnect attempt `attempt` (0-based). */
+export function backoffDelay(attempt: number, options?: BackoffOptions, random?: () => number): number;
+
+/** `ws(s)://<host>/v1/ws` of the page. */
+export function defaultUrl(location?: { protocol: string; host: string }): string;
+
+/** `new Connection(options)`, connecting at once. */
+export function connect(options?: ConnectionOptions): Connection;

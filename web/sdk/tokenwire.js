@@ -1,0 +1,731 @@
+// tokenwire browser SDK: the WebSocket protocol v1 with reconnect and resume built in.
+//
+// How this works
+// --------------
+// A `Connection` owns at most one WebSocket at a time. Every `chat()` becomes a `ChatRequest`
+// that holds the request's state: the last `seq` it has applied, the running answer `text`
+// (with `replace` and `reset` applied), its status and its agent/workflow `events`.
+//
+// Frames of a request carry `seq` 1, 2, 3 ...; a request applies a frame only when its seq
+// is above the last one it holds, so frames replayed by the gateway after a `resume` are
+// never applied twice. When the socket drops (any close except 1000 with nothing in flight,
+// 4000-4099 "do not reconnect", or `close()`), the connection waits an exponential backoff
+// with jitter and reconnects; on the new `hello` it re-sends every unfinished request: a
+// `resume {id, after: lastSeq}` when the gateway has acknowledged it, else the same `chat`
+// again (same id: the gateway recognises it and never asks Dify twice).
+//
+// Unfinished requests are also written to sessionStorage after every frame, so a page reload
+// picks them up (`connection.restored`) and resumes them from where the page left off.
+//
+// A `ping` frame goes out every `pingIntervalMs`; if nothing at all arrives within
+// `pongTimeoutMs` after it, the socket is treated as dead and replaced.
+//
+// Zero dependencies; runs in browsers and in Node (pass `WebSocket` and `storage`).
+
+export const PROTOCOL = 'tokenwire.v1';
+export const VERSION = '0.1.0';
+
+const STORAGE_PREFIX = 'tokenwire:v1:';
+const MAX_STORED_EVENTS = 200;
+const TERMINAL_STATUSES = new Set(['done', 'stopped', 'error']);
+
+/** @type {Required<import('./tokenwire.js').BackoffOptions>} */
+export const DEFAULT_BACKOFF = Object.freeze({ initialMs: 500, maxMs: 15000, factor: 2, jitter: 0.5 });
+
+/**
+ * Delay before reconnect attempt `attempt` (0-based): exponential, capped, with jitter.
+ * With jitter j the delay is uniform in [base * (1 - j), base].
+ */
+export function backoffDelay(attempt, options = {}, random = Math.random) {
+  const o = { ...DEFAULT_BACKOFF, ...options };
+  const base = Math.min(o.maxMs, o.initialMs * Math.pow(o.factor, Math.max(0, attempt)));
+  const jitter = Math.min(1, Math.max(0, o.jitter));
+  return Math.max(0, Math.round(base * (1 - jitter * random())));
+}
+
+/** `ws(s)://<host>/v1/ws` of the page that loaded the SDK. */
+export function defaultUrl(loc = globalThis.location) {
+  if (!loc) throw new TypeError('no location: pass options.url');
+  const scheme = loc.protocol === 'https:' ? 'wss:' : 'ws:';
+  return `${scheme}//${loc.host}/v1/ws`;
+}
+
+/** An `error` frame (or a local failure) as an Error: `code`, `retryable`, `frame`. */
+export class TokenwireError extends Error {
+  constructor(code, message, retryable = false, frame = null) {
+    super(`${code}: ${message}`);
+    this.name = 'TokenwireError';
+    this.code = code;
+    this.retryable = retryable;
+    this.frame = frame;
+  }
+}
+
+/** A tiny typed event emitter (EventTarget's CustomEvent is missing in older runtimes). */
+class Emitter {
+  constructor() {
+    /** @type {Map<string, Set<Function>>} */
+    this._handlers = new Map();
+  }
+
+  /** Subscribe; returns a function that unsubscribes. */
+  on(type, handler) {
+    let set = this._handlers.get(type);
+    if (!set) this._handlers.set(type, (set = new Set()));
+    set.add(handler);
+    return () => this.off(type, handler);
+  }
+
+  off(type, handler) {
+    this._handlers.get(type)?.delete(handler);
+  }
+
+  _emit(type, payload) {
+    const set = this._handlers.get(type);
+    if (!set) return;
+    for (const handler of [...set]) {
+      try {
+        handler(payload);
+      } catch (err) {
+        // A handler's bug must not break the protocol pump.
+        queueMicrotask(() => {
+          throw err;
+        });
+      }
+    }
+  }
+}
+
+let idCounter = 0;
+function newRequestId() {
+  const c = globalThis.crypto;
+  if (c && typeof c.randomUUID === 'function') return c.randomUUID();
+  idCounter += 1;
+  return `r-${Date.now().toString(36)}-${idCounter}-${Math.random().toString(36).slice(2, 10)}`;
+}
+
+/**
+ * One chat request: its frames, its running answer text and its outcome.
+ *
+ * `for await (const frame of request)` yields every frame from the first one this object saw,
+ * in seq order, each exactly once, and ends after `end` or `error`.
+ */
+export class ChatRequest extends Emitter {
+  constructor(connection, init) {
+    super();
+    this._connection = connection;
+    this.id = init.id;
+    this.query = init.query;
+    this.conversationId = init.conversationId ?? null;
+    /** The conversation this request was asked in (what a re-sent chat must name). */
+    this._askedIn = init.askedIn !== undefined ? init.askedIn : this.conversationId;
+    this.inputs = init.inputs ?? {};
+    this.files = init.files ?? [];
+    this.app = init.app ?? null;
+    this.text = init.text ?? '';
+    this.lastSeq = init.lastSeq ?? 0;
+    this.status = init.status ?? 'sending';
+    this.queued = init.queued ?? null;
+    this.start = init.start ?? null;
+    this.events = init.events ?? [];
+    this.end = null;
+    this.error = null;
+    this.restored = Boolean(init.restored);
+    this.createdAt = init.createdAt ?? Date.now();
+    /** Frames applied, in order (what async iterators replay). */
+    this.frames = [];
+    this._stopWanted = Boolean(init.stopWanted);
+    this._sentOn = -1;
+    this._waiters = new Set();
+    this.done = new Promise((resolve) => {
+      this._resolveDone = resolve;
+    });
+  }
+
+  /** True once `end` or `error` arrived. */
+  get finished() {
+    return TERMINAL_STATUSES.has(this.status);
+  }
+
+  /** Ask the gateway to stop this answer (also at Dify); `end` with `stopped: true` follows. */
+  stop() {
+    this._connection.stop(this.id);
+  }
+
+  /**
+   * Apply one frame of this request. Returns false (and changes nothing) for a frame already
+   * applied, which is what a replay after `resume` delivers first.
+   */
+  _apply(frame) {
+    if (this.finished || typeof frame.seq !== 'number' || frame.seq <= this.lastSeq) return false;
+    this.lastSeq = frame.seq;
+    const before = this.text;
+    const statusBefore = this.status;
+    switch (frame.type) {
+      case 'accepted':
+        if (this.status === 'sending') this.status = 'accepted';
+        break;
+      case 'queued':
+        this.status = 'queued';
+        this.queued = {
+          reason: frame.reason,
+          attempt: frame.attempt,
+          retryInMs: frame.retry_in_ms,
+          position: frame.position ?? null,
+        };
+        break;
+      case 'start':
+        this.status = 'answering';
+        this.queued = null;
+        this.start = {
+          conversationId: frame.conversation_id ?? null,
+          messageId: frame.message_id ?? null,
+          taskId: frame.task_id ?? null,
+        };
+        if (frame.conversation_id) this.conversationId = frame.conversation_id;
+        break;
+      case 'delta':
+        this.status = 'answering';
+        this.text += frame.text;
+        break;
+      case 'replace':
+        this.text = frame.text;
+        break;
+      case 'reset':
+        this.text = '';
+        this.events = [];
+        this.status = 'accepted';
+        break;
+      case 'event':
+        this.events.push({ event: frame.event, data: frame.data ?? {}, seq: frame.seq });
+        break;
+      case 'end':
+        this.end = frame;
+        this.status = frame.stopped ? 'stopped' : 'done';
+        if (frame.conversation_id) this.conversationId = frame.conversation_id;
+        break;
+      case 'error':
+        this.error = new TokenwireError(frame.code, frame.message, Boolean(frame.retryable), frame);
+        this.status = 'error';
+        break;
+      default:
+        break; // a frame type from a newer gateway: counted, otherwise ignored
+    }
+    this.frames.push(frame);
+    this._emit('frame', frame);
+    if (this.text !== before) this._emit('text', this.text);
+    if (this.status !== statusBefore || frame.type === 'queued') this._emit('status', this.status);
+    for (const wake of this._waiters) wake();
+    if (this.finished) {
+      this._emit(this.status === 'error' ? 'error' : 'end', this);
+      this._resolveDone(this);
+    }
+    return true;
+  }
+
+  /** Finish locally (no frame from the gateway), e.g. when the connection gives up for good. */
+  _fail(error) {
+    if (this.finished) return;
+    this.error = error;
+    this.status = 'error';
+    this._emit('status', this.status);
+    for (const wake of this._waiters) wake();
+    this._emit('error', this);
+    this._resolveDone(this);
+  }
+
+  _snapshot() {
+    return {
+      id: this.id,
+      query: this.query,
+      conversationId: this.conversationId,
+      askedIn: this._askedIn,
+      inputs: this.inputs,
+      files: this.files,
+      app: this.app,
+      text: this.text,
+      lastSeq: this.lastSeq,
+      status: this.status,
+      queued: this.queued,
+      start: this.start,
+      events: this.events.slice(-MAX_STORED_EVENTS),
+      stopWanted: this._stopWanted,
+      createdAt: this.createdAt,
+    };
+  }
+
+  _chatFrame() {
+    const frame = { type: 'chat', id: this.id, query: this.query };
+    if (this._askedIn) frame.conversation_id = this._askedIn;
+    if (this.inputs && Object.keys(this.inputs).length) frame.inputs = this.inputs;
+    if (this.files && this.files.length) frame.files = this.files;
+    if (this.app) frame.app = this.app;
+    return frame;
+  }
+
+  [Symbol.asyncIterator]() {
+    let index = 0;
+    const self = this;
+    return {
+      next() {
+        return new Promise((resolve) => {
+          const attempt = () => {
+            if (index < self.frames.length) {
+              self._waiters.delete(attempt);
+              resolve({ value: self.frames[index++], done: false });
+            } else if (self.finished) {
+              self._waiters.delete(attempt);
+              resolve({ value: undefined, done: true });
+            } else {
+              self._waiters.add(attempt);
+            }
+          };
+          attempt();
+        });
+      },
+      return() {
+        index = Number.POSITIVE_INFINITY;
+        return Promise.resolve({ value: undefined, done: true });
+      },
+      [Symbol.asyncIterator]() {
+        return this;
+      },
+    };
+  }
+}
+
+/**
+ * One logical connection to a tokenwire gateway, surviving socket drops.
+ *
+ * Events (`connection.on(type, fn)`): `state` ({state, attempt, delayMs, code, reason}),
+ * `hello` (the hello frame), `error` (a connection-level `error` frame, or a local failure),
+ * `frame` (every frame received), `pong`.
+ */
+export class Connection extends Emitter {
+  constructor(options = {}) {
+    super();
+    this.url = options.url ?? defaultUrl();
+    this.user = options.user ?? null;
+    this._token = options.token ?? null;
+    this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
+    if (typeof this._WebSocket !== 'function') {
+      throw new TypeError('no WebSocket implementation: pass options.WebSocket');
+    }
+    this.backoff = { ...DEFAULT_BACKOFF, ...(options.backoff ?? {}) };
+    this.pingIntervalMs = options.pingIntervalMs ?? 20000;
+    this.pongTimeoutMs = options.pongTimeoutMs ?? 10000;
+    this.connectTimeoutMs = options.connectTimeoutMs ?? 10000;
+    this._random = options.random ?? Math.random;
+    this._storage = options.storage === undefined ? defaultStorage() : options.storage;
+    this._storageKey = options.storageKey ?? STORAGE_PREFIX + this._socketUrl();
+    this.state = 'idle';
+    this.attempt = 0;
+    this.session = null;
+    this.hello = null;
+    this.lastClose = null;
+    /** @type {Map<string, ChatRequest>} unfinished requests, by id */
+    this.requests = new Map();
+    this._ws = null;
+    this._generation = 0;
+    this._closedByUser = false;
+    this._authRetried = false;
+    this._reconnectTimer = null;
+    this._pingTimer = null;
+    this._deadTimer = null;
+    this._connectTimer = null;
+    this._openWaiters = [];
+    /** Requests found in sessionStorage: they resume once the connection is open. */
+    this.restored = this._restore();
+    if (options.autoConnect !== false && this.restored.length) this.connect();
+    this._onOnline = () => {
+      if (this.state === 'reconnecting') this._reconnectNow();
+    };
+    globalThis.addEventListener?.('online', this._onOnline);
+  }
+
+  /** Open the connection (idempotent); resolves once the gateway said `hello`. */
+  connect() {
+    this._closedByUser = false;
+    if (this.state === 'open') return Promise.resolve();
+    const waiter = new Promise((resolve, reject) => this._openWaiters.push({ resolve, reject }));
+    if (this.state === 'idle' || this.state === 'closed') {
+      this.attempt = 0;
+      this._open();
+    } else if (this.state === 'reconnecting') {
+      this._reconnectNow();
+    }
+    return waiter;
+  }
+
+  /**
+   * Ask a question. Returns at once; the request is sent as soon as the connection is open
+   * (connecting if needed) and survives reconnects.
+   */
+  chat(query, options = {}) {
+    if (typeof query !== 'string' || query.length === 0) {
+      throw new TypeError('query must be a non-empty string');
+    }
+    const request = new ChatRequest(this, {
+      id: options.id ?? newRequestId(),
+      query,
+      conversationId: options.conversationId ?? null,
+      inputs: options.inputs,
+      files: options.files,
+      app: options.app,
+    });
+    this._track(request);
+    if (this.state === 'open') this._sendRequest(request);
+    else if (this.state === 'idle' || this.state === 'closed') this.connect().catch(() => {});
+    return request;
+  }
+
+  /** Stop a request by id (sent now, or right after the next reconnect). */
+  stop(id) {
+    const request = this.requests.get(id);
+    if (request) {
+      if (request.finished) return;
+      request._stopWanted = true;
+      this._persist();
+    }
+    if (this.state === 'open') this._send({ type: 'stop', id });
+  }
+
+  /** Send a `ping` now (the heartbeat does this on its own). */
+  ping() {
+    this._send({ type: 'ping' });
+  }
+
+  /** Close for good: no reconnect. Unfinished requests stay stored and resume on `connect()`. */
+  close(code = 1000, reason = 'client closed') {
+    this._closedByUser = true;
+    this._clearTimers();
+    const ws = this._ws;
+    this._ws = null;
+    if (ws) {
+      this._detach(ws);
+      try {
+        ws.close(code, reason);
+      } catch {
+        // already closing
+      }
+    }
+    this._setState('closed', { code, reason });
+    this._rejectOpenWaiters(new TokenwireError('closed', 'the connection was closed'));
+  }
+
+  /** Drop the socket as a network failure would; the connection reconnects and resumes. */
+  dropForTesting() {
+    const ws = this._ws;
+    if (!ws) return;
+    this._handleClose(ws, 4199, 'dropped for testing');
+    try {
+      ws.close();
+    } catch {
+      // ignore
+    }
+  }
+
+  /** Forget every stored request (e.g. on log-out). */
+  clearStorage() {
+    try {
+      this._storage?.removeItem(this._storageKey);
+    } catch {
+      // storage may be unavailable
+    }
+  }
+
+  // --- socket lifecycle --------------------------------------------------------------------
+
+  _socketUrl() {
+    if (!this.user) return this.url;
+    const sep = this.url.includes('?') ? '&' : '?';
+    return `${this.url}${sep}user=${encodeURIComponent(this.user)}`;
+  }
+
+  async _open() {
+    this._clearTimers();
+    this._setState(this.attempt === 0 && !this.hello ? 'connecting' : 'reconnecting', {
+      attempt: this.attempt,
+      delayMs: 0,
+    });
+    const generation = ++this._generation;
+    const protocols = [PROTOCOL];
+    if (this._token) {
+      let token;
+      try {
+        token = typeof this._token === 'function' ? await this._token() : this._token;
+      } catch (err) {
+        if (generation !== this._generation || this._closedByUser) return;
+        this._emit('error', new TokenwireError('token_unavailable', String(err?.message ?? err), true));
+        this._scheduleReconnect(null, 'token provider failed');
+        return;
+      }
+      if (generation !== this._generation || this._closedByUser) return;
+      if (token) protocols.push(`bearer.${token}`);
+    }
+    let ws;
+    try {
+      ws = new this._WebSocket(this._socketUrl(), protocols);
+    } catch (err) {
+      this._emit('error', new TokenwireError('connect_failed', String(err?.message ?? err), true));
+      this._scheduleReconnect(null, 'connect failed');
+      return;
+    }
+    this._ws = ws;
+    ws.onmessage = (event) => this._onMessage(ws, event.data);
+    ws.onclose = (event) => this._handleClose(ws, event.code, event.reason);
+    ws.onerror = () => {}; // a close event always follows
+    this._connectTimer = setTimeout(() => {
+      if (this._ws === ws && this.state !== 'open') this._drop(ws, 'connect timeout');
+    }, this.connectTimeoutMs);
+  }
+
+  _onMessage(ws, data) {
+    if (ws !== this._ws) return;
+    this._armDeadTimer(false);
+    let frame;
+    try {
+      frame = JSON.parse(typeof data === 'string' ? data : new TextDecoder().decode(data));
+    } catch {
+      return; // the gateway only sends JSON; ignore anything else
+    }
+    if (!frame || typeof frame !== 'object' || typeof frame.type !== 'string') return;
+    this._receive(frame);
+  }
+
+  /** Handle one decoded server frame (exposed to tests as `_receive`). */
+  _receive(frame) {
+    this._emit('frame', frame);
+    if (frame.type === 'hello') {
+      this._onHello(frame);
+      return;
+    }
+    if (frame.type === 'pong') {
+      this._emit('pong', frame);
+      return;
+    }
+    if (typeof frame.id === 'string' && typeof frame.seq === 'number') {
+      const request = this.requests.get(frame.id);
+      if (request && request._apply(frame)) {
+        if (request.finished) this.requests.delete(request.id);
+        this._persist();
+      }
+      return;
+    }
+    if (frame.type === 'error') {
+      this._emit(
+        'error',
+        new TokenwireError(frame.code, frame.message, Boolean(frame.retryable), frame),
+      );
+    }
+  }
+
+  _onHello(frame) {
+    clearTimeout(this._connectTimer);
+    this._connectTimer = null;
+    this.hello = frame;
+    this.session = frame.session ?? null;
+    this.attempt = 0;
+    this._authRetried = false;
+    const generation = this._generation;
+    this._setState('open', {});
+    this._emit('hello', frame);
+    for (const request of [...this.requests.values()]) {
+      if (request._sentOn !== generation) this._sendRequest(request);
+    }
+    this._startHeartbeat();
+    const waiters = this._openWaiters;
+    this._openWaiters = [];
+    for (const w of waiters) w.resolve();
+  }
+
+  _sendRequest(request) {
+    if (request.finished) return;
+    request._sentOn = this._generation;
+    if (request.lastSeq === 0) {
+      // Never acknowledged: send the chat again. The same id is one request at the gateway,
+      // so a chat that did arrive before the drop is replayed, not asked twice.
+      this._send(request._chatFrame());
+    } else {
+      this._send({ type: 'resume', id: request.id, after: request.lastSeq });
+    }
+    if (request._stopWanted) this._send({ type: 'stop', id: request.id });
+  }
+
+  _handleClose(ws, code, reason) {
+    if (ws !== this._ws) return;
+    this._detach(ws);
+    this._ws = null;
+    this._clearTimers();
+    this.lastClose = { code, reason: reason ?? '' };
+    if (this._closedByUser) {
+      this._setState('closed', { code, reason });
+      return;
+    }
+    if (code >= 4000 && code <= 4099) {
+      if (code === 4001 && typeof this._token === 'function' && !this._authRetried) {
+        // The token may have expired: ask the provider for a fresh one, once.
+        this._authRetried = true;
+        this._scheduleReconnect(code, reason);
+        return;
+      }
+      this._setState('closed', { code, reason });
+      const message = `the gateway closed the connection (${code} ${reason ?? ''})`.trim();
+      const error = new TokenwireError(code === 4001 ? 'unauthorized' : 'closed', message, false);
+      this._emit('error', error);
+      this._rejectOpenWaiters(error);
+      // Nothing will answer them on this connection: end them instead of leaving them waiting.
+      for (const request of this.requests.values()) {
+        request._fail(new TokenwireError('connection_closed', message, true));
+      }
+      this.requests.clear();
+      this._persist();
+      return;
+    }
+    if (code === 1000 && this.requests.size === 0) {
+      // A normal close with nothing in flight: reconnect lazily, on the next chat().
+      this._setState('idle', { code, reason });
+      return;
+    }
+    this._scheduleReconnect(code, reason);
+  }
+
+  _scheduleReconnect(code, reason) {
+    this._clearTimers();
+    const delayMs = backoffDelay(this.attempt, this.backoff, this._random);
+    this.attempt += 1;
+    this._setState('reconnecting', { attempt: this.attempt, delayMs, code, reason });
+    this._reconnectTimer = setTimeout(() => {
+      this._reconnectTimer = null;
+      this._open();
+    }, delayMs);
+  }
+
+  _reconnectNow() {
+    if (this._reconnectTimer === null) return;
+    clearTimeout(this._reconnectTimer);
+    this._reconnectTimer = null;
+    this._open();
+  }
+
+  _drop(ws, reason) {
+    this._handleClose(ws, 4199, reason);
+    try {
+      ws.close();
+    } catch {
+      // ignore
+    }
+  }
+
+  _detach(ws) {
+    ws.onmessage = null;
+    ws.onclose = null;
+    ws.onerror = null;
+  }
+
+  _send(frame) {
+    const ws = this._ws;
+    if (!ws || this.state !== 'open') return false;
+    try {
+      ws.send(JSON.stringify(frame));
+      return true;
+    } catch {
+      this._drop(ws, 'send failed');
+      return false;
+    }
+  }
+
+  // --- heartbeat ------------------------------------------------------------------------
+
+  _startHeartbeat() {
+    clearInterval(this._pingTimer);
+    if (!(this.pingIntervalMs > 0)) return;
+    this._pingTimer = setInterval(() => {
+      // An unanswered earlier ping keeps its deadline: pings must not postpone it.
+      if (this._send({ type: 'ping' }) && this._deadTimer === null) this._armDeadTimer(true);
+    }, this.pingIntervalMs);
+  }
+
+  /** After a ping: expect any frame within pongTimeoutMs. Any frame disarms it. */
+  _armDeadTimer(arm) {
+    clearTimeout(this._deadTimer);
+    this._deadTimer = null;
+    if (!arm) return;
+    const ws = this._ws;
+    this._deadTimer = setTimeout(() => {
+      if (ws && ws === this._ws) this._drop(ws, 'no pong');
+    }, this.pongTimeoutMs);
+  }
+
+  _clearTimers() {
+    clearTimeout(this._reconnectTimer);
+    clearInterval(this._pingTimer);
+    clearTimeout(this._deadTimer);
+    clearTimeout(this._connectTimer);
+    this._reconnectTimer = this._pingTimer = this._deadTimer = this._connectTimer = null;
+  }
+
+  _setState(state, detail) {
+    this.state = state;
+    this._emit('state', { state, ...detail });
+  }
+
+  _rejectOpenWaiters(error) {
+    const waiters = this._openWaiters;
+    this._openWaiters = [];
+    for (const w of waiters) w.reject(error);
+  }
+
+  // --- persistence (sessionStorage) -------------------------------------------------------
+
+  _track(request) {
+    this.requests.set(request.id, request);
+    this._persist();
+  }
+
+  _persist() {
+    if (!this._storage) return;
+    const open = [...this.requests.values()].filter((r) => !r.finished).map((r) => r._snapshot());
+    try {
+      if (open.length) this._storage.setItem(this._storageKey, JSON.stringify(open));
+      else this._storage.removeItem(this._storageKey);
+    } catch {
+      // quota or privacy mode: resume after reload is best effort
+    }
+  }
+
+  _restore() {
+    if (!this._storage) return [];
+    let stored;
+    try {
+      stored = JSON.parse(this._storage.getItem(this._storageKey) ?? '[]');
+    } catch {
+      return [];
+    }
+    if (!Array.isArray(stored)) return [];
+    const restored = [];
+    for (const s of stored) {
+      if (!s || typeof s.id !== 'string' || typeof s.query !== 'string') continue;
+      if (TERMINAL_STATUSES.has(s.status) || this.requests.has(s.id)) continue;
+      const request = new ChatRequest(this, { ...s, restored: true });
+      this.requests.set(request.id, request);
+      restored.push(request);
+    }
+    return restored;
+  }
+}
+
+function defaultStorage() {
+  try {
+    return globalThis.sessionStorage ?? null;
+  } catch {
+    return null; // access can throw in sandboxed frames
+  }
+}
+
+/** Connect with the page's defaults: `new Connection(options)` then `connect()`. */
+export function connect(options = {}) {
+  const connection = new Connection(options);
+  connection.connect().catch(() => {});
+  return connection;
+}

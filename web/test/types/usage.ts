@@ -1,0 +1,80 @@
+// Compiled by `tsc --noEmit -p web/` (never run): the SDK's .d.ts must describe real use,
+// and the @ts-expect-error lines prove it refuses misuse.
+
+import {
+  Connection,
+  TokenwireError,
+  backoffDelay,
+  type ChatRequest,
+  type ConnectionState,
+  type RequestFrame,
+  type StateChange,
+} from '../../sdk/tokenwire.js';
+import { renderMarkdown } from '../../sdk/markdown.js';
+
+export async function example(): Promise<string> {
+  const connection = new Connection({
+    url: 'wss://chat.example/v1/ws',
+    token: async () => 'jwt',
+    backoff: { initialMs: 250, maxMs: 10_000 },
+    pingIntervalMs: 20_000,
+  });
+  const unsubscribe = connection.on('state', (change: StateChange) => {
+    const state: ConnectionState = change.state;
+    if (state === 'reconnecting') console.log(`retry in ${change.delayMs ?? 0} ms`);
+  });
+  connection.on('error', (error) => console.warn(error.code, error.retryable));
+  await connection.connect();
+
+  const request: ChatRequest = connection.chat('Hello?', {
+    conversationId: null,
+    inputs: { topic: 'tokenwire' },
+    files: [{ type: 'image', transfer_method: 'remote_url', url: 'https://example.com/a.png' }],
+  });
+  request.on('text', (text: string) => console.log(text.length));
+  for await (const frame of request) {
+    const f: RequestFrame = frame;
+    switch (f.type) {
+      case 'delta':
+      case 'replace':
+        console.log(f.text, f.seq);
+        break;
+      case 'queued':
+        console.log(f.reason, f.retry_in_ms);
+        break;
+      case 'event':
+        console.log(f.event, f.data);
+        break;
+      case 'end':
+        console.log(f.stopped, f.conversation_id);
+        break;
+      case 'error':
+        console.log(f.code, f.message);
+        break;
+      default:
+        break;
+    }
+  }
+  const done = await request.done;
+  if (done.error instanceof TokenwireError) return done.error.code;
+  for (const restored of connection.restored) restored.stop();
+  unsubscribe();
+  connection.close();
+  return renderMarkdown(done.text) + String(backoffDelay(3));
+}
+
+export function misuse(connection: Connection, request: ChatRequest): void {
+  // @ts-expect-error the query is a string
+  connection.chat(42);
+  // @ts-expect-error no such option
+  connection.chat('q', { conversation: 'c' });
+  // @ts-expect-error the text is read-only
+  request.text = 'edited';
+  // @ts-expect-error no such event
+  request.on('delta', () => {});
+  // @ts-expect-error text handlers get a string
+  request.on('text', (n: number) => n);
+  // @ts-expect-error the state is one of a few names
+  const s: ConnectionState = 'online';
+  void s;
+}
