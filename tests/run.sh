@@ -29,7 +29,7 @@ npm ci --prefix deploy --no-audit --no-fund --loglevel=error >/dev/null
 
 echo "== ruff"
 .venv/bin/ruff check .
-echo "== mypy --strict (gateway, worker, shared)"
+echo "== mypy --strict (gateway, worker, shared, tokenwire)"
 .venv/bin/mypy
 
 mkdir -p test-artifacts
