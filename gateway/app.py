@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,18 +17,16 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
+from gateway.admission import SUBPROTOCOL, Admission
 from gateway.auth import authenticator_for
 from gateway.bus import GatewayBus
-from gateway.connection import Connection
-from shared.exceptions import CloseCode, Unauthorized
-from shared.frames import encode, error_frame
+from gateway.connection import Edge
+from gateway.limits import ConnectionSlots, LocalConnections, RequestRate
 from shared.settings import Settings
 
 __all__ = ["SUBPROTOCOL", "create_app", "default_web_dir"]
 
 log = logging.getLogger("tokenwire.gateway")
-
-SUBPROTOCOL = "tokenwire.v1"
 
 
 def default_web_dir() -> Path:
@@ -36,28 +35,28 @@ def default_web_dir() -> Path:
 
 def create_app(settings: Settings) -> Starlette:
     bus = GatewayBus(settings)
-    auth = authenticator_for(settings)
+    edge = Edge(
+        auth=authenticator_for(settings),
+        rates=RequestRate(bus, settings),
+        local=LocalConnections(settings),
+    )
+    slots = ConnectionSlots(bus, settings, owner=secrets.token_hex(6))
+    admission = Admission(bus, settings, edge, slots)
     state = {"draining": False}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await _connect_with_retry(bus)
+        refresher = asyncio.create_task(slots.run())
         log.info("gateway ready", extra={"nats": _redact(settings.nats_url)})
         yield
         state["draining"] = True
+        refresher.cancel()
+        await edge.auth.close()
         await bus.close()
 
     async def websocket(ws: WebSocket) -> None:
-        offered = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",")]
-        subprotocol = SUBPROTOCOL if SUBPROTOCOL in offered else None
-        await ws.accept(subprotocol=subprotocol)
-        try:
-            user = auth.user_for(ws)
-        except Unauthorized as exc:
-            await ws.send_text(encode(error_frame(exc)).decode())
-            await ws.close(code=CloseCode.UNAUTHORIZED)
-            return
-        await Connection(ws, bus, settings, user).serve()
+        await admission.handle(ws)
 
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok")

@@ -6,10 +6,12 @@ every nats-py error translated here into tokenwire's (``BUS_UNAVAILABLE``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import nats
 import nats.errors
@@ -31,13 +33,31 @@ from shared.subjects import (
     request_frames_any_connection,
     stop_subject,
 )
-from shared.topology import request_bucket_config, stream_configs
+from shared.topology import (
+    connection_bucket_config,
+    rate_bucket_config,
+    request_bucket_config,
+    stream_configs,
+)
 
-__all__ = ["FrameHandler", "GatewayBus", "map_nats_errors"]
+__all__ = ["LIMITS_TIMEOUT_S", "FrameHandler", "GatewayBus", "KvEntry", "map_nats_errors"]
 
 log = logging.getLogger("tokenwire.gateway")
 
 FrameHandler = Callable[[Msg], Awaitable[None]]
+
+
+LIMITS_TIMEOUT_S = 1.0
+# How long storing a job is retried while JetStream has no leader for the stream.
+_STORE_RETRY_S = 5.0
+_LEADERLESS = (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError)
+# JetStream's "wrong last sequence" error codes (a compare-and-set lost).
+_WRONG_LAST_SEQUENCE = (10071, 10164)
+
+
+class KvEntry(NamedTuple):
+    value: bytes
+    revision: int
 
 
 @contextlib.contextmanager
@@ -60,6 +80,9 @@ class GatewayBus:
         self.nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._kv: KeyValue | None = None
+        self._buckets: dict[str, KeyValue] = {}
+        # Called after NATS reconnects (connections catch up on frames lost meanwhile).
+        self.reconnect_hooks: set[Callable[[], None]] = set()
 
     @property
     def connected(self) -> bool:
@@ -72,13 +95,13 @@ class GatewayBus:
 
     async def start(self) -> None:
         self.nc = await nats.connect(
-            self.settings.nats_url,
+            [url.strip() for url in self.settings.nats_url.split(",") if url.strip()],
             name="tokenwire-gateway",
             max_reconnect_attempts=-1,
             reconnect_time_wait=1,
             error_cb=_log_error,
             disconnected_cb=_log_disconnected,
-            reconnected_cb=_log_reconnected,
+            reconnected_cb=self._on_reconnected,
         )
         self._js = self.nc.jetstream()
         for spec in stream_configs(self.settings):
@@ -89,22 +112,98 @@ class GatewayBus:
                 await self._js.update_stream(config=config)
         bucket = KeyValueConfig(**request_bucket_config(self.settings))
         self._kv = await self._js.create_key_value(config=bucket)
+        for spec in (connection_bucket_config(self.settings), rate_bucket_config(self.settings)):
+            await self._ensure_bucket(spec)
+            # The limits must not hold a client up for long when JetStream is electing a new
+            # leader: their own context answers (or fails, and the limits fail open) in 1 s.
+            limits_js = self.nc.jetstream(timeout=LIMITS_TIMEOUT_S)
+            self._buckets[spec["bucket"]] = await limits_js.key_value(spec["bucket"])
+
+    async def _ensure_bucket(self, spec: dict[str, Any]) -> KeyValue:
+        """Create a KV bucket, or bring an existing one's TTL to ours (the last start wins)."""
+        try:
+            return await self.js.create_key_value(config=KeyValueConfig(**spec))
+        except nats.js.errors.BadRequestError:
+            info = await self.js.stream_info(f"KV_{spec['bucket']}")
+            config = info.config
+            config.max_age = spec["ttl"]
+            config.duplicate_window = min(config.duplicate_window or spec["ttl"], spec["ttl"])
+            await self.js.update_stream(config=config)
+            log.info("KV bucket TTL updated", extra={"bucket": spec["bucket"], "ttl": spec["ttl"]})
+            return await self.js.key_value(spec["bucket"])
+
+    async def _on_reconnected(self) -> None:
+        log.info("NATS reconnected")
+        for hook in list(self.reconnect_hooks):
+            hook()
 
     async def close(self) -> None:
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await self.nc.drain()
 
+    # --- small KV operations for the edge's shared limits (gateway/limits.py) --------------
+
+    async def kv_get(self, bucket: str, key: str) -> KvEntry | None:
+        """The entry, or None when the key is absent, deleted or expired."""
+        with map_nats_errors("read shared limits"):
+            try:
+                entry = await self._buckets[bucket].get(key)
+            except nats.js.errors.KeyNotFoundError:
+                return None
+        return KvEntry(entry.value or b"", entry.revision or 0)
+
+    async def kv_create(self, bucket: str, key: str, value: bytes) -> int | None:
+        """Write ``key`` only if it holds nothing: its revision, or None if it exists."""
+        with map_nats_errors("update shared limits"):
+            try:
+                revision: int = await self._buckets[bucket].create(key, value)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                return None
+        return revision
+
+    async def kv_update(self, bucket: str, key: str, value: bytes, last: int) -> int | None:
+        """Compare-and-set: the new revision, or None if ``key`` changed since ``last``."""
+        with map_nats_errors("update shared limits"):
+            try:
+                revision: int = await self._buckets[bucket].update(key, value, last=last)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                return None
+        return revision
+
+    async def kv_delete(self, bucket: str, key: str, last: int) -> None:
+        """Delete ``key`` unless it changed since ``last`` (then it is someone else's now)."""
+        with map_nats_errors("update shared limits"):
+            try:
+                await self._buckets[bucket].delete(key, last=last)
+            except nats.js.errors.APIError as exc:
+                if exc.err_code not in _WRONG_LAST_SEQUENCE:
+                    raise
+
     async def publish_job(self, job: Job) -> bool:
-        """Store ``job`` in JetStream; returns True if it was a duplicate of a stored job."""
-        with map_nats_errors("store the request"):
-            ack = await self.js.publish(
-                JOB_CHAT,
-                job.to_bytes(),
-                timeout=5.0,
-                headers={"Nats-Msg-Id": job.key, "Tw-Trace-Id": job.trace_id},
-            )
-        return bool(ack.duplicate)
+        """Store ``job`` in JetStream; returns True if it was a duplicate of a stored job.
+
+        While JetStream elects a new leader (a node died) it answers nothing for a moment:
+        the publish is retried for up to ``_STORE_RETRY_S``. Retrying is safe, the job's
+        ``Nats-Msg-Id`` makes a second copy a duplicate.
+        """
+        deadline = time.monotonic() + _STORE_RETRY_S
+        delay = 0.1
+        while True:
+            try:
+                with map_nats_errors("store the request"):
+                    ack = await self.js.publish(
+                        JOB_CHAT,
+                        job.to_bytes(),
+                        timeout=5.0,
+                        headers={"Nats-Msg-Id": job.key, "Tw-Trace-Id": job.trace_id},
+                    )
+                return bool(ack.duplicate)
+            except InternalError as exc:
+                if not isinstance(exc.__cause__, _LEADERLESS) or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     async def publish_frame(self, subject: str, data: bytes) -> None:
         """Keep a frame the gateway itself stamped (``accepted``) with the request's others."""
@@ -154,7 +253,3 @@ async def _log_error(exc: Exception) -> None:
 
 async def _log_disconnected() -> None:
     log.warning("NATS disconnected")
-
-
-async def _log_reconnected() -> None:
-    log.info("NATS reconnected")

@@ -10,7 +10,12 @@ Every error a client can receive is one of these classes; its ``code`` is the st
     │   ├── DuplicateRequest            duplicate_id
     │   ├── UnknownRequest              unknown_request (stop/resume of an id we do not hold)
     │   ├── LimitExceeded               too_many_inflight (retry later)
-    │   └── Unauthorized                unauthorized (closes the socket with 4001)
+    │   │   ├── RateLimited             rate_limited (with a retry hint)
+    │   │   └── TooManyConnections      too_many_connections (closes with 4004 or 1013)
+    │   ├── Unauthorized                unauthorized (closes the socket with 4001)
+    │   │   └── TokenExpired            token_expired (closes the socket with 4002)
+    │   ├── Forbidden                   forbidden (closes the socket with 4003)
+    │   └── IdleTimeout                 idle_timeout (closes the socket with 4103)
     ├── UpstreamError                   Dify failed or refused
     │   ├── DifyRejected                dify_bad_request, dify_unauthorized,
     │   │                               conversation_not_found, dify_payload_too_large,
@@ -40,11 +45,16 @@ __all__ = [
     "DifyUnavailable",
     "DuplicateRequest",
     "ErrorCode",
+    "Forbidden",
     "FrameError",
     "FrameTooLarge",
+    "IdleTimeout",
     "InternalError",
     "LimitExceeded",
+    "RateLimited",
+    "TokenExpired",
     "TokenwireError",
+    "TooManyConnections",
     "Unauthorized",
     "UnknownRequest",
     "UpstreamError",
@@ -62,6 +72,11 @@ class ErrorCode(StrEnum):
     UNKNOWN_REQUEST = "unknown_request"
     TOO_MANY_INFLIGHT = "too_many_inflight"
     UNAUTHORIZED = "unauthorized"
+    RATE_LIMITED = "rate_limited"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
+    TOKEN_EXPIRED = "token_expired"
+    FORBIDDEN = "forbidden"
+    IDLE_TIMEOUT = "idle_timeout"
     DIFY_BAD_REQUEST = "dify_bad_request"
     DIFY_UNAUTHORIZED = "dify_unauthorized"
     CONVERSATION_NOT_FOUND = "conversation_not_found"
@@ -89,13 +104,21 @@ class CloseCode(IntEnum):
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
+    # This gateway is full (its TOKENWIRE_MAX_CONNECTIONS): try again later, maybe elsewhere.
+    TRY_AGAIN_LATER = 1013
     # 4000-4099: do not reconnect as is.
     UNAUTHORIZED = 4001
+    # The token expired: get a fresh one, then reconnect (and resume).
+    TOKEN_EXPIRED = 4002
     FORBIDDEN = 4003
+    # The user already holds TOKENWIRE_MAX_CONNECTIONS_PER_USER connections (cluster-wide).
+    TOO_MANY_CONNECTIONS = 4004
     # 4100-4199: reconnect and resume.
     DRAINING = 4100
     SLOW_CONSUMER = 4101
     BUS_UNAVAILABLE = 4102
+    # No client frame and no request in flight for TOKENWIRE_IDLE_TIMEOUT_S.
+    IDLE_TIMEOUT = 4103
 
     @property
     def should_reconnect(self) -> bool:
@@ -103,6 +126,7 @@ class CloseCode(IntEnum):
         return 4100 <= self.value <= 4199 or self in (
             CloseCode.GOING_AWAY,
             CloseCode.INTERNAL_ERROR,
+            CloseCode.TRY_AGAIN_LATER,
         )
 
 
@@ -181,10 +205,50 @@ class LimitExceeded(ClientError):
     default_retryable = True
 
 
+class RateLimited(LimitExceeded):
+    """Over the per-user request rate; ``retry_after_s`` says when one more may pass."""
+
+    default_code = ErrorCode.RATE_LIMITED
+
+    def __init__(
+        self, message: str, *, retry_after_s: float, request_id: str | None = None
+    ) -> None:
+        super().__init__(message, request_id=request_id)
+        self.retry_after_s = retry_after_s
+
+
+class TooManyConnections(LimitExceeded):
+    """Over the per-user (cluster-wide) or per-gateway connection cap."""
+
+    default_code = ErrorCode.TOO_MANY_CONNECTIONS
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class Unauthorized(ClientError):
     """No valid credentials: a missing, forged, expired or wrong-audience token."""
 
     default_code = ErrorCode.UNAUTHORIZED
+
+
+class TokenExpired(Unauthorized):
+    """The token's ``exp`` has passed (at the handshake, or during the connection's life)."""
+
+    default_code = ErrorCode.TOKEN_EXPIRED
+
+
+class Forbidden(ClientError):
+    """Valid credentials that may not do this (e.g. an ``auth`` frame for another user)."""
+
+    default_code = ErrorCode.FORBIDDEN
+
+
+class IdleTimeout(ClientError):
+    """Nothing happened on the connection for ``TOKENWIRE_IDLE_TIMEOUT_S``."""
+
+    default_code = ErrorCode.IDLE_TIMEOUT
 
 
 # --- Dify is at fault -------------------------------------------------------------------

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from shared.ratelimit import parse_rate
 
 __all__ = ["Settings", "get_settings"]
 
@@ -74,6 +76,44 @@ class Settings(BaseSettings):
     # Frames a request may hold out of order before the gateway gives up waiting for a gap.
     reorder_window: int = Field(default=1024, ge=1)
 
+    # --- the edge (docs/security.md) ----------------------------------------------------------
+    # JWT keys from a JWKS endpoint (cached; re-read on an unknown `kid`, at most every
+    # jwks_min_refresh_s), tolerated clock skew, and how long a client may take to send its
+    # token in a first `auth` frame when the handshake carried none.
+    jwt_jwks_url: str | None = None
+    jwks_cache_s: float = Field(default=600.0, gt=0)
+    jwks_min_refresh_s: float = Field(default=10.0, ge=0)
+    jwt_leeway_s: float = Field(default=0.0, ge=0)
+    auth_timeout_s: float = Field(default=5.0, gt=0)
+    # `?access_token=` leaks into proxy logs: off unless explicitly enabled.
+    allow_query_token: bool = False
+    # Browser origins allowed to open /v1/ws ("*" for any). Empty: same origin only (the
+    # Origin's host:port equals the Host header). A request without Origin (not a browser)
+    # is always allowed.
+    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Connection caps: per user across all gateways (a NATS KV bucket whose entries expire
+    # connection_ttl_s after their gateway last refreshed them), and per gateway process.
+    max_connections_per_user: int = Field(default=10, ge=1)
+    max_connections: int = Field(default=10_000, ge=1)
+    connection_ttl_s: float = Field(default=30.0, ge=1)
+    # Chats per user across all gateways (token bucket in NATS KV): "20/min", "5/s", "100/h".
+    rate_per_user: str = "60/min"
+    rate_burst: int = Field(default=30, ge=1)
+    # Any client frame, per connection (local token bucket): bounds resume/stop/ping floods.
+    frame_rate: str = "50/s"
+    frame_burst: int = Field(default=200, ge=1)
+    # Requests in flight for one user on one gateway (per connection: max_inflight_per_connection).
+    max_inflight_per_user: int = Field(default=64, ge=1)
+    # Liveness: close a connection with no client frame and no request for this long (4103);
+    # WebSocket pings every ping_interval_s (keep it under proxies' idle timeouts, 60 s in
+    # nginx), closing with 1011 when no pong comes within pong_timeout_s.
+    idle_timeout_s: float = Field(default=300.0, gt=0)
+    ping_interval_s: float = Field(default=20.0, gt=0, le=25)
+    pong_timeout_s: float = Field(default=20.0, gt=0)
+    # SO_SNDBUF of client sockets (0: the kernel's autotuning, up to 4 MiB on Linux): what the
+    # kernel may hold for a client that stops reading, before the send queue fills (4101).
+    send_buffer_bytes: int = Field(default=0, ge=0)
+
     # --- worker --------------------------------------------------------------------------
     worker_concurrency: int = Field(default=64, ge=1)
     # Drain on SIGTERM (docs/operations.md): a worker stops pulling jobs, finishes its running
@@ -105,6 +145,22 @@ class Settings(BaseSettings):
     # --- logging -------------------------------------------------------------------------
     log_level: str = "INFO"
     log_json: bool = True
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        """``TOKENWIRE_ALLOWED_ORIGINS`` is comma-separated; compared lower-case, no slash."""
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, list):
+            return [str(v).strip().rstrip("/").lower() for v in value if str(v).strip()]
+        return value
+
+    @field_validator("rate_per_user", "frame_rate")
+    @classmethod
+    def _check_rate(cls, value: str) -> str:
+        parse_rate(value)
+        return value
 
     @field_validator("dify_api_url")
     @classmethod

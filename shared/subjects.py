@@ -7,6 +7,10 @@ Layout::
                                      (stream TW_FRAMES keeps them for resume; the owning gateway
                                      reads them live with one core subscription per connection)
     tw.ctl.stop.<key>                stop request <key> (every worker listens; the owner acts)
+
+KV buckets: ``tw_requests`` (per-request facts), ``tw_connections`` (who holds which of a
+user's connection slots, cluster-wide: key ``<user hash>.<slot>``) and ``tw_rates`` (each
+user's request token bucket: key ``<user hash>``).
     tw.dead.chat                     jobs that exhausted their attempts (stream TW_DEAD)
 
 ``<key>`` is :func:`request_key`: a hash of (user, client id), so ids chosen by clients never
@@ -20,6 +24,7 @@ import hashlib
 import secrets
 
 __all__ = [
+    "CONNECTIONS_BUCKET",
     "CONTROL_STOP_ALL",
     "DEAD_ALL",
     "DEAD_CHAT",
@@ -30,9 +35,12 @@ __all__ = [
     "JOBS_STREAM",
     "JOB_CHAT",
     "JOB_CONSUMER",
+    "RATES_BUCKET",
     "REQUESTS_BUCKET",
     "connection_frames",
+    "connection_slot_key",
     "new_connection_id",
+    "rate_key",
     "request_frames",
     "request_frames_any_connection",
     "request_key",
@@ -54,6 +62,8 @@ FRAMES_ALL = "tw.frames.>"
 CONTROL_STOP_ALL = "tw.ctl.stop.*"
 
 REQUESTS_BUCKET = "tw_requests"
+CONNECTIONS_BUCKET = "tw_connections"
+RATES_BUCKET = "tw_rates"
 
 
 def request_key(user: str, request_id: str) -> str:
@@ -85,3 +95,17 @@ def request_frames_any_connection(key: str) -> str:
 def stop_subject(key: str) -> str:
     """Where a gateway announces that request ``key`` should stop."""
     return f"tw.ctl.stop.{key}"
+
+
+def _user_hash(user: str) -> str:
+    return hashlib.blake2b(user.encode(), digest_size=16, person=b"tw-user").hexdigest()
+
+
+def connection_slot_key(user: str, slot: int) -> str:
+    """KV key of one of ``user``'s connection slots (a user name never reaches NATS)."""
+    return f"{_user_hash(user)}.{slot}"
+
+
+def rate_key(user: str) -> str:
+    """KV key of ``user``'s request token bucket."""
+    return _user_hash(user)

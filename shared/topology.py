@@ -12,6 +12,11 @@ chosen here, once, and explained in docs/operations.md:
   ack round trip); the stream captures the subject.
 * ``TW_DEAD`` — jobs that exhausted their attempts or age, with the last error in headers,
   kept ``TOKENWIRE_DEAD_LETTER_TTL_S`` for ``tokenwire jobs list/replay``.
+* ``tw_connections`` — one entry per open connection (a user's slot), ``ttl`` =
+  ``TOKENWIRE_CONNECTION_TTL_S``: the owning gateway re-writes its entries every ttl/3, so a
+  killed gateway's connections stop counting at most ttl after it died.
+* ``tw_rates`` — each user's token bucket; ``ttl`` = the time an empty bucket takes to fill
+  (an entry that expired is a full bucket), at least one second.
 * job consumer — durable, explicit ack, ``ack_wait`` short (a dead worker's job comes back
   fast) because live workers send in-progress acks; ``max_ack_pending`` caps answers streaming
   at once across the whole cluster.
@@ -21,8 +26,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from shared.ratelimit import Rate
 from shared.settings import Settings
 from shared.subjects import (
+    CONNECTIONS_BUCKET,
     DEAD_ALL,
     DEAD_STREAM,
     FRAMES_ALL,
@@ -30,10 +37,17 @@ from shared.subjects import (
     JOB_CONSUMER,
     JOBS_ALL,
     JOBS_STREAM,
+    RATES_BUCKET,
     REQUESTS_BUCKET,
 )
 
-__all__ = ["job_consumer_config", "request_bucket_config", "stream_configs"]
+__all__ = [
+    "connection_bucket_config",
+    "job_consumer_config",
+    "rate_bucket_config",
+    "request_bucket_config",
+    "stream_configs",
+]
 
 
 def stream_configs(settings: Settings) -> list[dict[str, Any]]:
@@ -90,6 +104,29 @@ def request_bucket_config(settings: Settings) -> dict[str, Any]:
     return {
         "bucket": REQUESTS_BUCKET,
         "ttl": settings.frame_ttl_s,
+        "storage": "file",
+        "replicas": settings.stream_replicas,
+        "history": 1,
+    }
+
+
+def connection_bucket_config(settings: Settings) -> dict[str, Any]:
+    """The KV bucket of connection slots (per-user cap across gateways)."""
+    return {
+        "bucket": CONNECTIONS_BUCKET,
+        "ttl": settings.connection_ttl_s,
+        "storage": "file",
+        "replicas": settings.stream_replicas,
+        "history": 1,
+    }
+
+
+def rate_bucket_config(settings: Settings) -> dict[str, Any]:
+    """The KV bucket of per-user token buckets (request rate across gateways)."""
+    rate = Rate.parse(settings.rate_per_user, settings.rate_burst)
+    return {
+        "bucket": RATES_BUCKET,
+        "ttl": max(1.0, rate.refill_s),
         "storage": "file",
         "replicas": settings.stream_replicas,
         "history": 1,

@@ -40,12 +40,22 @@ def gateway(
 ) -> None:
     """One gateway process (WebSocket, page, probes, metrics); connects to TOKENWIRE_NATS_URL."""
     import uvicorn
+    from pydantic import ValidationError
 
     from gateway.app import create_app
     from shared.logs import configure_logging
     from shared.settings import Settings
 
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        # Name the field and the problem, never the value (it may be a secret).
+        problems = "\n".join(
+            f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+            for e in exc.errors(include_url=False, include_input=False)
+        )
+        typer.echo(f"refusing to start: bad configuration\n{problems}", err=True)
+        raise typer.Exit(2) from None
     configure_logging("gateway", settings.log_level, json=settings.log_json)
     if settings.auth == "none" and not settings.allow_insecure:
         typer.echo(
@@ -54,21 +64,46 @@ def gateway(
             err=True,
         )
         raise typer.Exit(2)
-    uvicorn.run(
-        create_app(settings),
+    if bool(ssl_certfile) != bool(ssl_keyfile):
+        typer.echo("refusing to start: give both --ssl-certfile and --ssl-keyfile", err=True)
+        raise typer.Exit(2)
+    try:
+        asgi_app = create_app(settings)
+    except (ValueError, OSError) as exc:
+        typer.echo(f"refusing to start: {exc}", err=True)
+        raise typer.Exit(2) from None
+    config = uvicorn.Config(
+        asgi_app,
         host=host,
         port=port,
         # Frames above the protocol limit get an error frame; far above it, uvicorn closes
         # with 1009 before buffering them.
         ws_max_size=settings.max_frame_bytes * 4,
-        ws_ping_interval=20.0,
-        ws_ping_timeout=20.0,
+        # Protocol-level pings (browsers answer them without any code): they keep proxies from
+        # closing idle sockets and find dead peers; no pong in time closes with 1011.
+        ws_ping_interval=settings.ping_interval_s,
+        ws_ping_timeout=settings.pong_timeout_s,
         log_config=None,
         access_log=False,
         ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
         ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None,
         timeout_graceful_shutdown=10,
     )
+    sockets = None
+    if settings.send_buffer_bytes:
+        # Accepted connections inherit the listener's send buffer: it bounds what the kernel
+        # holds for a client that stops reading (autotuned, it grows to megabytes).
+        import socket
+
+        listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.send_buffer_bytes)
+        listener.bind((host, port))
+        sockets = [listener]
+    server = uvicorn.Server(config)
+    server.run(sockets=sockets)
+    if not server.started:
+        raise typer.Exit(3)
 
 
 @app.command()

@@ -1,0 +1,158 @@
+"""The shared limits (gateway/limits.py) over an in-memory KV with NATS' compare-and-set rules."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from gateway.bus import KvEntry
+from gateway.limits import ConnectionSlots, FrameRate, LocalConnections, RequestRate
+from shared.exceptions import ErrorCode, InternalError, RateLimited, TooManyConnections
+from shared.settings import Settings
+
+
+class MemoryKv:
+    """kv_get/kv_create/kv_update/kv_delete as GatewayBus has them, one revision counter."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[str, str], KvEntry] = {}
+        self.revision = 0
+        self.down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise InternalError("NATS is unavailable", code=ErrorCode.BUS_UNAVAILABLE)
+
+    async def kv_get(self, bucket: str, key: str) -> KvEntry | None:
+        self._check()
+        await asyncio.sleep(0)  # let concurrent callers interleave, as real round trips do
+        return self.entries.get((bucket, key))
+
+    async def kv_create(self, bucket: str, key: str, value: bytes) -> int | None:
+        self._check()
+        await asyncio.sleep(0)
+        if (bucket, key) in self.entries:
+            return None
+        return self._put(bucket, key, value)
+
+    async def kv_update(self, bucket: str, key: str, value: bytes, last: int) -> int | None:
+        self._check()
+        await asyncio.sleep(0)
+        entry = self.entries.get((bucket, key))
+        if entry is None or entry.revision != last:
+            return None
+        return self._put(bucket, key, value)
+
+    async def kv_delete(self, bucket: str, key: str, last: int) -> None:
+        self._check()
+        entry = self.entries.get((bucket, key))
+        if entry is not None and entry.revision == last:
+            del self.entries[(bucket, key)]
+
+    def expire_all(self) -> None:
+        """What the bucket's TTL does to the entries of a gateway that died."""
+        self.entries.clear()
+
+    def _put(self, bucket: str, key: str, value: bytes) -> int:
+        self.revision += 1
+        self.entries[(bucket, key)] = KvEntry(value, self.revision)
+        return self.revision
+
+
+def settings(**values: Any) -> Settings:
+    return Settings(**values)
+
+
+async def test_slots_cap_a_user_across_gateways_and_come_back_on_release() -> None:
+    kv = MemoryKv()
+    config = settings(max_connections_per_user=2)
+    a = ConnectionSlots(kv, config, owner="gw-a")  # type: ignore[arg-type]
+    b = ConnectionSlots(kv, config, owner="gw-b")  # type: ignore[arg-type]
+    first = await a.claim("alice", "c1")
+    await b.claim("alice", "c2")
+    with pytest.raises(TooManyConnections) as refused:
+        await b.claim("alice", "c3")
+    assert refused.value.retry_after_s == config.connection_ttl_s
+    await b.claim("bob", "c4")  # another user is not affected
+    await a.release(first)
+    assert (await b.claim("alice", "c5")).key == first.key
+
+
+async def test_concurrent_claims_never_share_a_slot() -> None:
+    kv = MemoryKv()
+    slots = ConnectionSlots(kv, settings(max_connections_per_user=3), owner="gw")  # type: ignore[arg-type]
+    results = await asyncio.gather(
+        *(slots.claim("carol", f"c{n}") for n in range(8)), return_exceptions=True
+    )
+    claimed = [r for r in results if not isinstance(r, BaseException)]
+    assert len(claimed) == 3 and len({s.key for s in claimed}) == 3
+    assert all(isinstance(r, TooManyConnections) for r in results if r not in claimed)
+
+
+async def test_a_slot_lost_to_expiry_is_taken_back_elsewhere() -> None:
+    kv = MemoryKv()
+    slots = ConnectionSlots(kv, settings(max_connections_per_user=2), owner="gw")  # type: ignore[arg-type]
+    mine = await slots.claim("dave", "c1")
+    kv.expire_all()  # NATS was out of reach for a whole TTL...
+    other = ConnectionSlots(kv, settings(max_connections_per_user=2), owner="gw-2")  # type: ignore[arg-type]
+    taken = await other.claim("dave", "c2")  # ...and someone took our slot meanwhile
+    assert taken.key == mine.key
+    await slots._refresh(mine)
+    assert mine.key != taken.key and kv.entries[("tw_connections", mine.key)].value == mine.value
+
+
+async def test_slots_fail_open_when_nats_is_down() -> None:
+    kv = MemoryKv()
+    slots = ConnectionSlots(kv, settings(), owner="gw")  # type: ignore[arg-type]
+    kv.down = True
+    slot = await slots.claim("erin", "c1")
+    assert slot.key == ""
+    await slots.release(slot)  # nothing to give back, and no error
+
+
+async def test_the_rate_is_shared_and_refusals_spend_nothing() -> None:
+    kv = MemoryKv()
+    config = settings(rate_per_user="1/hour", rate_burst=5)
+    on_a, on_b = RequestRate(kv, config), RequestRate(kv, config)  # type: ignore[arg-type]
+    outcomes = await asyncio.gather(
+        *((on_a if n % 2 else on_b).take("frank", f"r{n}") for n in range(12)),
+        return_exceptions=True,
+    )
+    refused = [o for o in outcomes if isinstance(o, RateLimited)]
+    assert len(refused) == 7 and sum(o is None for o in outcomes) == 5
+    assert all(r.retry_after_s > 60 and r.request_id for r in refused)
+    # Refused requests took nothing: the bucket is as empty as the 5 passes left it.
+    with pytest.raises(RateLimited):
+        await on_a.take("frank", "again")
+    await on_a.take("grace", "r1")  # another user has a full bucket
+
+
+async def test_the_rate_fails_open_when_nats_is_down() -> None:
+    kv = MemoryKv()
+    rate = RequestRate(kv, settings(rate_per_user="1/hour", rate_burst=1))  # type: ignore[arg-type]
+    await rate.take("heidi", "r1")
+    kv.down = True
+    await rate.take("heidi", "r2")  # would be refused; NATS cannot say, so it passes
+
+
+def test_frame_rate_and_local_counts() -> None:
+    frames = FrameRate(settings(frame_rate="1/hour", frame_burst=3))
+    assert [frames.take() is None for _ in range(4)] == [True, True, True, False]
+
+    class Conn:
+        def __init__(self, inflight: int) -> None:
+            self.inflight = inflight
+
+    local = LocalConnections(settings(max_connections=1))
+    one, two = Conn(2), Conn(3)
+    local.add("ivan", one)
+    local.add("ivan", two)
+    assert local.inflight("ivan") == 5 and local.inflight("judy") == 0
+    local.remove("ivan", one)
+    assert local.inflight("ivan") == 3
+    with local.admitted(), pytest.raises(TooManyConnections), local.admitted():
+        pass
+    with local.admitted():
+        assert local.count == 1
