@@ -9,6 +9,7 @@ import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -17,11 +18,13 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
+from gateway import metrics
 from gateway.admission import SUBPROTOCOL, Admission
 from gateway.auth import authenticator_for
 from gateway.bus import GatewayBus
-from gateway.connection import Edge
+from gateway.connection import Connection, Edge
 from gateway.limits import ConnectionSlots, LocalConnections, RequestRate
+from shared.exceptions import CloseCode
 from shared.settings import Settings
 
 __all__ = ["SUBPROTOCOL", "create_app", "default_web_dir"]
@@ -54,8 +57,26 @@ def create_app(settings: Settings) -> Starlette:
         refresher.cancel()
         await edge.auth.close()
         await bus.close()
+        _flush_traces()
+
+    async def drain() -> None:
+        """SIGTERM: not ready (503) at once, wait for load balancers to notice, then close every
+        client with 4100 DRAINING so it reconnects elsewhere and resumes (docs/operations.md)."""
+        state["draining"] = True
+        metrics.set_draining(True)
+        connections = [c for conns in edge.local.by_user.values() for c in conns]
+        log.info("draining", extra={"connections": len(connections)})
+        await asyncio.sleep(settings.drain_delay_s)
+        for conn in [c for conns in edge.local.by_user.values() for c in conns]:
+            if isinstance(conn, Connection):
+                conn.close(CloseCode.DRAINING)
+        # uvicorn's own shutdown then waits for those connections to finish closing.
 
     async def websocket(ws: WebSocket) -> None:
+        if state["draining"]:
+            metrics.refusal("draining")
+            await ws.close(code=CloseCode.TRY_AGAIN_LATER)
+            return
         await admission.handle(ws)
 
     async def healthz(request: Request) -> Response:
@@ -68,20 +89,22 @@ def create_app(settings: Settings) -> Starlette:
             return PlainTextResponse("nats disconnected", status_code=503)
         return PlainTextResponse("ready")
 
-    async def metrics(request: Request) -> Response:
+    async def prometheus(request: Request) -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     web_dir = settings.web_dir or default_web_dir()
-    return Starlette(
+    app = Starlette(
         routes=[
             WebSocketRoute("/v1/ws", websocket),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
-            Route("/metrics", metrics),
+            Route("/metrics", prometheus),
             Mount("/", StaticFiles(directory=web_dir, html=True), name="web"),
         ],
         lifespan=lifespan,
     )
+    app.state.drain = drain
+    return app
 
 
 async def _connect_with_retry(bus: GatewayBus) -> None:
@@ -102,3 +125,10 @@ async def _connect_with_retry(bus: GatewayBus) -> None:
 def _redact(url: str) -> str:
     """A NATS URL without credentials, for logs."""
     return ",".join(part.split("@")[-1] for part in url.split(","))
+
+
+def _flush_traces() -> None:
+    """Export buffered spans now: uvicorn re-raises SIGTERM on exit, so atexit never runs."""
+    flush = getattr(trace.get_tracer_provider(), "force_flush", None)
+    if flush is not None:
+        flush()

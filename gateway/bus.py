@@ -22,7 +22,9 @@ from nats.aio.subscription import Subscription
 from nats.js.api import DeliverPolicy, KeyValueConfig, StreamConfig
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
+from opentelemetry import propagate
 
+from gateway import metrics
 from shared.exceptions import ErrorCode, InternalError
 from shared.jobs import Job
 from shared.settings import Settings
@@ -100,9 +102,10 @@ class GatewayBus:
             max_reconnect_attempts=-1,
             reconnect_time_wait=1,
             error_cb=_log_error,
-            disconnected_cb=_log_disconnected,
+            disconnected_cb=_on_disconnected,
             reconnected_cb=self._on_reconnected,
         )
+        metrics.set_nats_connected(True)
         self._js = self.nc.jetstream()
         for spec in stream_configs(self.settings):
             config = StreamConfig(**spec)
@@ -134,6 +137,7 @@ class GatewayBus:
 
     async def _on_reconnected(self) -> None:
         log.info("NATS reconnected")
+        metrics.set_nats_connected(True)
         for hook in list(self.reconnect_hooks):
             hook()
 
@@ -189,14 +193,13 @@ class GatewayBus:
         """
         deadline = time.monotonic() + _STORE_RETRY_S
         delay = 0.1
+        headers = {"Nats-Msg-Id": job.key, "Tw-Trace-Id": job.trace_id}
+        propagate.inject(headers)  # traceparent, when tracing is on: the worker continues it
         while True:
             try:
                 with map_nats_errors("store the request"):
                     ack = await self.js.publish(
-                        JOB_CHAT,
-                        job.to_bytes(),
-                        timeout=5.0,
-                        headers={"Nats-Msg-Id": job.key, "Tw-Trace-Id": job.trace_id},
+                        JOB_CHAT, job.to_bytes(), timeout=5.0, headers=headers
                     )
                 return bool(ack.duplicate)
             except InternalError as exc:
@@ -251,5 +254,6 @@ async def _log_error(exc: Exception) -> None:
     log.warning("NATS error", extra={"error": f"{type(exc).__name__}: {exc}"})
 
 
-async def _log_disconnected() -> None:
+async def _on_disconnected() -> None:
     log.warning("NATS disconnected")
+    metrics.set_nats_connected(False)

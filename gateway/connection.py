@@ -36,6 +36,7 @@ from typing import Any
 
 import orjson
 from nats.aio.msg import Msg
+from opentelemetry import trace
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from gateway import metrics
@@ -83,6 +84,7 @@ from shared.subjects import request_frames, request_key
 __all__ = ["Connection", "Edge", "error_bytes"]
 
 log = logging.getLogger("tokenwire.gateway")
+tracer = trace.get_tracer("tokenwire.gateway")
 
 SERVER_NAME = "tokenwire/0.1"
 # How long the final close may wait for a client that does not read (then the socket just ends).
@@ -133,6 +135,8 @@ class RequestView:
     done: bool = False
     # A catch-up from the stream is scheduled or running (frames were lost on the way).
     catching_up: bool = False
+    # When `accepted` went out, until the first `delta` (time to first token); 0: not timed.
+    accepted_at: float = 0.0
 
 
 class Connection:
@@ -171,6 +175,7 @@ class Connection:
         self._room = asyncio.Event()
         self._room.set()
         self.close_code: CloseCode | None = None
+        self.client_close_code = 1005  # "no status": what the client sent, if it closed
 
     @property
     def inflight(self) -> int:
@@ -190,6 +195,7 @@ class Connection:
             return
         self.edge.local.add(self.user, self)
         self.bus.reconnect_hooks.add(self.on_bus_reconnected)
+        metrics.connection_opened()
         writer = asyncio.create_task(self._writer())
         self._send(Hello(session=self.conn_id, user=self.user, server=SERVER_NAME))
         reader = asyncio.create_task(self._reader())
@@ -211,9 +217,12 @@ class Connection:
             for view in list(self.requests.values()):
                 await self._stop_replay(view)
             await self._stop_writer(writer)
+            for _ in self.requests:
+                metrics.request_finished("detached")  # still answered; resumable elsewhere
             if self.close_code is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.ws.close(code=self.close_code), CLOSE_TIMEOUT_S)
+            metrics.connection_closed(int(self.close_code or self.client_close_code))
 
     def close(self, code: CloseCode, exc: TokenwireError | None = None) -> None:
         """Close the connection with ``code``, after sending ``exc``'s error frame if given."""
@@ -271,6 +280,7 @@ class Connection:
             except (WebSocketDisconnect, RuntimeError):
                 return
             if message["type"] == "websocket.disconnect":
+                self.client_close_code = int(message.get("code") or 1005)
                 return
             self.last_activity = time.monotonic()
             data: str | bytes | None = message.get("text")
@@ -297,6 +307,8 @@ class Connection:
         try:
             frame = decode_client_frame(data, self.limits)
         except ClientError as exc:
+            metrics.frame_in("invalid")
+            metrics.refusal("frame")
             rid = exc.request_id
             if rid is not None and rid not in self.requests and exc.code is ErrorCode.INVALID_FRAME:
                 # A chat we refuse is a request that ends at once: tie the error to its id.
@@ -304,6 +316,7 @@ class Connection:
             else:
                 self._send(error_frame(exc))
             return
+        metrics.frame_in(frame.type)
         try:
             if isinstance(frame, ChatFrame):
                 await self._chat(frame)
@@ -396,7 +409,10 @@ class Connection:
             created_ms=int(time.time() * 1000),
         )
         try:
-            duplicate = await self.bus.publish_job(job)
+            with tracer.start_as_current_span(
+                "chat accept", attributes={"tokenwire.request_id": trace_id}
+            ):
+                duplicate = await self.bus.publish_job(job)
         except TokenwireError as exc:
             del self.requests[frame.id]
             self._send(error_frame(exc, id=frame.id, seq=1))
@@ -411,6 +427,8 @@ class Connection:
             trace_id_var.reset(token)
             return
         accepted = encode(Accepted(id=frame.id, seq=1))
+        metrics.request_accepted()
+        view.accepted_at = time.monotonic()
         self._release(view, 1, accepted, "accepted")
         log.info("chat accepted", extra={"conn": self.conn_id})
         with contextlib.suppress(TokenwireError):
@@ -424,9 +442,11 @@ class Connection:
             # Already live on this connection: frames after `after` will come anyway.
             return
         if not await self.bus.has_frames(key):
+            metrics.resume("unknown")
             exc = UnknownRequest(f"request {frame.id!r} is unknown or has expired")
             self._send(error_frame(exc, id=frame.id, seq=frame.after + 1))
             return
+        metrics.resume("replayed")
         view = RequestView(
             id=frame.id, key=key, reorderer=self._reorderer(frame.after + 1), awaiting_first=True
         )
@@ -489,8 +509,12 @@ class Connection:
                 GAP_WAIT_S, lambda: self._spawn(self._catch_up(view))
             )
         for item, item_kind in ready:
-            self._enqueue(item)
+            self._enqueue(item, item_kind)
+            if item_kind == "delta" and view.accepted_at:
+                metrics.observe_ttft(time.monotonic() - view.accepted_at)
+                view.accepted_at = 0.0
             if FRAME_TO_STATE.get(item_kind) in TERMINAL:
+                metrics.request_finished(_outcome(item, item_kind))
                 view.done = True
                 self.requests.pop(view.id, None)
                 self.last_activity = time.monotonic()
@@ -553,15 +577,23 @@ class Connection:
     # --- output -------------------------------------------------------------------------
 
     def _send(self, frame: ServerFrame | ErrorFrame) -> None:
-        self._enqueue(encode(frame))
+        self._enqueue(encode(frame), frame.type)
 
-    def _enqueue(self, data: bytes) -> None:
+    def _enqueue(self, data: bytes, kind: str = "error") -> None:
         if self.close_code is not None:
             return
         try:
             self.queue.put_nowait(data)
+            metrics.frame_out(kind)
         except asyncio.QueueFull:
             log.warning("slow consumer: closing", extra={"conn": self.conn_id})
             self.close_code = CloseCode.SLOW_CONSUMER
             self._closing.set()
             self._room.set()
+
+
+def _outcome(data: bytes, kind: str) -> str:
+    """How a request ended, for the requests_total metric (a byte search, no JSON parse)."""
+    if kind == "error":
+        return "error"
+    return "stopped" if b'"stopped":true' in data else "completed"

@@ -43,8 +43,10 @@ def gateway(
     from pydantic import ValidationError
 
     from gateway.app import create_app
+    from gateway.server import DrainingServer
     from shared.logs import configure_logging
     from shared.settings import Settings
+    from tokenwire.tracing import configure_tracing
 
     try:
         settings = Settings()
@@ -57,6 +59,7 @@ def gateway(
         typer.echo(f"refusing to start: bad configuration\n{problems}", err=True)
         raise typer.Exit(2) from None
     configure_logging("gateway", settings.log_level, json=settings.log_json)
+    configure_tracing("gateway", settings.otel_endpoint)
     if settings.auth == "none" and not settings.allow_insecure:
         typer.echo(
             "refusing to start: TOKENWIRE_AUTH=none lets anyone claim any user. "
@@ -100,7 +103,7 @@ def gateway(
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.send_buffer_bytes)
         listener.bind((host, port))
         sockets = [listener]
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, asgi_app)
     server.run(sockets=sockets)
     if not server.started:
         raise typer.Exit(3)

@@ -189,6 +189,8 @@ class _Supervisor:
             TOKENWIRE_AUTH="none",
             TOKENWIRE_ALLOW_INSECURE="1",
             TOKENWIRE_STREAM_REPLICAS="1",
+            # One machine, no load balancer to wait for: Ctrl-C stops the gateway at once.
+            TOKENWIRE_DRAIN_DELAY_S="0",
         )
         # The contract's dev default: the page's own origin (both loopback spellings).
         env.setdefault("TOKENWIRE_ALLOWED_ORIGINS", ",".join(_own_origins(self.host, self.port)))

@@ -23,6 +23,7 @@ from faststream.asgi import AsgiFastStream, AsgiResponse, get
 from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from nats.js.api import ConsumerConfig
+from opentelemetry import trace
 from prometheus_client import make_asgi_app
 from pydantic import ValidationError
 
@@ -123,6 +124,10 @@ def create_app(settings: Settings) -> AsgiFastStream:
             await runner.drain(settings.worker_drain_s)
 
     async def shutdown() -> None:
+        # uvicorn re-raises SIGTERM on exit, so atexit never runs: export buffered spans now.
+        flush = getattr(trace.get_tracer_provider(), "force_flush", None)
+        if flush is not None:
+            flush()
         dify: DifyClient | None = holder.get("dify")
         if dify is not None:
             await dify.aclose()
