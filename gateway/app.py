@@ -6,14 +6,14 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
@@ -99,7 +99,12 @@ def create_app(settings: Settings) -> Starlette:
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", prometheus),
-            Mount("/", StaticFiles(directory=web_dir, html=True), name="web"),
+            # Only what the page needs: never web/'s node_modules, tests or package files.
+            Route("/", _file(web_dir / "index.html")),
+            Route("/index.html", _file(web_dir / "index.html")),
+            Route("/app.js", _file(web_dir / "app.js")),
+            Route("/app.css", _file(web_dir / "app.css")),
+            Mount("/sdk", StaticFiles(directory=web_dir / "sdk"), name="sdk"),
         ],
         lifespan=lifespan,
     )
@@ -132,3 +137,12 @@ def _flush_traces() -> None:
     flush = getattr(trace.get_tracer_provider(), "force_flush", None)
     if flush is not None:
         flush()
+
+
+def _file(path: Path) -> Callable[[Request], Awaitable[Response]]:
+    """An endpoint serving one file of the web page."""
+
+    async def endpoint(request: Request) -> Response:
+        return FileResponse(path)
+
+    return endpoint

@@ -239,6 +239,10 @@ async def test_ping_pong_and_probes(spine: Stack) -> None:
     assert httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200
     page = httpx.get(f"http://127.0.0.1:{port}/")
     assert page.status_code == 200 and "<html" in page.text.lower()
+    sdk = httpx.get(f"http://127.0.0.1:{port}/sdk/tokenwire.js")
+    assert sdk.status_code == 200 and "javascript" in sdk.headers["content-type"]
+    for private in ("/package.json", "/node_modules/.package-lock.json", "/test/run.sh"):
+        assert httpx.get(f"http://127.0.0.1:{port}{private}").status_code == 404, private
 
 
 async def test_resume_on_a_new_connection_replays_exactly_once(spine: Stack) -> None:
