@@ -116,6 +116,8 @@ class Settings(BaseSettings):
 
     # --- worker --------------------------------------------------------------------------
     worker_concurrency: int = Field(default=64, ge=1)
+    # Jobs a worker holds beyond the ones it streams: they wait in line, told their position.
+    worker_prefetch: int = Field(default=16, ge=0)
     # Drain on SIGTERM (docs/operations.md): a worker stops pulling jobs, finishes its running
     # answers for up to this long, then hands the rest back (their clients get `reset`).
     # Keep the pod's terminationGracePeriodSeconds above it (deploy/k8s: 75 s).

@@ -78,7 +78,9 @@ def create_app(settings: Settings) -> AsgiFastStream:
         durable=consumer["durable_name"],
         config=ConsumerConfig(**consumer),
         pull_sub=PullSub(batch_size=1, timeout=5.0),
-        max_workers=settings.worker_concurrency,
+        # Streams to Dify are capped at worker_concurrency inside the runner; the extra
+        # deliveries wait in its line and their clients are told their position.
+        max_workers=settings.worker_concurrency + settings.worker_prefetch,
         ack_policy=AckPolicy.MANUAL,
         title="jobs",
         description="Chat jobs stored by gateways; answered by streaming from Dify.",

@@ -24,6 +24,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -55,6 +56,8 @@ tracer = trace.get_tracer("tokenwire.worker")
 # How long a stop waits for Dify to name the task (its first event) so it can be stopped
 # at Dify too, instead of leaving Dify generating an answer nobody reads.
 STOP_TASK_ID_GRACE_S = 10.0
+# A job waiting for one of the worker's Dify streams hears its place in line this often.
+BUSY_REFRESH_S = 5.0
 
 
 class JobMessage(Protocol):
@@ -133,6 +136,10 @@ class JobRunner:
             max_cooldown_s=settings.retry_max_s,
         )
         self.running: dict[str, Running] = {}
+        # Streams to Dify now, and the deliveries waiting for one, oldest first.
+        self._streaming = 0
+        self._line: list[Running] = []
+        self._turns = asyncio.Condition()
         self._idle = asyncio.Event()
         self._idle.set()
         self.draining = False
@@ -298,7 +305,54 @@ class JobRunner:
                     "Dify is unavailable (circuit open)", code=ErrorCode.UPSTREAM_UNAVAILABLE
                 )
             )
-        await self._answer(job, DifyStreamMapper(job.id, seq, machine), running)
+        async with self._stream_slot(job, running, seq, machine):
+            await self._answer(job, DifyStreamMapper(job.id, seq, machine), running)
+
+    @contextlib.asynccontextmanager
+    async def _stream_slot(
+        self, job: Job, running: Running, seq: SeqCounter, machine: RequestMachine
+    ) -> AsyncIterator[None]:
+        """One of this worker's ``worker_concurrency`` streams to Dify, taken in arrival order.
+
+        A worker holds a few more jobs than it streams (``worker_prefetch``); those wait here
+        and their clients are told with ``queued`` frames (reason ``busy``, their position in
+        the line), refreshed while they wait. The job's owner sends them, so ``seq`` stays one
+        sequence.
+        """
+        limit = self.settings.worker_concurrency
+
+        def my_turn() -> bool:
+            return self._line[0] is running and self._streaming < limit
+
+        async with self._turns:
+            if self._streaming >= limit or self._line:
+                self._line.append(running)
+                try:
+                    while not my_turn():
+                        queued = Queued(
+                            id=job.id,
+                            seq=seq.next(),
+                            reason="busy",
+                            attempt=1,
+                            retry_in_ms=int(BUSY_REFRESH_S * 1000),
+                            position=self._line.index(running) + 1,
+                        )
+                        machine.emit("queued")
+                        await self._publish(job, [queued])
+                        metrics.job_queued("busy")
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(BUSY_REFRESH_S):
+                                await self._turns.wait_for(my_turn)
+                finally:
+                    self._line.remove(running)
+                    self._turns.notify_all()
+            self._streaming += 1
+        try:
+            yield
+        finally:
+            async with self._turns:
+                self._streaming -= 1
+                self._turns.notify_all()
 
     async def _reset(
         self, job: Job, seq: SeqCounter, machine: RequestMachine, reason: str

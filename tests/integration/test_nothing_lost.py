@@ -208,3 +208,36 @@ async def test_nats_restart_keeps_queued_jobs_and_kept_frames(
         await client.send({"type": "resume", "id": "n0", "after": 0})
         again = await client.finish("n0", timeout=60)
     assert again == results["n0"]
+
+
+@pytest.mark.timeout(120)
+async def test_burst_beyond_capacity_waits_in_line_and_is_answered_in_order(stack: Stack) -> None:
+    stack.worker(TOKENWIRE_WORKER_CONCURRENCY="2")
+    stack.gateway()
+    queries = {f"b{i}": f"burst {i} {uuid.uuid4().hex[:4]}" for i in range(6)}
+    controls = {"delay_ms": 20, "tokens": 40}
+    async with Client(stack.ws_url(user="burst")) as client:
+        for rid, query in queries.items():
+            await client.chat(query, rid=rid, inputs={"tw_sim": controls})
+        results = {rid: await client.finish(rid, timeout=90) for rid in queries}
+    arrival = [(rid, kind) for rid, kind in _arrival_order(client) if kind in ("start", "end")]
+    open_streams, most = set(), 0
+    for rid, kind in arrival:
+        (open_streams.add if kind == "start" else open_streams.discard)(rid)
+        most = max(most, len(open_streams))
+    assert most <= 2, f"{most} streams to Dify at once with a cap of 2"
+    assert [rid for rid, kind in arrival if kind == "start"] == list(queries), (
+        "not answered in order"
+    )
+    waited = [rid for rid, frames in results.items() if any(f["type"] == "queued" for f in frames)]
+    assert len(waited) >= 3
+    for rid in waited:
+        first = next(f for f in results[rid] if f["type"] == "queued")
+        assert first["reason"] == "busy" and first["position"] >= 1
+    for rid, query in queries.items():
+        assert_seq_complete(results[rid])
+        assert answer_of(results[rid]) == expected_final_answer(query, controls)
+
+
+def _arrival_order(client: Client) -> list[tuple[str, str]]:
+    return [(f["id"], f["type"]) for f in client.arrivals]

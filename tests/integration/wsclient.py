@@ -44,6 +44,7 @@ class Client:
         self.hello: dict[str, Any] = {}
         self.frames: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.other: list[dict[str, Any]] = []
+        self.arrivals: list[dict[str, Any]] = []  # every request frame, in arrival order
         self._events: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
         self._other_event = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
@@ -74,6 +75,7 @@ class Client:
                 rid = frame.get("id")
                 if rid is not None and "seq" in frame:
                     self.frames[rid].append(frame)
+                    self.arrivals.append(frame)
                     self._events[rid].set()
                 else:
                     self.other.append(frame)

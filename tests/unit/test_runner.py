@@ -325,3 +325,22 @@ async def test_tokenwire_side_failures_send_the_job_back(exc: Exception) -> None
     msg = Msg()
     await runner(Broken(), FakeDify(ANSWER)).run(job(), msg)
     assert msg.settled[0][0] == "nak"
+
+
+async def test_jobs_beyond_the_stream_cap_wait_in_line_told_their_position() -> None:
+    bus = FakeBus()
+    settings = SETTINGS.model_copy(update={"worker_concurrency": 1})
+    r = JobRunner(bus, FakeDify(ANSWER * 5, delay=0.01), settings)  # type: ignore[arg-type]
+    jobs = [job().model_copy(update={"id": f"r{i}", "key": f"k{i}"}) for i in range(3)]
+    await asyncio.gather(*(r.run(j, Msg()) for j in jobs))
+    by_id = {j.id: [f for f in bus.frames if f["id"] == j.id] for j in jobs}
+    assert by_id["r0"][0]["type"] == "start"
+    assert (by_id["r1"][0]["type"], by_id["r1"][0]["position"]) == ("queued", 1)
+    assert (by_id["r2"][0]["type"], by_id["r2"][0]["position"]) == ("queued", 2)
+    for frames in by_id.values():
+        assert frames[-1]["type"] == "end" and answer_of(frames) == "Hello" * 5
+        assert [f["seq"] for f in frames] == list(range(2, 2 + len(frames)))
+    ends = [i for i, f in enumerate(bus.frames) if f["type"] == "end"]
+    starts = [i for i, f in enumerate(bus.frames) if f["type"] == "start"]
+    assert [bus.frames[i]["id"] for i in starts] == ["r0", "r1", "r2"]  # in arrival order
+    assert all(s > e for s, e in zip(starts[1:], ends[:-1], strict=True))  # one stream at a time
