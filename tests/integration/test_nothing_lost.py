@@ -12,8 +12,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import orjson
@@ -25,36 +23,6 @@ from tokenwire.natsserver import NatsServer
 from tokenwire.simulator import expected_final_answer
 
 pytestmark = pytest.mark.integration
-
-FAST_RETRY = {
-    "TOKENWIRE_RETRY_BASE_S": "0.5",
-    "TOKENWIRE_RETRY_MAX_S": "4",
-    "TOKENWIRE_BREAKER_COOLDOWN_S": "1",
-    "TOKENWIRE_JOB_ACK_WAIT_S": "3",
-    "TOKENWIRE_RECOVERY_POLL_S": "0.3",
-    "TOKENWIRE_LEASE_CHECK_S": "0.5",
-}
-
-
-@pytest.fixture
-def nats(tmp_path: Path) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_path / "nats", stop_grace=5.0)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def stack(nats: NatsServer, tmp_path: Path) -> Iterator[Stack]:
-    s = Stack(nats_url=nats.url, workdir=tmp_path, env_extra=FAST_RETRY)
-    s.simulator()
-    try:
-        yield s
-    except BaseException:
-        print(s.logs())
-        raise
-    finally:
-        s.close()
 
 
 def jobs_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:

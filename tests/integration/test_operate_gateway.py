@@ -7,49 +7,21 @@ import asyncio
 import signal
 import threading
 import uuid
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.integration.promtext import samples, value
 from tests.integration.resilient import ResilientClient
 from tests.integration.stack import Stack
 from tests.integration.wsclient import Client, answer_of
-from tokenwire.natsserver import NatsServer, free_port
+from tokenwire.natsserver import free_port
 from tokenwire.simulator import expected_final_answer
 
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    nats = NatsServer(tmp_path / "nats", stop_grace=5.0)
-    nats.start()
-    s = Stack(nats_url=nats.url, workdir=tmp_path, env_extra={"TOKENWIRE_DRAIN_DELAY_S": "0.5"})
-    s.simulator()
-    try:
-        yield s
-    except BaseException:
-        print(s.logs())
-        raise
-    finally:
-        s.close()
-        nats.stop()
-
-
-def samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out = {}
-    for family in text_string_to_metric_families(httpx.get(url, timeout=5).text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def value(metrics: dict, name: str, **labels: str) -> float:
-    return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
+STACK_ENV = {"TOKENWIRE_DRAIN_DELAY_S": "0.5"}
 
 
 async def test_gateway_metrics_after_answered_chats(stack: Stack) -> None:

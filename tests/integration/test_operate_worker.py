@@ -5,54 +5,15 @@ from __future__ import annotations
 import asyncio
 import signal
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
-import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.integration.promtext import samples, value
 from tests.integration.stack import Stack
 from tests.integration.wsclient import Client, answer_of, assert_seq_complete
-from tokenwire.natsserver import NatsServer
 from tokenwire.simulator import expected_final_answer
 
 pytestmark = pytest.mark.integration
-
-ENV = {
-    "TOKENWIRE_JOB_ACK_WAIT_S": "3",
-    "TOKENWIRE_RECOVERY_POLL_S": "0.3",
-    "TOKENWIRE_LEASE_CHECK_S": "0.5",
-}
-
-
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    nats = NatsServer(tmp_path / "nats", stop_grace=5.0)
-    nats.start()
-    s = Stack(nats_url=nats.url, workdir=tmp_path, env_extra=ENV)
-    s.simulator()
-    try:
-        yield s
-    except BaseException:
-        print(s.logs())
-        raise
-    finally:
-        s.close()
-        nats.stop()
-
-
-def samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = httpx.get(url, timeout=5).text
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def value(metrics: dict, name: str, **labels: str) -> float:
-    return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 async def test_worker_metrics_after_answered_chats(stack: Stack) -> None:
