@@ -51,8 +51,12 @@ FrameHandler = Callable[[Msg], Awaitable[None]]
 
 LIMITS_TIMEOUT_S = 1.0
 # How long storing a job is retried while JetStream has no leader for the stream.
-_STORE_RETRY_S = 5.0
-_LEADERLESS = (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError)
+# No stream leader yet (no responders, no stream response) or an ack lost to the election.
+_RETRYABLE = (
+    nats.errors.NoRespondersError,
+    nats.js.errors.NoStreamResponseError,
+    nats.errors.TimeoutError,
+)
 # JetStream's "wrong last sequence" error codes (a compare-and-set lost).
 _WRONG_LAST_SEQUENCE = (10071, 10164)
 
@@ -187,24 +191,27 @@ class GatewayBus:
     async def publish_job(self, job: Job) -> bool:
         """Store ``job`` in JetStream; returns True if it was a duplicate of a stored job.
 
-        While JetStream elects a new leader (a node died) it answers nothing for a moment:
-        the publish is retried for up to ``_STORE_RETRY_S``. Retrying is safe, the job's
-        ``Nats-Msg-Id`` makes a second copy a duplicate.
+        While JetStream elects a new leader (a node died) it answers nothing, or too late,
+        for a moment: the publish is retried for up to ``TOKENWIRE_JOB_STORE_TIMEOUT_S``.
+        Retrying is safe, the job's ``Nats-Msg-Id`` makes a second copy a duplicate; and a
+        duplicate after our own unanswered attempt is that attempt, not an earlier chat.
         """
-        deadline = time.monotonic() + _STORE_RETRY_S
+        deadline = time.monotonic() + self.settings.job_store_timeout_s
         delay = 0.1
         headers = {"Nats-Msg-Id": job.key, "Tw-Trace-Id": job.trace_id}
         propagate.inject(headers)  # traceparent, when tracing is on: the worker continues it
+        maybe_stored = False
         while True:
             try:
                 with map_nats_errors("store the request"):
                     ack = await self.js.publish(
                         JOB_CHAT, job.to_bytes(), timeout=5.0, headers=headers
                     )
-                return bool(ack.duplicate)
+                return bool(ack.duplicate) and not maybe_stored
             except InternalError as exc:
-                if not isinstance(exc.__cause__, _LEADERLESS) or time.monotonic() > deadline:
+                if not isinstance(exc.__cause__, _RETRYABLE) or time.monotonic() > deadline:
                     raise
+                maybe_stored = maybe_stored or isinstance(exc.__cause__, nats.errors.TimeoutError)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     frame_ttl_s: float = 15 * 60
     # JetStream dedup window for jobs: a chat re-sent with the same id within it is one job.
     job_dedup_window_s: float = 15 * 60
+    # How long a gateway keeps trying to store a chat while JetStream elects a leader,
+    # before it refuses it (bus_unavailable, retryable).
+    job_store_timeout_s: float = Field(default=15.0, gt=0)
     # How long a job may stay un-acked before JetStream redelivers it; workers send
     # in-progress acks well inside it while a long answer streams.
     job_ack_wait_s: float = 30.0

@@ -262,9 +262,9 @@ class JobRunner:
             return "nak", 2.0
 
     async def _ensure_kept(self, job: Job, running: Running) -> None:
-        """Retry through a NATS leader change (seconds) rather than hand the job back: this
-        delivery still holds every frame it published, a later one would not."""
-        for wait in (0.2, 0.5, 1.0, 2.0, 4.0, 8.0):
+        """Retry through a NATS leader change (about a minute at most) rather than hand the job
+        back: this delivery still holds every frame it published, a later one would not."""
+        for wait in (0.2, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0):
             try:
                 await self.bus.ensure_kept(job.reply, running.published)
                 return

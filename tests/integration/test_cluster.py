@@ -26,7 +26,7 @@ ENV = {
 }
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 async def test_killing_one_node_of_three_loses_nothing(tmp_path: Path) -> None:
     nodes = start_cluster(3, base_dir=tmp_path / "cluster")
     urls = ",".join(node.url for node in nodes)
@@ -60,7 +60,7 @@ async def test_killing_one_node_of_three_loses_nothing(tmp_path: Path) -> None:
         # Every kept frame is still there on the survivors: a late client resumes from 0.
         async with Client(stack.ws_url(gateways[1].port, user="cluster-0")) as late:  # type: ignore[attr-defined]
             await late.send({"type": "resume", "id": "k0-0", "after": 0})
-            replayed = await late.finish("k0-0")
+            replayed = await late.finish("k0-0", timeout=90)
         assert replayed == clients[0].frames["k0-0"]
         print(f"cluster: {sum(len(c.frames) for c in clients)} requests complete after a node died")
     except BaseException:
