@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -51,6 +52,7 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await _connect_with_retry(bus)
         refresher = asyncio.create_task(slots.run())
+        gc.freeze()  # the startup heap never dies: full collections need not walk it
         log.info("gateway ready", extra={"nats": _redact(settings.nats_url)})
         yield
         state["draining"] = True

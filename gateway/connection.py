@@ -295,7 +295,9 @@ class Connection:
                 self._room.set()
             if data is None:
                 return
-            await self.ws.send_text(data.decode())
+            text = data.decode()
+            del data  # an idle connection must not hold its last frame's 4 KiB buffer
+            await self.ws.send_text(text)
 
     # --- client frames --------------------------------------------------------------------
 

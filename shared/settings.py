@@ -111,6 +111,9 @@ class Settings(BaseSettings):
     # WebSocket pings every ping_interval_s (keep it under proxies' idle timeouts, 60 s in
     # nginx), closing with 1011 when no pong comes within pong_timeout_s.
     idle_timeout_s: float = Field(default=300.0, gt=0)
+    # permessage-deflate: tokens are small JSON that compress poorly, and each connection's
+    # zlib state costs ~40 KiB (docs/benchmarks.md). Off unless asked for.
+    ws_deflate: bool = False
     ping_interval_s: float = Field(default=20.0, gt=0, le=25)
     pong_timeout_s: float = Field(default=20.0, gt=0)
     # SO_SNDBUF of client sockets (0: the kernel's autotuning, up to 4 MiB on Linux): what the

@@ -84,6 +84,8 @@ def gateway(
         ws_max_size=settings.max_frame_bytes * 4,
         # Protocol-level pings (browsers answer them without any code): they keep proxies from
         # closing idle sockets and find dead peers; no pong in time closes with 1011.
+        # Frames are small JSON that compress poorly; deflate costs ~40 KiB per connection.
+        ws_per_message_deflate=settings.ws_deflate,
         ws_ping_interval=settings.ping_interval_s,
         ws_ping_timeout=settings.pong_timeout_s,
         log_config=None,

@@ -124,8 +124,10 @@ class DifyClient:
                 write=30.0,
                 pool=settings.dify_read_timeout_s,
             ),
-            # Room for every concurrent stream plus their stop calls.
-            limits=httpx.Limits(max_connections=pool * 2, max_keepalive_connections=pool),
+            # Room for every concurrent stream plus their stop calls. Few idle keep-alives:
+            # httpcore scans every pooled connection on each request and response close, so a
+            # pool as large as the concurrency costs O(streams) per token stream (bench/).
+            limits=httpx.Limits(max_connections=pool * 2, max_keepalive_connections=min(pool, 32)),
             transport=transport,
         )
         self._stop_timeout = settings.dify_stop_timeout_s
