@@ -245,7 +245,7 @@ class JobRunner:
                 await self._attempt(job, running, kept, seq, machine)
                 settle: tuple[str, float] = ("ack", 0.0)
             except _Retry as retry:
-                settle = await self._retry_or_give_up(job, retry.cause, attempt, seq, machine)
+                settle = await self._retry_or_give_up(job, retry.cause, attempt, seq)
             # Frames travel on core NATS (no per-token ack), so a stream leader change can
             # drop some from TW_FRAMES; make sure all of them are kept before the job is done.
             await self._ensure_kept(job, running)
@@ -295,9 +295,9 @@ class JobRunner:
             # Dify began this answer in an earlier delivery: recover it, never ask twice.
             if await self._recover(job, ids, _answer_of(kept), seq, machine, running):
                 return
-            machine = await self._reset(job, seq, machine, "recovery_failed")
+            machine = await self._reset(job, seq, "recovery_failed")
         elif machine.state in (RequestState.STARTED, RequestState.FAILED, RequestState.ENDED):
-            machine = await self._reset(job, seq, machine, "replayed" if job.replay else "retry")
+            machine = await self._reset(job, seq, "replayed" if job.replay else "retry")
         now = time.monotonic()
         if not self.breaker.allow(now):
             raise _Retry(
@@ -354,13 +354,10 @@ class JobRunner:
                 self._streaming -= 1
                 self._turns.notify_all()
 
-    async def _reset(
-        self, job: Job, seq: SeqCounter, machine: RequestMachine, reason: str
-    ) -> RequestMachine:
-        fresh = RequestMachine(RequestState.RESET)
+    async def _reset(self, job: Job, seq: SeqCounter, reason: str) -> RequestMachine:
+        """Discard the partial answer: the request starts over, after a ``reset``."""
         await self._publish(job, [Reset(id=job.id, seq=seq.next(), reason=reason)])
-        _ = machine
-        return fresh
+        return RequestMachine(RequestState.RESET)
 
     # --- asking Dify ----------------------------------------------------------------------
 
@@ -546,7 +543,6 @@ class JobRunner:
         cause: DifyUnavailable,
         attempt: int,
         seq: SeqCounter,
-        machine: RequestMachine,
     ) -> tuple[str, float]:
         age_s = time.time() - job.created_ms / 1000
         if attempt >= self.settings.job_max_attempts or age_s >= self.settings.job_max_age_s:
@@ -586,7 +582,6 @@ class JobRunner:
             "Dify unavailable; job sent back",
             extra={"attempt": attempt, "delay_s": round(delay, 2)},
         )
-        _ = machine
         return "nak", delay
 
     # --- plumbing ---------------------------------------------------------------------------
