@@ -20,6 +20,7 @@ endpoint with the task id and the same user, then closes the request with ``end`
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import time
@@ -326,7 +327,9 @@ class JobRunner:
 
         async with self._turns:
             if self._streaming >= limit or self._line:
-                self._line.append(running)
+                # In the order the gateways accepted the chats, not the order deliveries got
+                # here: a few awaits before this point can reorder deliveries by milliseconds.
+                bisect.insort(self._line, running, key=lambda r: (r.job.created_ms, r.job.key))
                 try:
                     while not my_turn():
                         queued = Queued(
