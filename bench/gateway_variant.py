@@ -1,11 +1,11 @@
 """The gateway app under other server settings, for the levers that need no code change.
 
 ``tokenwire gateway`` runs ``gateway.app.create_app`` under uvicorn with uvicorn's automatic
-choices (uvloop, the ``websockets-sansio`` implementation, per-message deflate offered) and has
-no flag to change them. This launcher builds the very same app from the very same settings and
-serves it with one setting changed, so the benchmark can measure what each choice is worth:
+choices (uvloop, the ``websockets-sansio`` implementation) and has no flag to change them.
+This launcher builds the very same app from the very same settings and serves it with one
+setting changed, so the benchmark can measure what each choice is worth:
 
-    python -m bench.gateway_variant --port P --ws wsproto --loop asyncio --no-deflate
+    python -m bench.gateway_variant --port P --ws wsproto --loop asyncio --deflate
     python -m bench.gateway_variant --port P --server granian
 
 It is a benchmark tool only; a lever that wins should become a real gateway option.
@@ -134,7 +134,9 @@ def main() -> None:
         "--ws", default="auto", choices=["auto", "websockets", "websockets-sansio", "wsproto"]
     )
     parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
-    parser.add_argument("--no-deflate", action="store_true", help="refuse permessage-deflate")
+    deflate = parser.add_mutually_exclusive_group()
+    deflate.add_argument("--deflate", action="store_true", help="accept permessage-deflate")
+    deflate.add_argument("--no-deflate", action="store_true", help="refuse permessage-deflate")
     parser.add_argument("--lag-probe", action="store_true", help="report loop lag and GC pauses")
     parser.add_argument(
         "--trace-memory",
@@ -183,7 +185,14 @@ def main() -> None:
         port=args.port,
         ws=args.ws,
         loop=args.loop,
-        ws_per_message_deflate=not args.no_deflate,
+        # As `tokenwire gateway` (TOKENWIRE_WS_DEFLATE) unless a flag says otherwise.
+        ws_per_message_deflate=(
+            True
+            if args.deflate
+            else False
+            if args.no_deflate
+            else bool(getattr(settings, "ws_deflate", True))
+        ),
         ws_max_size=settings.max_frame_bytes * 4,
         # The same pings as `tokenwire gateway` (older settings had none: 20 s).
         ws_ping_interval=getattr(settings, "ping_interval_s", 20.0),

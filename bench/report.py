@@ -685,10 +685,9 @@ def _section_levers(results: dict[str, Any]) -> list[str]:
                 ]
             )
         lines += [
-            "Settings that need a code change, tried first through the bench launchers "
-            "(`python -m bench.worker_variant` / `bench.gateway_variant`: the same apps and "
-            "settings, one thing changed: `--gc-freeze` calls `gc.freeze()` once the app is "
-            "built; `--pull-batch N` replaces the job subscriber's `PullSub(batch_size=1)`), "
+            "A worker setting that needs a code change, tried first through "
+            "`python -m bench.worker_variant` (the same app and settings; `--pull-batch N` "
+            "replaces the job subscriber's `PullSub(batch_size=1)`), "
             f"on the paced load of section 4 at {intake['streams']:,} streams (the first step "
             "where tokenwire as shipped broke the bound):",
             "",

@@ -59,20 +59,10 @@ class Plan:
     worker_variants: list[tuple[str, list[str], list[str]]] = field(
         default_factory=lambda: [
             ("as shipped", [], []),
-            ("worker gc.freeze()", ["--gc-freeze"], []),
             ("worker pull batch 32", ["--pull-batch", "32"], []),
-            ("worker gc.freeze() + pull batch 32", ["--gc-freeze", "--pull-batch", "32"], []),
-            (
-                "both gc.freeze(), pull batch 32, gateway without deflate",
-                ["--gc-freeze", "--pull-batch", "32"],
-                ["--gc-freeze", "--no-deflate"],
-            ),
         ]
     )
-    tuned_ramp: tuple[list[str], list[str]] | None = (
-        ["--gc-freeze", "--pull-batch", "32"],
-        ["--gc-freeze", "--no-deflate"],
-    )
+    tuned_ramp: tuple[list[str], list[str]] | None = None
 
     @classmethod
     def full(cls) -> Plan:
@@ -94,13 +84,12 @@ class Plan:
             ramp_targets=["tokenwire", "tutorial", "sse", "bare"],
             topology_ramp=True,
             levers=[
-                ("uvicorn, uvloop, websockets-sansio, deflate (default)", []),
-                ("no permessage-deflate", ["--no-deflate"]),
+                ("as shipped: uvicorn, uvloop, websockets-sansio, no deflate", []),
+                ("permessage-deflate on", ["--deflate"]),
                 ("ws=websockets (legacy impl)", ["--ws", "websockets"]),
                 ("ws=wsproto", ["--ws", "wsproto"]),
                 ("loop=asyncio (no uvloop)", ["--loop", "asyncio"]),
                 ("granian (ASGI, uvloop)", ["--server", "granian"]),
-                ("gc.freeze() at start", ["--gc-freeze"]),
             ],
             lever_idle=2000,
             profile=True,
@@ -125,8 +114,8 @@ class Plan:
             ramp_targets=["tokenwire", "tutorial", "sse"],
             topology_ramp=False,
             levers=[
-                ("uvicorn, uvloop, websockets-sansio, deflate (default)", []),
-                ("no permessage-deflate", ["--no-deflate"]),
+                ("as shipped: uvicorn, uvloop, websockets-sansio, no deflate", []),
+                ("permessage-deflate on", ["--deflate"]),
             ],
             lever_idle=100,
             profile=False,
@@ -136,7 +125,7 @@ class Plan:
             worker_lever_min_streams=0,
             worker_variants=[
                 ("as shipped", [], []),
-                ("worker gc.freeze() + pull batch 8", ["--gc-freeze", "--pull-batch", "8"], []),
+                ("worker pull batch 8", ["--pull-batch", "8"], []),
             ],
             tuned_ramp=None,
         )
