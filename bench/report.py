@@ -832,6 +832,17 @@ def write_report(results: dict[str, Any], out: Path) -> list[Path]:
         "",
         _table(["target", "wanted", "measured", ""], _targets(results)),
         "",
+        *(
+            [
+                "With other work on the machine, a ratio can pass or fail by noise: the bare "
+                "ceiling it divides by was "
+                f"{results['throughput']['rows'][0]['frames_per_s']:,.0f} frames/s in this run "
+                "(see the analysis under Levers for the spread across runs).",
+                "",
+            ]
+            if busiest > 5.0 and "throughput" in results
+            else []
+        ),
     ]
     for name, error in results.get("failed_sections", {}).items():
         lines += [f"> **Section “{name}” failed in this run:** `{error}`", ""]
