@@ -7,28 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.stack import Stack
+from tests.integration.stack import Stack, running_stack
 from tokenwire.natsserver import NatsServer
 
 
 @pytest.fixture(scope="module")
 def spine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One gateway and one worker over a real nats-server and the Dify simulator over HTTP."""
-    workdir: Path = tmp_path_factory.mktemp("spine")
-    server = NatsServer(workdir / "nats", stop_grace=5.0)
-    server.start()
-    stack = Stack(nats_url=server.url, workdir=workdir)
-    try:
-        stack.simulator()
-        stack.worker()
+    with running_stack(tmp_path_factory.mktemp("spine")) as stack:
         stack.gateway()
         yield stack
-    except BaseException:
-        print(stack.logs())
-        raise
-    finally:
-        stack.close()
-        server.stop()
 
 
 # Timings short enough for tests; a module may add its own with STACK_ENV = {...}.

@@ -6,21 +6,22 @@ logs to a file in the test's tmp dir, and is stopped (or killed, for chaos) by t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from tokenwire.natsserver import free_port
+from tokenwire.natsserver import NatsServer, free_port
 from tokenwire.procs import kill_process, spawn, stop_process
 
-__all__ = ["Proc", "Stack"]
+__all__ = ["Proc", "Stack", "running_stack"]
 
 
 @dataclass
@@ -163,3 +164,22 @@ class Stack:
 
     def logs(self) -> str:
         return "\n".join(f"===== {p.name}\n{p.tail(60)}" for p in self.procs)
+
+
+@contextlib.contextmanager
+def running_stack(workdir: Path) -> Iterator[Stack]:
+    """A nats-server of its own, the simulator and one worker; the caller adds gateways.
+    On failure the processes' last log lines are printed; everything is stopped after."""
+    server = NatsServer(workdir / "nats", stop_grace=5.0)
+    server.start()
+    stack = Stack(nats_url=server.url, workdir=workdir)
+    try:
+        stack.simulator()
+        stack.worker()
+        yield stack
+    except BaseException:
+        print(stack.logs())
+        raise
+    finally:
+        stack.close()
+        server.stop()

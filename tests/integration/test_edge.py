@@ -12,7 +12,6 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,9 +25,8 @@ from websockets.frames import Frame, Opcode
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
-from tests.integration.stack import Stack
+from tests.integration.stack import Stack, running_stack
 from tests.integration.wsclient import Client, answer_of, assert_seq_complete
-from tokenwire.natsserver import NatsServer
 from tokenwire.simulator import expected_answer
 
 pytestmark = pytest.mark.integration
@@ -78,24 +76,12 @@ class Edge:
 
 @pytest.fixture(scope="module")
 def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
-    workdir: Path = tmp_path_factory.mktemp("edge")
-    server = NatsServer(workdir / "nats", stop_grace=5.0)
-    server.start()
-    stack = Stack(nats_url=server.url, workdir=workdir)
-    try:
-        stack.simulator()
-        stack.worker()
+    with running_stack(tmp_path_factory.mktemp("edge")) as stack:
         a = stack.gateway("gateway-a", **CLUSTER_ENV)
         b = stack.gateway("gateway-b", **CLUSTER_ENV)
         c = stack.gateway("gateway-c", **LIVENESS_ENV)
         d = stack.gateway("gateway-d", **IDLE_ENV)
         yield Edge(stack, a.port, b.port, c.port, d.port)
-    except BaseException:
-        print(stack.logs())
-        raise
-    finally:
-        stack.close()
-        server.stop()
 
 
 def token(sub: str, *, exp_in: float = 600, aud: str = AUDIENCE, secret: str = SECRET) -> str:

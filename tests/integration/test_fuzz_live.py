@@ -18,7 +18,6 @@ import random
 import string
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -30,9 +29,8 @@ from websockets.sync.client import connect as sync_connect
 
 from shared.exceptions import ClientError
 from shared.frames import ChatFrame, ClientLimits, PingFrame, decode_client_frame
-from tests.integration.stack import Stack
+from tests.integration.stack import Stack, running_stack
 from tests.integration.wsclient import Client, answer_of, assert_seq_complete
-from tokenwire.natsserver import NatsServer
 from tokenwire.simulator import expected_answer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -58,21 +56,9 @@ GATEWAY_ENV = {
 
 @pytest.fixture(scope="module")
 def fuzz_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    workdir: Path = tmp_path_factory.mktemp("fuzz")
-    server = NatsServer(workdir / "nats", stop_grace=5.0)
-    server.start()
-    stack = Stack(nats_url=server.url, workdir=workdir)
-    try:
-        stack.simulator()
-        stack.worker()
+    with running_stack(tmp_path_factory.mktemp("fuzz")) as stack:
         stack.gateway(**GATEWAY_ENV)
         yield stack
-    except BaseException:
-        print(stack.logs())
-        raise
-    finally:
-        stack.close()
-        server.stop()
 
 
 # --- the corpus and the mutations ------------------------------------------------------------
