@@ -21,10 +21,14 @@ Every error a client can receive is one of these classes; its ``code`` is the st
     │   │                               conversation_not_found, dify_payload_too_large,
     │   │                               unknown_app (fails at once)
     │   ├── DifyUnavailable             upstream_unavailable, dify_rate_limited,
-    │   │                               dify_server_error (retryable)
+    │   │   │                           dify_server_error (retryable)
+    │   │   └── CircuitOpen             upstream_unavailable: this worker does not ask Dify yet
     │   ├── DifyStreamError             upstream_error: an in-band ``error`` event
     │   └── DifyStreamCut               upstream_cut: the stream ended before the answer did
     └── InternalError                   internal_error, bus_unavailable: tokenwire failed
+        └── BusUnavailable              bus_unavailable: NATS/JetStream cannot do it now
+            └── BusRetryable            bus_unavailable: no answer yet (leader election);
+                                        the same call soon may succeed
 
 Close codes live here too (:class:`CloseCode`). 4000–4099 mean "do not reconnect as is"
 (fix the token or the client first); 4100–4199 mean "reconnect, then ``resume``": a client can
@@ -37,6 +41,9 @@ from enum import IntEnum, StrEnum
 from typing import ClassVar
 
 __all__ = [
+    "BusRetryable",
+    "BusUnavailable",
+    "CircuitOpen",
     "ClientError",
     "CloseCode",
     "DifyRejected",
@@ -286,6 +293,10 @@ class DifyUnavailable(UpstreamError):
     default_retryable = True
 
 
+class CircuitOpen(DifyUnavailable):
+    """This worker's circuit breaker is open: Dify is not asked until the next probe."""
+
+
 class DifyStreamError(UpstreamError):
     """Dify sent an in-band ``error`` event after the stream had started."""
 
@@ -307,3 +318,19 @@ class InternalError(TokenwireError):
 
     default_code = ErrorCode.INTERNAL_ERROR
     default_retryable = True
+
+
+class BusUnavailable(InternalError):
+    """NATS or JetStream could not do what was asked (disconnected, refused, failed)."""
+
+    default_code = ErrorCode.BUS_UNAVAILABLE
+
+
+class BusRetryable(BusUnavailable):
+    """NATS gave no answer yet (no responders, no stream response, a timeout): typically a
+    JetStream leader election, so the same call soon may succeed. ``maybe_done``: the call
+    may have taken effect even so (it timed out waiting for the acknowledgement)."""
+
+    def __init__(self, message: str, *, maybe_done: bool = False) -> None:
+        super().__init__(message)
+        self.maybe_done = maybe_done
