@@ -6,9 +6,9 @@ Every error a client can receive is one of these classes; its ``code`` is the st
     TokenwireError                      root; code, message, retryable
     ├── ClientError                     the client sent something we refuse (never retried)
     │   ├── FrameError                  bad_json, unknown_type, invalid_frame
-    │   ├── FrameTooLarge               frame_too_large (also closes the socket with 1009)
+    │   ├── FrameTooLarge               frame_too_large (the connection stays open)
     │   ├── DuplicateRequest            duplicate_id
-    │   ├── UnknownRequest              unknown_request (stop/resume of an id we do not hold)
+    │   ├── UnknownRequest              unknown_request (resume of an id with no kept frames)
     │   ├── LimitExceeded               too_many_inflight (retry later)
     │   │   ├── RateLimited             rate_limited (with a retry hint)
     │   │   └── TooManyConnections      too_many_connections (closes with 4004 or 1013)
@@ -30,15 +30,23 @@ Every error a client can receive is one of these classes; its ``code`` is the st
             └── BusRetryable            bus_unavailable: no answer yet (leader election);
                                         the same call soon may succeed
 
-Close codes live here too (:class:`CloseCode`). 4000–4099 mean "do not reconnect as is"
-(fix the token or the client first); 4100–4199 mean "reconnect, then ``resume``": a client can
-decide from the number alone.
+Close codes live here too (:class:`CloseCode`), each with the one thing a client does after
+it (:class:`ClosePolicy`): reconnect and ``resume``, refresh the token first, wait for the
+user, or give up. The policy is a pure mapping (:func:`close_policy`); both clients obey it,
+the Python client by importing it and the browser SDK through ``web/sdk/close-codes.js``,
+which ``python -m shared.exceptions`` generates from :func:`close_code_table` (a unit test
+keeps the committed file equal to it). An error that closes the socket names its code
+(``close_code``); one that carries a retry hint gives it as ``retry_after_ms``.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import sys
 from enum import IntEnum, StrEnum
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, Final
 
 __all__ = [
     "BusRetryable",
@@ -65,6 +73,9 @@ __all__ = [
     "Unauthorized",
     "UnknownRequest",
     "UpstreamError",
+    "close_code_table",
+    "close_codes_module",
+    "close_policy",
 ]
 
 
@@ -98,29 +109,52 @@ class ErrorCode(StrEnum):
     BUS_UNAVAILABLE = "bus_unavailable"
 
 
-class CloseCode(IntEnum):
-    """WebSocket close codes the gateway uses.
+class ClosePolicy(StrEnum):
+    """What a client does after the socket closed with a given code."""
 
-    Standard codes keep their RFC 6455 meaning. Private codes are split in two ranges so that a
-    client knows what to do from the number: 4000–4099 do not reconnect unchanged,
-    4100–4199 reconnect (with backoff) and ``resume`` in-flight requests.
+    #: Reconnect with backoff (at least ``retry_after_ms`` when the close came with one), then
+    #: ``resume`` every request in flight.
+    RECONNECT = "reconnect"
+    #: Ask the token provider for a fresh token, then reconnect and ``resume``. Without a
+    #: provider there is nothing fresh to ask for: give up.
+    REFRESH_TOKEN = "refresh_token"
+    #: Stay closed until the application sends something (then reconnect and send it);
+    #: requests still unfinished count as something to send.
+    WAIT_FOR_USER = "wait_for_user"
+    #: End the connection for good: requests in flight fail.
+    GIVE_UP = "give_up"
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes a client of the gateway can see, each with its :attr:`policy`.
+
+    Standard codes keep their RFC 6455 meaning; 4000–4199 are tokenwire's own.
     """
 
     NORMAL = 1000
     GOING_AWAY = 1001
+    # A malformed WebSocket frame (the client's WebSocket implementation is broken).
+    PROTOCOL_ERROR = 1002
+    # Never sent on the wire: what a client sees when the socket ended without a close frame
+    # (a network failure, a killed gateway, or an HTTP refusal of the upgrade).
+    ABNORMAL_CLOSURE = 1006
+    # A text frame that is not valid UTF-8.
+    INVALID_DATA = 1007
     POLICY_VIOLATION = 1008
+    # A frame far over TOKENWIRE_MAX_FRAME_BYTES (the server refuses to read it at all).
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
+    # The server restarted without draining.
+    SERVICE_RESTART = 1012
     # This gateway is full (its TOKENWIRE_MAX_CONNECTIONS): try again later, maybe elsewhere.
     TRY_AGAIN_LATER = 1013
-    # 4000-4099: do not reconnect as is.
     UNAUTHORIZED = 4001
     # The token expired: get a fresh one, then reconnect (and resume).
     TOKEN_EXPIRED = 4002
     FORBIDDEN = 4003
-    # The user already holds TOKENWIRE_MAX_CONNECTIONS_PER_USER connections (cluster-wide).
+    # The user already holds TOKENWIRE_MAX_CONNECTIONS_PER_USER connections (cluster-wide);
+    # slots of connections that dropped expire after TOKENWIRE_CONNECTION_TTL_S.
     TOO_MANY_CONNECTIONS = 4004
-    # 4100-4199: reconnect and resume.
     DRAINING = 4100
     SLOW_CONSUMER = 4101
     BUS_UNAVAILABLE = 4102
@@ -128,20 +162,88 @@ class CloseCode(IntEnum):
     IDLE_TIMEOUT = 4103
 
     @property
-    def should_reconnect(self) -> bool:
-        """Whether a client should reconnect (and resume) after this close."""
-        return 4100 <= self.value <= 4199 or self in (
-            CloseCode.GOING_AWAY,
-            CloseCode.INTERNAL_ERROR,
-            CloseCode.TRY_AGAIN_LATER,
-        )
+    def policy(self) -> ClosePolicy:
+        """What a client does after this close."""
+        return _CLOSE_POLICIES[self]
+
+
+_CLOSE_POLICIES: Final[dict[CloseCode, ClosePolicy]] = {
+    CloseCode.NORMAL: ClosePolicy.WAIT_FOR_USER,
+    CloseCode.GOING_AWAY: ClosePolicy.RECONNECT,
+    CloseCode.PROTOCOL_ERROR: ClosePolicy.GIVE_UP,
+    CloseCode.ABNORMAL_CLOSURE: ClosePolicy.RECONNECT,
+    CloseCode.INVALID_DATA: ClosePolicy.GIVE_UP,
+    CloseCode.POLICY_VIOLATION: ClosePolicy.GIVE_UP,
+    # The clients never send that frame again (they check hello's limit before sending, and
+    # fail the request that was too large): the others reconnect and resume.
+    CloseCode.MESSAGE_TOO_BIG: ClosePolicy.RECONNECT,
+    CloseCode.INTERNAL_ERROR: ClosePolicy.RECONNECT,
+    CloseCode.SERVICE_RESTART: ClosePolicy.RECONNECT,
+    CloseCode.TRY_AGAIN_LATER: ClosePolicy.RECONNECT,
+    CloseCode.UNAUTHORIZED: ClosePolicy.GIVE_UP,
+    CloseCode.TOKEN_EXPIRED: ClosePolicy.REFRESH_TOKEN,
+    CloseCode.FORBIDDEN: ClosePolicy.GIVE_UP,
+    # With backoff: a dropped connection's slot lingers until its TTL, so a reconnect right
+    # after a network failure can meet it; giving up would lose the answers in flight.
+    CloseCode.TOO_MANY_CONNECTIONS: ClosePolicy.RECONNECT,
+    CloseCode.DRAINING: ClosePolicy.RECONNECT,
+    CloseCode.SLOW_CONSUMER: ClosePolicy.RECONNECT,
+    CloseCode.BUS_UNAVAILABLE: ClosePolicy.RECONNECT,
+    CloseCode.IDLE_TIMEOUT: ClosePolicy.WAIT_FOR_USER,
+}
+
+#: The policy of a code outside the catalogue (1005 "no status", a proxy's own code, …), and
+#: of a socket that never opened (no close code at all).
+DEFAULT_CLOSE_POLICY: Final = ClosePolicy.RECONNECT
+
+
+def close_policy(code: int | None) -> ClosePolicy:
+    """What a client does after a close with ``code`` (None: the socket never opened)."""
+    if code is None:
+        return DEFAULT_CLOSE_POLICY
+    try:
+        return CloseCode(code).policy
+    except ValueError:
+        return DEFAULT_CLOSE_POLICY
+
+
+def close_code_table() -> dict[str, Any]:
+    """The close-code policy as plain JSON data: what the browser SDK imports."""
+    return {
+        "default": DEFAULT_CLOSE_POLICY.value,
+        "codes": {
+            str(int(code)): {"name": code.name, "policy": code.policy.value} for code in CloseCode
+        },
+    }
+
+
+_MODULE_HEADER: Final = """\
+// GENERATED by `python -m shared.exceptions` from shared/exceptions.py: do not edit.
+// What a client does after each close code (reconnect | refresh_token | wait_for_user |
+// give_up); tests/unit/test_close_codes.py keeps this file equal to the catalogue.
+// An ES module rather than a .json file: importing JSON needs import attributes, which
+// bundlers and type checkers handle unevenly; this loads anywhere an ES module does.
+"""
+
+
+def close_codes_module() -> str:
+    """The text of ``web/sdk/close-codes.js``: the table of :func:`close_code_table`."""
+    table = json.dumps(close_code_table(), indent=2)
+    return f"{_MODULE_HEADER}\nexport const CLOSE_CODES = Object.freeze({table});\n"
 
 
 class TokenwireError(Exception):
-    """Root of every tokenwire error. ``str()`` is ``"code: message"``."""
+    """Root of every tokenwire error. ``str()`` is ``"code: message"``.
+
+    ``close_code`` is the code the gateway closes the socket with after sending this error
+    (None: the connection stays open); ``retry_after_s`` is a hint of when the same frame may
+    pass (None: no hint), on the wire as ``retry_after_ms``.
+    """
 
     default_code: ClassVar[ErrorCode] = ErrorCode.INTERNAL_ERROR
     default_retryable: ClassVar[bool] = False
+    close_code: ClassVar[CloseCode | None] = None
+    retry_after_s: float | None = None
 
     def __init__(
         self,
@@ -157,6 +259,13 @@ class TokenwireError(Exception):
 
     def __str__(self) -> str:
         return f"{self.code.value}: {self.message}"
+
+    @property
+    def retry_after_ms(self) -> int | None:
+        """``retry_after_s`` in whole milliseconds (at least 1), or None without a finite hint."""
+        if self.retry_after_s is None or not math.isfinite(self.retry_after_s):
+            return None
+        return max(1, math.ceil(self.retry_after_s * 1000))
 
 
 # --- the client is at fault -------------------------------------------------------------
@@ -188,7 +297,13 @@ class FrameError(ClientError):
 
 
 class FrameTooLarge(ClientError):
-    """A frame over ``TOKENWIRE_MAX_FRAME_BYTES``; the socket is closed with 1009."""
+    """A frame over ``TOKENWIRE_MAX_FRAME_BYTES``: refused, the connection stays open.
+
+    Its ``request_id`` is unknown (the frame is not parsed), so the error is connection-level;
+    the clients never send such a frame (``hello.limits.max_frame_bytes``) and fail the
+    request locally with this code instead. A frame over four times the limit never reaches
+    tokenwire: the WebSocket server closes the socket with 1009 (MESSAGE_TOO_BIG).
+    """
 
     default_code = ErrorCode.FRAME_TOO_LARGE
 
@@ -200,7 +315,9 @@ class DuplicateRequest(ClientError):
 
 
 class UnknownRequest(ClientError):
-    """``stop`` or ``resume`` of an id that this user has no (unexpired) request for."""
+    """``resume`` of an id this user has no kept frames for (never asked, another user's, or
+    expired): the request ``id`` fails with it (an ``error`` with ``seq``). A ``stop`` of such
+    an id is not refused: there is nothing to stop, and nothing answers it."""
 
     default_code = ErrorCode.UNKNOWN_REQUEST
 
@@ -221,41 +338,47 @@ class RateLimited(LimitExceeded):
         self, message: str, *, retry_after_s: float, request_id: str | None = None
     ) -> None:
         super().__init__(message, request_id=request_id)
-        self.retry_after_s = retry_after_s
+        self.retry_after_s: float | None = retry_after_s
 
 
 class TooManyConnections(LimitExceeded):
-    """Over the per-user (cluster-wide) or per-gateway connection cap."""
+    """Over the per-user (cluster-wide) cap, close 4004; over the per-gateway cap the gateway
+    closes with 1013 (TRY_AGAIN_LATER) instead."""
 
     default_code = ErrorCode.TOO_MANY_CONNECTIONS
+    close_code = CloseCode.TOO_MANY_CONNECTIONS
 
     def __init__(self, message: str, *, retry_after_s: float) -> None:
         super().__init__(message)
-        self.retry_after_s = retry_after_s
+        self.retry_after_s: float | None = retry_after_s
 
 
 class Unauthorized(ClientError):
     """No valid credentials: a missing, forged, expired or wrong-audience token."""
 
     default_code = ErrorCode.UNAUTHORIZED
+    close_code = CloseCode.UNAUTHORIZED
 
 
 class TokenExpired(Unauthorized):
     """The token's ``exp`` has passed (at the handshake, or during the connection's life)."""
 
     default_code = ErrorCode.TOKEN_EXPIRED
+    close_code = CloseCode.TOKEN_EXPIRED
 
 
 class Forbidden(ClientError):
     """Valid credentials that may not do this (e.g. an ``auth`` frame for another user)."""
 
     default_code = ErrorCode.FORBIDDEN
+    close_code = CloseCode.FORBIDDEN
 
 
 class IdleTimeout(ClientError):
     """Nothing happened on the connection for ``TOKENWIRE_IDLE_TIMEOUT_S``."""
 
     default_code = ErrorCode.IDLE_TIMEOUT
+    close_code = CloseCode.IDLE_TIMEOUT
 
 
 # --- Dify is at fault -------------------------------------------------------------------
@@ -334,3 +457,19 @@ class BusRetryable(BusUnavailable):
     def __init__(self, message: str, *, maybe_done: bool = False) -> None:
         super().__init__(message)
         self.maybe_done = maybe_done
+
+
+def _main(argv: list[str]) -> int:
+    """``python -m shared.exceptions [PATH]``: write the SDK's close-code table (default:
+    web/sdk/close-codes.js of this checkout)."""
+    path = Path(argv[0]) if argv else Path(__file__).resolve().parents[1] / CLOSE_CODES_JS
+    path.write_text(close_codes_module(), encoding="utf-8")
+    print(f"wrote {path}")
+    return 0
+
+
+#: Where the generated table lives, relative to the repository.
+CLOSE_CODES_JS: Final = "web/sdk/close-codes.js"
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))

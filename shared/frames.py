@@ -57,10 +57,14 @@ PROTOCOL_VERSION: Final = 1
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Hello:
+    """``limits`` are the gateway's input limits a client checks before sending (today
+    ``max_frame_bytes``): a frame over them is refused, so a client fails it locally."""
+
     session: str
     user: str
     server: str
     protocol: int = PROTOCOL_VERSION
+    limits: dict[str, int] = field(default_factory=dict)
     type: Literal["hello"] = "hello"
 
 
@@ -139,13 +143,15 @@ class End:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ErrorFrame:
-    """``id``/``seq`` are None for connection-level errors; they are then left off the wire."""
+    """``id``/``seq`` are None for connection-level errors, ``retry_after_ms`` when the error
+    carries no retry hint; each is then left off the wire."""
 
     code: str
     message: str
     retryable: bool
     id: str | None = None
     seq: int | None = None
+    retry_after_ms: int | None = None
     type: Literal["error"] = "error"
 
 
@@ -175,15 +181,19 @@ _SERVER_TYPES: dict[str, type[Any]] = {
 
 def encode(frame: ServerFrame) -> bytes:
     """The wire bytes of a server frame (one JSON object)."""
-    if isinstance(frame, ErrorFrame) and frame.id is None:
-        return orjson.dumps(
-            {
-                "type": "error",
-                "code": frame.code,
-                "message": frame.message,
-                "retryable": frame.retryable,
-            }
-        )
+    if isinstance(frame, ErrorFrame):
+        obj: dict[str, Any] = {
+            "type": "error",
+            "code": frame.code,
+            "message": frame.message,
+            "retryable": frame.retryable,
+        }
+        if frame.id is not None:
+            obj["id"] = frame.id
+            obj["seq"] = frame.seq
+        if frame.retry_after_ms is not None:
+            obj["retry_after_ms"] = frame.retry_after_ms
+        return orjson.dumps(obj)
     return orjson.dumps(frame)
 
 
@@ -207,9 +217,15 @@ def peek_id_seq(data: bytes) -> tuple[str, int, str]:
 def error_frame(
     exc: TokenwireError, *, id: str | None = None, seq: int | None = None
 ) -> ErrorFrame:
-    """The ``error`` frame a client receives for ``exc``: its code, message and retryability."""
+    """The ``error`` frame a client receives for ``exc``: its code, message, retryability
+    and retry hint."""
     return ErrorFrame(
-        id=id, seq=seq, code=exc.code.value, message=exc.message, retryable=exc.retryable
+        id=id,
+        seq=seq,
+        code=exc.code.value,
+        message=exc.message,
+        retryable=exc.retryable,
+        retry_after_ms=exc.retry_after_ms,
     )
 
 
@@ -289,6 +305,10 @@ class ClientLimits:
     max_inputs_bytes: int = 32 * 1024
     max_inputs_depth: int = 8
     max_files: int = 10
+
+    def announced(self) -> dict[str, int]:
+        """What ``hello.limits`` tells a client, so that it can refuse a frame before sending."""
+        return {"max_frame_bytes": self.max_frame_bytes}
 
 
 def _depth(value: Any, limit: int, level: int = 1) -> int:

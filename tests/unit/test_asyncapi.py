@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from shared import subjects
-from shared.exceptions import CloseCode, ErrorCode
+from shared.exceptions import CloseCode, ClosePolicy, ErrorCode
 from shared.frames import ClientFrame, ErrorFrame, FileRef, ServerFrame, encode
 from shared.jobs import Job
 
@@ -170,9 +170,17 @@ def test_server_frame_fields_types_and_required_match_the_dataclass(cls: type[An
 
 def test_an_error_with_an_id_carries_id_and_seq_as_documented() -> None:
     schema = message_schema("error")
-    wire = json.loads(encode(ErrorFrame(code="x", message="m", retryable=False, id="r", seq=2)))
+    frame = ErrorFrame(code="x", message="m", retryable=True, id="r", seq=2, retry_after_ms=5)
+    wire = json.loads(encode(frame))
     assert set(wire) == set(schema["properties"])
-    assert {"id", "seq"}.isdisjoint(schema["required"])
+    assert {"id", "seq", "retry_after_ms"}.isdisjoint(schema["required"])
+    bare = json.loads(encode(ErrorFrame(code="x", message="m", retryable=False, id="r", seq=2)))
+    assert "retry_after_ms" not in bare, "no hint: the field is left off, never null"
+
+
+def test_hello_announces_the_limits_a_client_checks() -> None:
+    limits = message_schema("hello")["properties"]["limits"]
+    assert set(limits["properties"]) == {"max_frame_bytes"}
 
 
 @pytest.mark.parametrize("model", CLIENT_MODELS, ids=model_type)
@@ -214,11 +222,12 @@ def test_error_codes_are_the_catalogue() -> None:
     assert documented == [code.value for code in ErrorCode]
 
 
-def test_close_codes_are_the_catalogue_with_the_reconnect_rule() -> None:
-    documented = load(WS_DOC)["channels"]["connection"]["x-close-codes"]
-    assert [(c["code"], c["name"], c["reconnect"]) for c in documented] == [
-        (int(code), code.name, code.should_reconnect) for code in CloseCode
+def test_close_codes_are_the_catalogue_with_their_policies() -> None:
+    channel = load(WS_DOC)["channels"]["connection"]
+    assert [(c["code"], c["name"], c["policy"]) for c in channel["x-close-codes"]] == [
+        (int(code), code.name, code.policy.value) for code in CloseCode
     ]
+    assert set(channel["x-close-policies"]) == {policy.value for policy in ClosePolicy}
     assert CloseCode.DRAINING == 4100
 
 
