@@ -21,22 +21,23 @@ COPY shared/ shared/
 COPY gateway/ gateway/
 COPY worker/ worker/
 COPY tokenwire/ tokenwire/
+# The web page and the browser SDK are package data of tokenwire.web (pyproject.toml); the
+# install takes only the files the page needs (.dockerignore also keeps web's tests out).
+COPY web/ web/
 # A regular (not editable) install; pip compiles the bytecode here, at build time.
 RUN pip install . && python -m compileall -q /opt/tokenwire
 
-# --- runtime: the virtualenv, the web page, an unprivileged user -------------------------
+# --- runtime: the virtualenv (page included) and an unprivileged user ---------------------
 FROM ${PYTHON_IMAGE} AS runtime
 RUN groupadd --system --gid 10001 tokenwire \
     && useradd --system --uid 10001 --gid 10001 --no-create-home \
        --home-dir /tmp --shell /usr/sbin/nologin tokenwire
 COPY --from=build /opt/tokenwire /opt/tokenwire
-COPY web/ /app/web/
 ENV PATH=/opt/tokenwire/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/tmp \
-    TMPDIR=/tmp \
-    TOKENWIRE_WEB_DIR=/app/web
+    TMPDIR=/tmp
 WORKDIR /app
 USER 10001:10001
 # 8000: gateway (page, /v1/ws, /healthz, /readyz, /metrics); 9100: worker (/metrics, /healthz).

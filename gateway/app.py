@@ -8,6 +8,7 @@ import gc
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
+from importlib import resources
 from pathlib import Path
 
 from opentelemetry import trace
@@ -34,7 +35,14 @@ log = logging.getLogger("tokenwire.gateway")
 
 
 def default_web_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "web"
+    """Where the installed package keeps the page and the SDK (package data of
+    ``tokenwire.web``): site-packages for a wheel, the clone's ``web/`` for ``pip install -e``."""
+    root = resources.files("tokenwire.web")
+    if not isinstance(root, Path):  # a zipped install: Starlette serves only real files
+        raise OSError(
+            f"the web page is not on the file system ({root}); set TOKENWIRE_WEB_DIR"
+        )
+    return root
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -95,6 +103,8 @@ def create_app(settings: Settings) -> Starlette:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     web_dir = settings.web_dir or default_web_dir()
+    if not (web_dir / "index.html").is_file() or not (web_dir / "sdk").is_dir():
+        raise OSError(f"no web page in {web_dir} (index.html and sdk/ are needed)")
     app = Starlette(
         routes=[
             WebSocketRoute("/v1/ws", websocket),

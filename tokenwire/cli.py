@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import typer
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
 
 __all__ = ["app", "main"]
 
@@ -19,16 +22,49 @@ app = typer.Typer(
 )
 
 
+def _process_settings(service: str) -> Settings:
+    """Settings, logging and tracing for a gateway or worker process; a bad setting or a
+    missing extra ends it with one line (exit code 2) instead of a traceback."""
+    from pydantic import ValidationError
+
+    from shared.logs import configure_logging
+    from shared.settings import Settings
+    from shared.tracing import TracingUnavailable, configure_tracing
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        # Name the field and the problem, never the value (it may be a secret).
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+            for e in exc.errors(include_url=False, include_input=False)
+        )
+        typer.echo(f"refusing to start: bad configuration: {problems}", err=True)
+        raise typer.Exit(2) from None
+    configure_logging(service, settings.log_level, json=settings.log_json)
+    try:
+        configure_tracing(service, settings.otel_endpoint)
+    except TracingUnavailable as exc:
+        typer.echo(f"refusing to start: {exc}", err=True)
+        raise typer.Exit(2) from None
+    return settings
+
+
 @app.command()
 def dev(
     host: str = typer.Option("127.0.0.1", help="Interface for the web page and WebSocket."),
     port: int = typer.Option(8000, help="Port for the web page and WebSocket."),
-    data_dir: Path = typer.Option(Path(".tokenwire"), help="Where the embedded NATS keeps data."),
+    data_dir: Path = typer.Option(
+        Path(".tokenwire"), help="Where the embedded NATS keeps data, and logs/ each child's log."
+    ),
+    ready_timeout: float = typer.Option(
+        30.0, min=1.0, help="Seconds to wait for everything to answer before giving up."
+    ),
 ) -> None:
     """Everything on one machine: embedded NATS, a gateway, a worker (and the Dify simulator)."""
     from tokenwire.dev import run_dev
 
-    raise typer.Exit(run_dev(host, port, data_dir))
+    raise typer.Exit(run_dev(host, port, data_dir, ready_timeout))
 
 
 @app.command()
@@ -40,26 +76,11 @@ def gateway(
 ) -> None:
     """One gateway process (WebSocket, page, probes, metrics); connects to TOKENWIRE_NATS_URL."""
     import uvicorn
-    from pydantic import ValidationError
 
     from gateway.app import create_app
     from gateway.server import DrainingServer
-    from shared.logs import configure_logging
-    from shared.settings import Settings
-    from tokenwire.tracing import configure_tracing
 
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        # Name the field and the problem, never the value (it may be a secret).
-        problems = "\n".join(
-            f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-            for e in exc.errors(include_url=False, include_input=False)
-        )
-        typer.echo(f"refusing to start: bad configuration\n{problems}", err=True)
-        raise typer.Exit(2) from None
-    configure_logging("gateway", settings.log_level, json=settings.log_json)
-    configure_tracing("gateway", settings.otel_endpoint)
+    settings = _process_settings("gateway")
     if settings.auth == "none" and not settings.allow_insecure:
         typer.echo(
             "refusing to start: TOKENWIRE_AUTH=none lets anyone claim any user. "
@@ -119,16 +140,13 @@ def worker(
     """One worker process: answers jobs from NATS by streaming from Dify."""
     import uvicorn
 
-    from shared.logs import configure_logging
-    from shared.settings import Settings
-    from tokenwire.tracing import configure_tracing
     from worker.app import create_app
 
-    settings = Settings()
-    configure_logging("worker", settings.log_level, json=settings.log_json)
-    configure_tracing("worker", settings.otel_endpoint)
+    settings = _process_settings("worker")
     if settings.dify_api_key is None:
-        typer.echo("DIFY_API_KEY is not set: the worker cannot call Dify.", err=True)
+        typer.echo(
+            "refusing to start: DIFY_API_KEY is not set, so the worker cannot call Dify", err=True
+        )
         raise typer.Exit(2)
     uvicorn.run(
         create_app(settings),

@@ -22,7 +22,6 @@ import orjson
 from faststream import AckPolicy
 from faststream.asgi import AsgiFastStream, AsgiResponse, get
 from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
-from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from nats.js.api import ConsumerConfig
 from opentelemetry import trace
 from prometheus_client import make_asgi_app
@@ -32,9 +31,11 @@ from shared.jobs import Job
 from shared.settings import Settings
 from shared.subjects import CONTROL_STOP_ALL, DEAD_STREAM, JOB_CONSUMER, JOBS_ALL, JOBS_STREAM
 from shared.topology import job_consumer_config
+from shared.tracing import nats_middlewares
 from worker import metrics
 from worker.bus import NatsBus, ensure_topology
 from worker.dify import DifyClient
+from worker.readiness import Readiness
 from worker.runner import JobRunner
 
 __all__ = ["create_app"]
@@ -68,9 +69,20 @@ def create_app(settings: Settings) -> AsgiFastStream:
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
         logger=None,
-        middlewares=[NatsTelemetryMiddleware()] if settings.otel_endpoint else (),
+        middlewares=nats_middlewares(settings.otel_endpoint),
     )
     holder: dict[str, Any] = {}
+
+    async def probe_dify() -> object:
+        dify: DifyClient | None = holder.get("dify")
+        if dify is None:
+            return None
+        return await dify.info()
+
+    readiness = Readiness(
+        probe_dify,
+        lambda: broker.connection is not None and broker.connection.is_connected,
+    )
     consumer = job_consumer_config(settings)
 
     @broker.subscriber(
@@ -118,10 +130,16 @@ def create_app(settings: Settings) -> AsgiFastStream:
         # The startup heap (FastStream, pydantic, httpx) never dies: keep full collections
         # from walking it, which stalled token delivery by tens of ms under load (bench/).
         gc.freeze()
-        log.info("worker ready", extra={"dify": settings.dify_api_url})
+
+    async def subscribed() -> None:
+        # After FastStream started the subscribers: from here a job is taken as it arrives.
+        readiness.subscribed = True
+        dify = await readiness.dify()
+        log.info("worker ready", extra={"dify": settings.dify_api_url, "dify_check": dify.state})
 
     async def drain() -> None:
         """SIGTERM: stop taking jobs, finish or hand back running answers, then close."""
+        readiness.subscribed = False
         runner: JobRunner | None = holder.get("runner")
         lag: asyncio.Task[None] | None = holder.get("lag")
         if lag is not None:
@@ -143,10 +161,21 @@ def create_app(settings: Settings) -> AsgiFastStream:
         ok = broker.connection is not None and broker.connection.is_connected
         return AsgiResponse(b"ok" if ok else b"nats disconnected", status_code=200 if ok else 503)
 
+    @get
+    async def readyz(scope: Any) -> AsgiResponse:
+        """200 when a question can be answered now; the body names what is missing."""
+        ready, facts = await readiness.report()
+        return AsgiResponse(
+            orjson.dumps({"ready": ready, **facts}),
+            status_code=200 if ready else 503,
+            headers={"content-type": "application/json"},
+        )
+
     return AsgiFastStream(
         broker,
-        asgi_routes=[("/metrics", make_asgi_app()), ("/healthz", healthz)],
+        asgi_routes=[("/metrics", make_asgi_app()), ("/healthz", healthz), ("/readyz", readyz)],
         on_startup=[startup],
+        after_startup=[subscribed],
         on_shutdown=[drain],
         after_shutdown=[shutdown],
         logger=None,
