@@ -3,7 +3,11 @@
 How it works: the supervisor starts, in this order, an embedded nats-server (JetStream, data
 under ``<data_dir>/nats``), the bundled Dify simulator when no ``DIFY_API_KEY`` is set, one
 worker and one gateway, each as a child process of its own. It then waits for the gateway's
-``/readyz`` and prints ``tokenwire is ready: http://H:P/``. SIGINT, SIGTERM or SIGHUP stop
+``/readyz`` (NATS connected and subscribed, Dify answering ``GET /info``) and the gateway's
+``/readyz``, and only then prints ``tokenwire is ready: http://H:P/``: from that line on a
+question is answered. Each child's output goes to the terminal and to
+``<data_dir>/logs/<name>.log``; a child that dies (while starting or later) is reported in one
+line with its cause and that path, and dev exits non-zero. SIGINT, SIGTERM or SIGHUP stop
 the children in reverse order (gateway first, so no new work arrives; nats-server last, so
 the others can drain into it), each with SIGTERM and, after a grace, SIGKILL. If any child
 dies on its own the rest are stopped too and the exit code is non-zero: a half-running dev
@@ -32,11 +36,13 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
+import orjson
 from rich import box
 from rich.console import Console
 from rich.panel import Panel
 from rich.text import Text
 
+from tokenwire.childlog import ChildLog
 from tokenwire.natsserver import NatsServer, NatsServerError, free_port
 from tokenwire.procs import spawn, stop_process
 
@@ -54,10 +60,15 @@ _POLL_S = 0.1
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def run_dev(host: str, port: int, data_dir: Path = DEFAULT_DATA_DIR) -> int:
+def run_dev(
+    host: str,
+    port: int,
+    data_dir: Path = DEFAULT_DATA_DIR,
+    ready_timeout_s: float = READY_TIMEOUT_S,
+) -> int:
     """Run the whole stack until a stop signal (exit code 0) or a child's death (non-zero)."""
     console = Console(highlight=False, soft_wrap=True)
-    supervisor = _Supervisor(host, port, Path(data_dir).absolute(), console)
+    supervisor = _Supervisor(host, port, Path(data_dir).absolute(), console, ready_timeout_s)
     with _handle_stop_signals(supervisor.request_stop):
         try:
             return supervisor.run()
@@ -69,10 +80,14 @@ def run_dev(host: str, port: int, data_dir: Path = DEFAULT_DATA_DIR) -> int:
 class _Child:
     name: str
     proc: subprocess.Popen[bytes]
+    log: ChildLog
 
 
 class _Supervisor:
-    def __init__(self, host: str, port: int, data_dir: Path, console: Console) -> None:
+    def __init__(
+        self, host: str, port: int, data_dir: Path, console: Console, ready_timeout_s: float
+    ) -> None:
+        self.ready_timeout_s = ready_timeout_s
         self.host = host
         self.port = port
         self.data_dir = data_dir
@@ -129,20 +144,25 @@ class _Supervisor:
                 [*python, "simulate-dify", "--host", "127.0.0.1", "--port", str(simulator_port)],
                 env,
             )
+        worker_port = free_port()
         self._spawn(
             "worker",
-            [*python, "worker", "--metrics-port", str(free_port()), "--host", "127.0.0.1"],
+            [*python, "worker", "--metrics-port", str(worker_port), "--host", "127.0.0.1"],
             env,
         )
         self._spawn(
             "gateway", [*python, "gateway", "--host", self.host, "--port", str(self.port)], env
         )
 
-        deadline = time.monotonic() + READY_TIMEOUT_S
+        deadline = time.monotonic() + self.ready_timeout_s
         if simulator_port is not None:
             ready = self._wait_for("simulator", lambda: _tcp_open(simulator_port), deadline)
             if ready is not None:
                 return ready
+        worker = _WorkerProbe(worker_port, env.get("DIFY_API_URL"))
+        ready = self._wait_for("worker", worker, deadline)
+        if ready is not None:
+            return ready
         ready = self._wait_for("gateway", self._gateway_ready, deadline)
         if ready is not None:
             return ready
@@ -199,7 +219,11 @@ class _Supervisor:
         return env
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        self.children.append(_Child(name, spawn(argv, env=env)))
+        log = ChildLog(self.data_dir / "logs" / f"{name}.log", _terminal())
+        proc = spawn(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert proc.stdout is not None
+        log.follow(proc.stdout)
+        self.children.append(_Child(name, proc, log))
 
     def _print_simulator_banner(self) -> None:
         body = Text.assemble(
@@ -218,26 +242,43 @@ class _Supervisor:
             box=box.HEAVY,
             expand=False,
         )
-        self.console.print(panel)
+        self.console.print(panel, soft_wrap=False)
 
     def _gateway_ready(self) -> bool:
         return _http_status(_connect_host(self.host), self.port, "/readyz") == 200
 
     def _wait_for(self, what: str, probe: Callable[[], bool], deadline: float) -> int | None:
-        """Poll ``probe`` until true (None); else the exit code ``run`` should return."""
+        """Poll ``probe`` until true (None); else the exit code ``run`` should return.
+
+        A probe may say why it is not ready (``probe.why``), and that the wait is hopeless
+        (``probe.fatal``: Dify refused the key, say); both end up in the one line printed."""
         while True:
             if self.stopping.is_set():
                 return 0
-            if self._dead_child() is not None:
+            if self._dead_child(starting=True) is not None:
                 return 1
             if probe():
                 return None
-            if time.monotonic() > deadline:
-                self.console.print(
-                    f"[bold red]{what} was not ready after {READY_TIMEOUT_S:.0f} s[/]; stopping"
+            why: str | None = getattr(probe, "why", None)
+            fatal = bool(getattr(probe, "fatal", False))
+            if fatal or time.monotonic() > deadline:
+                reason = f" ({why})" if why else ""
+                when = "" if fatal else f" after {self.ready_timeout_s:g} s"
+                self._say_failure(
+                    f"{what} was not ready{when}{reason}{self._log_hint(what)}; stopping"
                 )
                 return 1
             self.stopping.wait(_POLL_S)
+
+    def _log_hint(self, name: str) -> str:
+        for child in self.children:
+            if child.name == name:
+                return f" (full log: {child.log.path})"
+        return ""
+
+    def _say_failure(self, line: str) -> None:
+        # One line, never wrapped: people grep it and tests read it.
+        self.console.print(Text(line, style="bold red"), soft_wrap=True)
 
     # --- running -----------------------------------------------------------------------
 
@@ -247,28 +288,29 @@ class _Supervisor:
                 return 1
         return 0
 
-    def _dead_child(self) -> str | None:
-        """The name of a child that exited (after saying so), if any."""
+    def _dead_child(self, *, starting: bool = False) -> str | None:
+        """The name of a child that exited (after saying so, with its cause), if any."""
         for child in self.children:
             code = child.proc.poll()
             if code is not None:
-                self._report_death(child.name, code)
+                self._report_death(child, code, starting=starting)
                 return child.name
         if self.nats is not None and not self.nats.running:
             code = self.nats.returncode
-            self._report_death("nats-server", code if code is not None else -1)
             self.console.print(self.nats.last_log_lines(10), markup=False)
+            self._say_failure(
+                f"nats-server {_how_it_ended(code if code is not None else -1)}; "
+                "stopping everything"
+            )
             return "nats-server"
         return None
 
-    def _report_death(self, name: str, code: int) -> None:
-        how = f"exited with code {code}"
-        if code < 0:
-            try:
-                how = f"was killed by {signal.Signals(-code).name}"
-            except ValueError:
-                how = f"was killed by signal {-code}"
-        self.console.print(f"[bold red]{name} {how}[/]; stopping everything")
+    def _report_death(self, child: _Child, code: int, *, starting: bool) -> None:
+        when = " while starting" if starting else ""
+        self._say_failure(
+            f"{child.name} {_how_it_ended(code)}{when}: {child.log.cause()} "
+            f"(full log: {child.log.path}); stopping everything"
+        )
 
     # --- shutdown ----------------------------------------------------------------------
 
@@ -298,6 +340,54 @@ class _Supervisor:
                 self.console.print(f"[yellow]{why}; killing {child.name}[/]")
         # Reaps it, SIGKILLs it if still alive, and sweeps its process group.
         stop_process(proc, grace=0.0)
+        child.log.close()
+
+
+class _WorkerProbe:
+    """Ready when the worker's ``/readyz`` says so: NATS connected, jobs subscribed, and Dify
+    (or the simulator) answering. Remembers why not, for the line dev prints."""
+
+    def __init__(self, port: int, dify_url: str | None) -> None:
+        self.port = port
+        self.dify_url = dify_url
+        self.why: str | None = None
+        self.fatal = False
+
+    def __call__(self) -> bool:
+        status, body = _http_get("127.0.0.1", self.port, "/readyz")
+        if status == 200:
+            return True
+        try:
+            facts = orjson.loads(body) if body else {}
+        except orjson.JSONDecodeError:
+            facts = {}
+        if not isinstance(facts, dict):
+            facts = {}
+        dify = str(facts.get("dify", ""))
+        if dify.startswith(("rejected", "unreachable")):
+            where = f" at {self.dify_url}" if self.dify_url else ""
+            self.why = f"Dify{where}: {dify}"
+            # A refused key or URL does not fix itself; an unreachable Dify may still come up.
+            self.fatal = dify.startswith("rejected")
+        elif facts:
+            self.why = ", ".join(f"{k}: {v}" for k, v in facts.items() if k != "ready")
+        else:
+            self.why = "its /readyz does not answer yet"
+        return False
+
+
+def _how_it_ended(code: int) -> str:
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        return f"was killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"was killed by signal {-code}"
+
+
+def _terminal() -> IO[bytes] | None:
+    """Where children's output is echoed: this process's stdout, as bytes."""
+    return getattr(sys.stdout, "buffer", None)
 
 
 @contextlib.contextmanager
@@ -353,14 +443,17 @@ def _tcp_open(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def _http_status(host: str, port: int, path: str) -> int | None:
+    return _http_get(host, port, path)[0]
+
+
+def _http_get(host: str, port: int, path: str) -> tuple[int | None, bytes]:
     # http.client, not httpx: no proxy variables from the environment apply to loopback.
-    conn = http.client.HTTPConnection(host, port, timeout=1.0)
+    conn = http.client.HTTPConnection(host, port, timeout=2.0)
     try:
         conn.request("GET", path)
         response = conn.getresponse()
-        response.read()
-        return response.status
+        return response.status, response.read()
     except OSError:
-        return None
+        return None, b""
     finally:
         conn.close()

@@ -218,6 +218,13 @@ class DifyClient:
             },
         )
 
+    async def info(self, *, app: str | None = None) -> dict[str, Any]:
+        """``GET /info``: the app's name and mode. Cheap, and it checks the URL and the key,
+        so readiness (``/readyz``) asks it before saying a question can be answered."""
+        response = await self._call("info", "GET", "/info", headers=self._auth(app))
+        payload = orjson.loads(response.content)
+        return payload if isinstance(payload, dict) else {}
+
     async def history_message(
         self,
         conversation_id: str,

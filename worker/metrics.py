@@ -153,7 +153,7 @@ QUEUE_WAIT_BUCKETS: Final = (
 JOB_OUTCOMES: Final = frozenset(
     {"completed", "stopped", "error", "handed_back", "dead_lettered", "dropped"}
 )
-DIFY_ENDPOINTS: Final = frozenset({"chat", "stop", "messages"})
+DIFY_ENDPOINTS: Final = frozenset({"chat", "stop", "messages", "info"})
 ERROR_CODES: Final = frozenset(code.value for code in ErrorCode)
 SERVER_FRAME_TYPES: Final = frozenset(
     cls.__dataclass_fields__["type"].default for cls in get_args(ServerFrame)
