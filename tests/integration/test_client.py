@@ -16,6 +16,8 @@ from websockets.asyncio.server import ServerConnection
 from tests.integration.stack import Stack
 from tokenwire.client import (
     CONNECTION_CLOSED,
+    FRAME_TOO_LARGE,
+    MAX_REFRESH_TRIES,
     Backoff,
     ChatStream,
     Connection,
@@ -162,28 +164,25 @@ async def test_resume_of_an_unknown_request_fails_it(spine: Stack) -> None:
 # --- close codes, against a scripted server ------------------------------------------------
 
 
-async def test_do_not_reconnect_codes_end_the_connection() -> None:
-    """4000-4099 end it (requests fail); 4001 first gets one try with a fresh token."""
+def _hello(**extra: Any) -> str:
+    frame = {"type": "hello", "session": "s", "user": "u", "protocol": 1, "server": "t"}
+    return orjson.dumps(frame | extra).decode()
+
+
+def _frame(**fields: Any) -> str:
+    return orjson.dumps(fields).decode()
+
+
+async def test_give_up_codes_end_the_connection_at_once() -> None:
+    """4001 (and every give_up code) ends it: no retry, not even with a fresh token."""
     opened: list[str | None] = []
 
     async def handler(ws: ServerConnection) -> None:
-        token = ws.request.headers.get("Authorization") if ws.request else None
-        opened.append(token)
-        if token != "Bearer t1":  # refused: an error frame, then 4001, as the gateway does
-            await ws.send(
-                orjson.dumps(
-                    {"type": "error", "code": "unauthorized", "message": "no", "retryable": False}
-                ).decode()
-            )
-            await ws.close(4001, "unauthorized")
-            return
-        await ws.send(
-            orjson.dumps(
-                {"type": "hello", "session": "s", "user": "u", "protocol": 1, "server": "t"}
-            ).decode()
-        )
+        opened.append(ws.request.headers.get("Authorization") if ws.request else None)
+        await ws.send(_hello())
         await ws.recv()  # the chat
-        await ws.close(4001, "token expired")
+        await ws.send(_frame(type="error", code="unauthorized", message="no", retryable=False))
+        await ws.close(4001, "unauthorized")
 
     tokens = iter(["t1", "t2", "t3"])
     async with websockets.serve(handler, "127.0.0.1", 0) as server:
@@ -191,12 +190,153 @@ async def test_do_not_reconnect_codes_end_the_connection() -> None:
         conn = Connection(f"ws://127.0.0.1:{port}/v1/ws", lambda: next(tokens), backoff=FAST)
         await conn.connect()
         stream = await conn.chat("hi")
-        await stream.wait()
-        await until(lambda: conn.state is ConnectionState.CLOSED)
-        await asyncio.sleep(0.3)
+        async with asyncio.timeout(10):
+            await stream.wait()
+        await until(lambda: conn.state is ConnectionState.CLOSED, timeout=10)
         await conn.close()
-    assert opened == ["Bearer t1", "Bearer t2"], "one fresh token, then no more tries"
+    assert opened == ["Bearer t1"], "no second try after 4001"
     assert stream.error is not None and stream.error.code == CONNECTION_CLOSED
+
+
+async def test_token_expiry_gets_a_fresh_token_and_resumes_everything() -> None:
+    """4002: the provider is asked again, the client reconnects and resumes every request."""
+    opened: list[str | None] = []
+    first_frames: list[dict[str, Any]] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        opened.append(ws.request.headers.get("Authorization") if ws.request else None)
+        await ws.send(_hello())
+        if len(opened) == 1:
+            chat_a = orjson.loads(await ws.recv())
+            chat_b = orjson.loads(await ws.recv())
+            await ws.send(_frame(type="accepted", id=chat_a["id"], seq=1))
+            await ws.send(_frame(type="delta", id=chat_a["id"], seq=2, text="Hel"))
+            await ws.send(_frame(type="accepted", id=chat_b["id"], seq=1))
+            await ws.send(
+                _frame(type="error", code="token_expired", message="expired", retryable=False)
+            )
+            await ws.close(4002, "token expired")
+            return
+        for _ in range(2):
+            first_frames.append(orjson.loads(await ws.recv()))
+        for frame in first_frames:
+            rest = [("delta", {"text": "lo"}), ("end", {"stopped": False})]
+            for seq, (kind, fields) in enumerate(rest, start=frame["after"] + 1):
+                end = {"conversation_id": None, "message_id": None} if kind == "end" else {}
+                await ws.send(_frame(type=kind, id=frame["id"], seq=seq, **fields, **end))
+        await ws.wait_closed()
+
+    tokens = iter(["t1", "t2", "t3"])
+    async with websockets.serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        url = f"ws://127.0.0.1:{port}/v1/ws"
+        async with Connection(url, lambda: next(tokens), backoff=FAST) as conn:
+            a = await conn.chat("a", id="a")
+            b = await conn.chat("b", id="b")
+            async with asyncio.timeout(10):
+                await a.wait()
+                await b.wait()
+    assert opened == ["Bearer t1", "Bearer t2"]
+    assert [(f["type"], f["id"], f["after"]) for f in first_frames] == [
+        ("resume", "a", 2),
+        ("resume", "b", 1),
+    ]
+    assert a.status is RequestStatus.DONE and a.text == "Hello"
+    assert b.status is RequestStatus.DONE and b.text == "lo"
+
+
+async def test_token_expiry_without_progress_gives_up_after_a_few_tries() -> None:
+    sessions = 0
+
+    async def handler(ws: ServerConnection) -> None:
+        nonlocal sessions
+        sessions += 1
+        await ws.send(_hello())
+        await ws.close(4002, "token expired")  # a provider that keeps handing out stale tokens
+
+    async with websockets.serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        conn = Connection(f"ws://127.0.0.1:{port}/v1/ws", lambda: "stale", backoff=FAST)
+        stream = await conn.chat("q")
+        async with asyncio.timeout(10):
+            await stream.wait()
+        assert conn.state is ConnectionState.CLOSED
+        await conn.close()
+    assert sessions == MAX_REFRESH_TRIES + 1
+    assert stream.error is not None and stream.error.code == CONNECTION_CLOSED
+
+
+async def test_idle_close_waits_for_the_application() -> None:
+    """4103: no reconnect by itself; the next chat reconnects and is sent."""
+    received: list[list[dict[str, Any]]] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        frames: list[dict[str, Any]] = []
+        received.append(frames)
+        await ws.send(_hello())
+        if len(received) == 1:
+            await ws.close(4103, "idle")
+            return
+        chat = orjson.loads(await ws.recv())
+        frames.append(chat)
+        await ws.send(_frame(type="accepted", id=chat["id"], seq=1))
+        await ws.send(
+            _frame(type="end", id=chat["id"], seq=2, conversation_id=None, message_id=None)
+        )
+        await ws.wait_closed()
+
+    async with websockets.serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with Connection(f"ws://127.0.0.1:{port}/v1/ws", backoff=FAST) as conn:
+            await until(lambda: conn.state is ConnectionState.IDLE, timeout=10)
+            await asyncio.sleep(0.5)  # a reconnect would be due many times over by now
+            assert len(received) == 1 and conn.state is ConnectionState.IDLE
+            stream = await conn.chat("later", id="later")
+            async with asyncio.timeout(10):
+                await stream.wait()
+    assert [[f["id"] for f in frames] for frames in received] == [[], ["later"]]
+    assert stream.status is RequestStatus.DONE
+
+
+async def test_a_hello_followed_at_once_by_a_close_does_not_reset_the_backoff() -> None:
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send(_hello())
+        await ws.close(4101, "slow consumer")
+
+    delays: list[float] = []
+    async with websockets.serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        backoff = Backoff(initial_s=0.02, max_s=0.16, factor=2, jitter=0)
+        conn = Connection(f"ws://127.0.0.1:{port}/v1/ws", backoff=backoff)
+        conn.on_state.append(lambda c: c.delay_s and delays.append(c.delay_s))
+        await conn.chat("q")
+        await until(lambda: len(delays) >= 5, timeout=10)
+        await conn.close()
+    assert delays[:5] == pytest.approx([0.02, 0.04, 0.08, 0.16, 0.16])
+
+
+async def test_an_oversize_chat_fails_locally_and_is_never_sent() -> None:
+    """hello.limits.max_frame_bytes: over it, the chat fails with frame_too_large, unsent."""
+    received: list[dict[str, Any]] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send(_hello(limits={"max_frame_bytes": 1024}))
+        async for message in ws:
+            received.append(orjson.loads(message))
+
+    async with websockets.serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with Connection(f"ws://127.0.0.1:{port}/v1/ws", backoff=FAST) as conn:
+            big = await conn.chat("x" * 2000, id="big")
+            small = await conn.chat("small", id="small")
+            assert big.status is RequestStatus.ERROR
+            assert big.error is not None and big.error.code == FRAME_TOO_LARGE
+            assert not big.error.retryable
+            await until(lambda: [f["id"] for f in received] == ["small"], timeout=10)
+            conn.drop_for_testing()  # the reconnect sends what is unfinished: not the big one
+            await until(lambda: [f["id"] for f in received] == ["small", "small"], timeout=10)
+            assert not small.finished and "big" not in conn.requests
+    assert "big" not in {f.get("id") for f in received}
 
 
 async def test_replayed_frames_are_applied_once() -> None:

@@ -2,6 +2,8 @@
 
 from tokenwire.client.connection import (
     CONNECTION_CLOSED,
+    FRAME_TOO_LARGE,
+    MAX_REFRESH_TRIES,
     PROTOCOL,
     Backoff,
     ChatStream,
@@ -15,6 +17,8 @@ from tokenwire.client.connection import (
 
 __all__ = [
     "CONNECTION_CLOSED",
+    "FRAME_TOO_LARGE",
+    "MAX_REFRESH_TRIES",
     "PROTOCOL",
     "Backoff",
     "ChatStream",

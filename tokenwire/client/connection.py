@@ -8,11 +8,26 @@ A :class:`Connection` runs one background task that owns the socket: connect, wa
 running answer ``text`` (``replace`` and ``reset`` applied), the status and the events.
 
 A frame is applied only when its ``seq`` is above the last one the request holds, so what the
-gateway replays after a ``resume`` is never applied twice. When the socket drops (any close
-but 1000 with nothing in flight, 4000-4099 "do not reconnect", or :meth:`Connection.close`)
-the task waits an exponential backoff with jitter and reconnects; on the new ``hello`` every
-unfinished request is sent again: ``resume {id, after: last_seq}`` once the gateway has
-acknowledged it, else the same ``chat`` (same id: the gateway never asks Dify twice).
+gateway replays after a ``resume`` is never applied twice. When the socket closes, the close
+code's policy (:func:`shared.exceptions.close_policy`, the catalogue the browser SDK reads
+as web/sdk/close-codes.js) says what happens next:
+
+* ``reconnect``: wait an exponential backoff with jitter (at least the ``retry_after_ms`` of
+  an error that came just before), reconnect; on the new ``hello`` every unfinished request
+  is sent again: ``resume {id, after: last_seq}`` once the gateway has acknowledged it, else
+  the same ``chat`` (same id: the gateway never asks Dify twice).
+* ``refresh_token`` (4002, the token expired): the same, with a fresh token from the token
+  provider (it is asked before every connect); without a provider, or after
+  ``MAX_REFRESH_TRIES`` refusals in a row with no progress in between, give up.
+* ``wait_for_user`` (4103 idle, 1000): reconnect only when there is something to send: at
+  once if requests are unfinished, else on the next :meth:`Connection.chat`.
+* ``give_up`` (4001, 4003, …): the connection ends; unfinished requests fail.
+
+The backoff starts over only once a socket made progress (a request frame applied) or stayed
+open ``stable_after_s``: a ``hello`` followed at once by the same close does not reset it.
+
+``hello.limits.max_frame_bytes`` is the largest frame the gateway reads: a ``chat`` over it
+fails locally with ``frame_too_large`` and is never sent.
 
 A ``ping`` goes out every ``ping_interval_s``; a socket that then stays silent for
 ``pong_timeout_s`` is dropped and replaced. This mirrors the browser SDK (web/sdk/tokenwire.js).
@@ -38,6 +53,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.typing import Subprotocol
 
+from shared.exceptions import CloseCode, ClosePolicy, ErrorCode, close_policy
 from shared.frames import (
     Accepted,
     Delta,
@@ -55,6 +71,8 @@ from shared.frames import (
 
 __all__ = [
     "CONNECTION_CLOSED",
+    "FRAME_TOO_LARGE",
+    "MAX_REFRESH_TRIES",
     "PROTOCOL",
     "Backoff",
     "ChatStream",
@@ -69,6 +87,10 @@ __all__ = [
 PROTOCOL: Final = "tokenwire.v1"
 #: Code of the local ``error`` a request gets when the connection ends for good.
 CONNECTION_CLOSED: Final = "connection_closed"
+#: Code of the local ``error`` of a chat over the gateway's ``hello.limits.max_frame_bytes``.
+FRAME_TOO_LARGE: Final = ErrorCode.FRAME_TOO_LARGE.value
+#: Token refreshes (closes with 4002) in a row without progress before the connection gives up.
+MAX_REFRESH_TRIES: Final = 3
 
 RequestFrame = Accepted | Queued | Start | Delta | Replace | Event | Reset | End | ErrorFrame
 TokenProvider = Callable[[], str | Awaitable[str | None] | None]
@@ -224,10 +246,10 @@ class ChatStream:
         self._changed.set()
         return True
 
-    def _fail(self, code: str, message: str) -> None:
+    def _fail(self, code: str, message: str, *, retryable: bool = True) -> None:
         if self.finished:
             return
-        self.error = ErrorFrame(code=code, message=message, retryable=True, id=self.id)
+        self.error = ErrorFrame(code=code, message=message, retryable=retryable, id=self.id)
         self.status = RequestStatus.ERROR
         self._changed.set()
 
@@ -258,6 +280,7 @@ class Connection:
         ping_interval_s: float = 20.0,
         pong_timeout_s: float = 10.0,
         connect_timeout_s: float = 10.0,
+        stable_after_s: float = 10.0,
         rand: Callable[[], float] = random.random,
     ) -> None:
         if urlsplit(url).scheme not in ("ws", "wss"):
@@ -269,6 +292,8 @@ class Connection:
         self.ping_interval_s = ping_interval_s
         self.pong_timeout_s = pong_timeout_s
         self.connect_timeout_s = connect_timeout_s
+        #: A socket open this long resets the backoff even if no request made progress.
+        self.stable_after_s = stable_after_s
         self._rand = rand
         self.state = ConnectionState.IDLE
         self.attempt = 0
@@ -287,6 +312,12 @@ class Connection:
         self._wake = asyncio.Event()
         self._session_open = False
         self._last_rx = 0.0
+        # Set when a request frame is applied on the current socket (progress).
+        self._progressed = False
+        # The retry hint of the last connection-level error on the current socket.
+        self._retry_after_s = 0.0
+        self._refresh_tries = 0
+        self._opened_at = 0.0
 
     async def __aenter__(self) -> Connection:
         await self.connect()
@@ -341,6 +372,8 @@ class Connection:
             app=app,
             _asked_in=conversation_id,
         )
+        if self._refuse_oversize(stream):
+            return stream  # known too large for this gateway: failed, never sent
         self.requests[stream.id] = stream
         self._closing = False
         self._ensure_running()
@@ -390,31 +423,39 @@ class Connection:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        auth_retried = False
         while not self._closing:
             first = self.hello is None and self.attempt == 0
             self._set_state(
                 ConnectionState.CONNECTING if first else ConnectionState.RECONNECTING,
                 attempt=self.attempt,
             )
+            self._progressed = False
+            self._retry_after_s = 0.0
             opened, code, reason = await self._session()
             self.last_close = (code, reason)
             self._opened.clear()
             if self._closing:
                 return
-            if opened:
-                auth_retried = False
-            if code is not None and 4000 <= code <= 4099:
-                if code == 4001 and self.token_provider is not None and not auth_retried:
-                    auth_retried = True  # the token may have expired: one fresh try
-                else:
-                    self._fail_all(f"the gateway closed the connection ({code} {reason})")
-                    self._set_state(ConnectionState.CLOSED, code=code, reason=reason)
-                    return
-            elif code == 1000 and not self.requests:
+            if opened and (
+                self._progressed or time.monotonic() - self._opened_at >= self.stable_after_s
+            ):
+                self.attempt = 0  # this socket was good: start the backoff over
+                self._refresh_tries = 0
+            if code == CloseCode.MESSAGE_TOO_BIG:
+                self._fail_oversize_suspect()
+            policy = close_policy(code)
+            if policy is ClosePolicy.REFRESH_TOKEN:
+                self._refresh_tries += 1
+                if self.token_provider is None or self._refresh_tries > MAX_REFRESH_TRIES:
+                    policy = ClosePolicy.GIVE_UP  # nothing fresh to ask for
+            if policy is ClosePolicy.GIVE_UP:
+                self._fail_all(f"the gateway closed the connection ({code} {reason})".strip())
+                self._set_state(ConnectionState.CLOSED, code=code, reason=reason)
+                return
+            if policy is ClosePolicy.WAIT_FOR_USER and not self.requests:
                 self._set_state(ConnectionState.IDLE, code=code, reason=reason)
                 return  # reconnect lazily, on the next chat()
-            delay = self.backoff.delay(self.attempt, self._rand)
+            delay = max(self.backoff.delay(self.attempt, self._rand), self._retry_after_s)
             self.attempt += 1
             self._set_state(
                 ConnectionState.RECONNECTING,
@@ -504,15 +545,23 @@ class Connection:
             return
         elif frame.id is not None and frame.seq is not None:
             stream = self.requests.get(frame.id)
-            if stream is not None and stream._apply(frame) and stream.finished:
-                del self.requests[stream.id]
+            if stream is not None and stream._apply(frame):
+                self._progressed = True
+                if stream.finished:
+                    del self.requests[stream.id]
         elif isinstance(frame, ErrorFrame):
+            if frame.retry_after_ms is not None:
+                self._retry_after_s = frame.retry_after_ms / 1000
+            if frame.code == FRAME_TOO_LARGE:
+                self._fail_oversize_suspect()
             for callback in list(self.on_error):
                 callback(frame)
 
     def _on_hello(self, frame: Hello) -> None:
+        # No backoff reset here: a hello followed at once by the same close must not make the
+        # next reconnect immediate (see _run).
         self.hello = frame
-        self.attempt = 0
+        self._opened_at = time.monotonic()
         self._session_open = True
         self._set_state(ConnectionState.OPEN)
         self._opened.set()
@@ -525,7 +574,7 @@ class Connection:
                 await self._send_request(stream)
 
     async def _send_request(self, stream: ChatStream) -> None:
-        if stream.finished:
+        if stream.finished or self._refuse_oversize(stream):
             return
         stream._sent_on = self._generation
         if stream.last_seq == 0:
@@ -546,6 +595,41 @@ class Connection:
         except ConnectionClosed:
             return False  # the task reconnects and sends it again
         return True
+
+    def _max_frame_bytes(self) -> int | None:
+        limit = self.hello.limits.get("max_frame_bytes") if self.hello else None
+        return limit if isinstance(limit, int) and limit > 0 else None
+
+    def _refuse_oversize(self, stream: ChatStream) -> bool:
+        """Fail a chat the gateway announced it would refuse; True if it was failed."""
+        limit = self._max_frame_bytes()
+        if limit is None or stream.last_seq > 0:
+            return False  # unknown limit, or acknowledged (a resume is tiny)
+        size = len(orjson.dumps(stream._chat_frame()))
+        if size <= limit:
+            return False
+        stream._fail(
+            FRAME_TOO_LARGE,
+            f"the chat frame is {size} bytes, over the gateway's limit of {limit}",
+            retryable=False,
+        )
+        self.requests.pop(stream.id, None)
+        return True
+
+    def _fail_oversize_suspect(self) -> None:
+        """The gateway refused a frame as too large without naming it (a limit this client
+        did not know): fail the largest chat on this socket that it never acknowledged, so
+        that it is not sent again after the reconnect."""
+        if self._max_frame_bytes() is not None:
+            return  # nothing over the announced limit was sent: the cause is elsewhere
+        suspects = [
+            s for s in self.requests.values() if s.last_seq == 0 and s._sent_on == self._generation
+        ]
+        if not suspects:
+            return
+        stream = max(suspects, key=lambda s: len(orjson.dumps(s._chat_frame())))
+        stream._fail(FRAME_TOO_LARGE, "the gateway refused the chat as too large", retryable=False)
+        self.requests.pop(stream.id, None)
 
     def _fail_all(self, message: str) -> None:
         for stream in list(self.requests.values()):

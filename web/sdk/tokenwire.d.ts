@@ -2,8 +2,27 @@
 
 export const PROTOCOL: 'tokenwire.v1';
 export const VERSION: string;
+/** Token refreshes (closes with 4002) in a row without progress before the connection gives up. */
+export const MAX_REFRESH_TRIES: number;
+
+/**
+ * What a client does after a close code (close-codes.js, generated from the gateway's catalogue):
+ * reconnect and resume; refresh the token, then reconnect and resume; stay closed until the
+ * application sends something; or give up.
+ */
+export type ClosePolicy = 'reconnect' | 'refresh_token' | 'wait_for_user' | 'give_up';
+
+/** The policy of a close code (codes outside the catalogue: 'reconnect'). */
+export function closePolicy(code: number | null | undefined): ClosePolicy;
 
 // --- frames the gateway sends -----------------------------------------------------------
+
+/** The gateway's input limits; a client does not send a frame over them. */
+export interface HelloLimits {
+  /** The largest client frame (UTF-8 bytes of its JSON) the gateway reads. */
+  max_frame_bytes?: number;
+  [name: string]: number | undefined;
+}
 
 export interface HelloFrame {
   type: 'hello';
@@ -11,6 +30,7 @@ export interface HelloFrame {
   user: string;
   protocol: number;
   server: string;
+  limits: HelloLimits;
 }
 
 interface RequestFrameBase {
@@ -78,6 +98,8 @@ export interface ErrorFrame {
   retryable: boolean;
   id?: string;
   seq?: number;
+  /** When the same frame may pass (rate_limited, too_many_connections). */
+  retry_after_ms?: number;
 }
 
 export interface PongFrame {
@@ -170,6 +192,11 @@ export interface ConnectionOptions {
   pongTimeoutMs?: number;
   /** A socket without `hello` this long is replaced (default 10 000 ms). */
   connectTimeoutMs?: number;
+  /**
+   * A socket open this long starts the reconnect backoff over even if no request made progress
+   * (default 10 000 ms); a `hello` alone does not.
+   */
+  stableAfterMs?: number;
   /** Connect at once when stored requests were found (default true). */
   autoConnect?: boolean;
   /** Random source for jitter, in [0, 1) (tests pass a fixed one). */
@@ -282,7 +309,7 @@ export class Connection {
   readonly url: string;
   readonly user: string | null;
   readonly state: ConnectionState;
-  /** Reconnect attempts since the last `hello`. */
+  /** Reconnect attempts since a socket last made progress (or stayed open `stableAfterMs`). */
   readonly attempt: number;
   readonly session: string | null;
   readonly hello: HelloFrame | null;
@@ -292,7 +319,7 @@ export class Connection {
   readonly requests: ReadonlyMap<string, ChatRequest>;
   /** Requests found in sessionStorage at construction; they resume once connected. */
   readonly restored: ChatRequest[];
-  /** Open (idempotent); resolves on `hello`, rejects on close() or an auth refusal. */
+  /** Open (idempotent); resolves on `hello`, rejects on close() or a `give_up` close (e.g. 4001). */
   connect(): Promise<void>;
   chat(query: string, options?: ChatOptions): ChatRequest;
   stop(id: string): void;

@@ -8,11 +8,24 @@
 //
 // Frames of a request carry `seq` 1, 2, 3 ...; a request applies a frame only when its seq
 // is above the last one it holds, so frames replayed by the gateway after a `resume` are
-// never applied twice. When the socket drops (any close except 1000 with nothing in flight,
-// 4000-4099 "do not reconnect", or `close()`), the connection waits an exponential backoff
-// with jitter and reconnects; on the new `hello` it re-sends every unfinished request: a
-// `resume {id, after: lastSeq}` when the gateway has acknowledged it, else the same `chat`
-// again (same id: the gateway recognises it and never asks Dify twice).
+// never applied twice. When the socket closes, the close code's policy (close-codes.js,
+// generated from the Python catalogue shared/exceptions.py) says what happens next:
+//
+// - `reconnect`: wait an exponential backoff with jitter (at least the `retry_after_ms` of an
+//   error that came just before) and reconnect; on the new `hello` every unfinished request
+//   is sent again: a `resume {id, after: lastSeq}` when the gateway has acknowledged it, else
+//   the same `chat` (same id: the gateway recognises it and never asks Dify twice).
+// - `refresh_token` (4002, the token expired): the same, with a fresh token from the token
+//   function (asked before every connect); with a fixed token, or after MAX_REFRESH_TRIES
+//   refusals in a row with no progress in between, give up.
+// - `wait_for_user` (4103 idle, 1000): reconnect only when there is something to send: at
+//   once if requests are unfinished, else on the next `chat()`.
+// - `give_up` (4001, 4003, ...): the connection closes; unfinished requests fail.
+//
+// The backoff starts over only once a socket made progress (a request frame applied) or
+// stayed open `stableAfterMs`: a `hello` followed at once by the same close does not reset it.
+// `hello.limits.max_frame_bytes` is the largest frame the gateway reads: a `chat` over it
+// fails locally with `frame_too_large` and is never sent.
 //
 // Unfinished requests are also written to sessionStorage after every frame, so a page reload
 // picks them up (`connection.restored`) and resumes them from where the page left off.
@@ -22,8 +35,12 @@
 //
 // Zero dependencies; runs in browsers and in Node (pass `WebSocket` and `storage`).
 
+import { CLOSE_CODES } from './close-codes.js';
+
 export const PROTOCOL = 'tokenwire.v1';
 export const VERSION = '0.1.0';
+/** Token refreshes (closes with 4002) in a row without progress before giving up. */
+export const MAX_REFRESH_TRIES = 3;
 
 const STORAGE_PREFIX = 'tokenwire:v1:';
 const MAX_STORED_EVENTS = 200;
@@ -41,6 +58,20 @@ export function backoffDelay(attempt, options = {}, random = Math.random) {
   const base = Math.min(o.maxMs, o.initialMs * Math.pow(o.factor, Math.max(0, attempt)));
   const jitter = Math.min(1, Math.max(0, o.jitter));
   return Math.max(0, Math.round(base * (1 - jitter * random())));
+}
+
+/**
+ * What a client does after a close with `code`: 'reconnect' | 'refresh_token' |
+ * 'wait_for_user' | 'give_up' (codes outside the catalogue: its default, 'reconnect').
+ */
+export function closePolicy(code) {
+  const entry = code == null ? undefined : CLOSE_CODES.codes[String(code)];
+  return entry ? entry.policy : CLOSE_CODES.default;
+}
+
+const UTF8 = new TextEncoder();
+function frameBytes(frame) {
+  return UTF8.encode(JSON.stringify(frame)).length;
 }
 
 /** `ws(s)://<host>/v1/ws` of the page that loaded the SDK. */
@@ -315,6 +346,7 @@ export class Connection extends Emitter {
     this.pingIntervalMs = options.pingIntervalMs ?? 20000;
     this.pongTimeoutMs = options.pongTimeoutMs ?? 10000;
     this.connectTimeoutMs = options.connectTimeoutMs ?? 10000;
+    this.stableAfterMs = options.stableAfterMs ?? 10000;
     this._random = options.random ?? Math.random;
     this._storage = options.storage === undefined ? defaultStorage() : options.storage;
     this._storageKey = options.storageKey ?? STORAGE_PREFIX + this._socketUrl();
@@ -328,7 +360,12 @@ export class Connection extends Emitter {
     this._ws = null;
     this._generation = 0;
     this._closedByUser = false;
-    this._authRetried = false;
+    this._refreshTries = 0;
+    // Of the current socket: when its hello came (0: none yet), whether a request frame was
+    // applied on it, and the retry hint of its last connection-level error.
+    this._openedAt = 0;
+    this._progressed = false;
+    this._retryAfterMs = 0;
     this._reconnectTimer = null;
     this._pingTimer = null;
     this._deadTimer = null;
@@ -373,6 +410,7 @@ export class Connection extends Emitter {
       files: options.files,
       app: options.app,
     });
+    if (this._refuseOversize(request)) return request; // known too large: failed, never sent
     this._track(request);
     if (this.state === 'open') this._sendRequest(request);
     else if (this.state === 'idle' || this.state === 'closed') this.connect().catch(() => {});
@@ -449,6 +487,9 @@ export class Connection extends Emitter {
       delayMs: 0,
     });
     const generation = ++this._generation;
+    this._openedAt = 0;
+    this._progressed = false;
+    this._retryAfterMs = 0;
     const protocols = [PROTOCOL];
     if (this._token) {
       let token;
@@ -507,12 +548,15 @@ export class Connection extends Emitter {
     if (typeof frame.id === 'string' && typeof frame.seq === 'number') {
       const request = this.requests.get(frame.id);
       if (request && request._apply(frame)) {
+        this._progressed = true;
         if (request.finished) this.requests.delete(request.id);
         this._persist();
       }
       return;
     }
     if (frame.type === 'error') {
+      if (typeof frame.retry_after_ms === 'number') this._retryAfterMs = frame.retry_after_ms;
+      if (frame.code === 'frame_too_large') this._failOversizeSuspect();
       this._emit(
         'error',
         new TokenwireError(frame.code, frame.message, Boolean(frame.retryable), frame),
@@ -523,10 +567,11 @@ export class Connection extends Emitter {
   _onHello(frame) {
     clearTimeout(this._connectTimer);
     this._connectTimer = null;
+    // No backoff reset here: a hello followed at once by the same close must not make the
+    // next reconnect immediate (see _handleClose).
     this.hello = frame;
     this.session = frame.session ?? null;
-    this.attempt = 0;
-    this._authRetried = false;
+    this._openedAt = Date.now();
     const generation = this._generation;
     this._setState('open', {});
     this._emit('hello', frame);
@@ -540,7 +585,7 @@ export class Connection extends Emitter {
   }
 
   _sendRequest(request) {
-    if (request.finished) return;
+    if (request.finished || this._refuseOversize(request)) return;
     request._sentOn = this._generation;
     if (request.lastSeq === 0) {
       // Never acknowledged: send the chat again. The same id is one request at the gateway,
@@ -562,16 +607,22 @@ export class Connection extends Emitter {
       this._setState('closed', { code, reason });
       return;
     }
-    if (code >= 4000 && code <= 4099) {
-      if (code === 4001 && typeof this._token === 'function' && !this._authRetried) {
-        // The token may have expired: ask the provider for a fresh one, once.
-        this._authRetried = true;
-        this._scheduleReconnect(code, reason);
-        return;
-      }
+    if (this._openedAt && (this._progressed || Date.now() - this._openedAt >= this.stableAfterMs)) {
+      this.attempt = 0; // this socket was good: start the backoff over
+      this._refreshTries = 0;
+    }
+    if (code === 1009) this._failOversizeSuspect();
+    let policy = closePolicy(code);
+    if (policy === 'refresh_token') {
+      this._refreshTries += 1;
+      // Asked again before the reconnect; a fixed token cannot be refreshed.
+      if (typeof this._token !== 'function' || this._refreshTries > MAX_REFRESH_TRIES) policy = 'give_up';
+    }
+    if (policy === 'give_up') {
       this._setState('closed', { code, reason });
       const message = `the gateway closed the connection (${code} ${reason ?? ''})`.trim();
-      const error = new TokenwireError(code === 4001 ? 'unauthorized' : 'closed', message, false);
+      const kind = code === 4001 ? 'unauthorized' : code === 4002 ? 'token_expired' : 'closed';
+      const error = new TokenwireError(kind, message, false);
       this._emit('error', error);
       this._rejectOpenWaiters(error);
       // Nothing will answer them on this connection: end them instead of leaving them waiting.
@@ -582,17 +633,50 @@ export class Connection extends Emitter {
       this._persist();
       return;
     }
-    if (code === 1000 && this.requests.size === 0) {
-      // A normal close with nothing in flight: reconnect lazily, on the next chat().
+    if (policy === 'wait_for_user' && this.requests.size === 0) {
+      // Nothing to send: reconnect lazily, on the next chat().
       this._setState('idle', { code, reason });
       return;
     }
     this._scheduleReconnect(code, reason);
   }
 
+  /** Fail a chat the gateway announced it would refuse (hello.limits); true if failed. */
+  _refuseOversize(request) {
+    const limit = this.hello?.limits?.max_frame_bytes;
+    if (typeof limit !== 'number' || !(limit > 0) || request.lastSeq > 0) return false;
+    const size = frameBytes(request._chatFrame());
+    if (size <= limit) return false;
+    request._fail(
+      new TokenwireError('frame_too_large', `the chat frame is ${size} bytes, over the gateway's limit of ${limit}`, false),
+    );
+    if (this.requests.delete(request.id)) this._persist();
+    return true;
+  }
+
+  /**
+   * The gateway refused a frame as too large without naming it (a limit this client did not
+   * know): fail the largest chat on this socket that it never acknowledged, so that it is not
+   * sent again after the reconnect.
+   */
+  _failOversizeSuspect() {
+    if (typeof this.hello?.limits?.max_frame_bytes === 'number') return; // nothing over it was sent
+    let suspect = null;
+    let largest = -1;
+    for (const request of this.requests.values()) {
+      if (request.lastSeq !== 0 || request._sentOn !== this._generation) continue;
+      const size = frameBytes(request._chatFrame());
+      if (size > largest) [suspect, largest] = [request, size];
+    }
+    if (!suspect) return;
+    suspect._fail(new TokenwireError('frame_too_large', 'the gateway refused the chat as too large', false));
+    this.requests.delete(suspect.id);
+    this._persist();
+  }
+
   _scheduleReconnect(code, reason) {
     this._clearTimers();
-    const delayMs = backoffDelay(this.attempt, this.backoff, this._random);
+    const delayMs = Math.max(backoffDelay(this.attempt, this.backoff, this._random), this._retryAfterMs);
     this.attempt += 1;
     this._setState('reconnecting', { attempt: this.attempt, delayMs, code, reason });
     this._reconnectTimer = setTimeout(() => {

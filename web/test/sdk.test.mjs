@@ -3,7 +3,8 @@
 import assert from 'node:assert/strict';
 import { afterEach, beforeEach, describe, test } from 'node:test';
 
-import { Connection, backoffDelay, defaultUrl } from '../sdk/tokenwire.js';
+import { CLOSE_CODES } from '../sdk/close-codes.js';
+import { Connection, MAX_REFRESH_TRIES, backoffDelay, closePolicy, defaultUrl } from '../sdk/tokenwire.js';
 import { FakeWebSocket, MemoryStorage, answerFrames } from './helpers/fakews.mjs';
 import { sleep, waitFor } from './helpers/stack.mjs';
 
@@ -196,7 +197,7 @@ describe('reconnect and resume', () => {
     assert.deepEqual(states, ['reconnecting', 'reconnecting', 'open']);
   });
 
-  test('backoff grows with each failed attempt and resets after hello', async () => {
+  test('backoff grows with each failed attempt; a hello alone does not reset it, progress does', async () => {
     const conn = connection({ backoff: { initialMs: 4, maxMs: 16, factor: 2, jitter: 0 } });
     const ws1 = await opened(conn);
     conn.chat('q', { id: 'r1' });
@@ -209,8 +210,29 @@ describe('reconnect and resume', () => {
     }
     const ws6 = await waitFor(() => FakeWebSocket.instances[5], { what: 'socket 6' });
     ws6.accept();
-    ws6.drop(1006);
-    assert.deepEqual(delays, [4, 8, 16, 16, 16, 4]);
+    ws6.drop(4101); // hello, then at once a close: still backing off
+    const ws7 = await waitFor(() => FakeWebSocket.instances[6], { what: 'socket 7' });
+    ws7.accept();
+    ws7.emit({ type: 'accepted', id: 'r1', seq: 1 }); // the request made progress
+    ws7.drop(1006);
+    await waitFor(() => FakeWebSocket.instances[7], { what: 'socket 8' });
+    assert.deepEqual(delays, [4, 8, 16, 16, 16, 16, 4]);
+  });
+
+  test('a socket that stayed open stableAfterMs resets the backoff without progress', async () => {
+    const conn = connection({ backoff: { initialMs: 4, maxMs: 64, factor: 2, jitter: 0 }, stableAfterMs: 30 });
+    conn.chat('q', { id: 'r1' });
+    const delays = [];
+    conn.on('state', (s) => s.state === 'reconnecting' && s.delayMs > 0 && delays.push(s.delayMs));
+    const ws1 = await waitFor(() => FakeWebSocket.instances[0], { what: 'socket 1' });
+    ws1.accept();
+    ws1.drop(1006);
+    const ws2 = await waitFor(() => FakeWebSocket.instances[1], { what: 'socket 2' });
+    ws2.accept();
+    await sleep(50); // past stableAfterMs
+    ws2.drop(1006);
+    await waitFor(() => FakeWebSocket.instances[2], { what: 'socket 3' });
+    assert.deepEqual(delays, [4, 4]);
   });
 
   test('backoffDelay: exponential, capped, jittered downwards', () => {
@@ -223,7 +245,7 @@ describe('reconnect and resume', () => {
     }
   });
 
-  test('4000-4099 closes do not reconnect', async () => {
+  test('give_up closes (4003 forbidden) do not reconnect', async () => {
     const conn = connection();
     const ws = await opened(conn);
     const errors = [];
@@ -261,18 +283,101 @@ describe('reconnect and resume', () => {
     assert.deepEqual(ws2.sentOfType('chat').map((f) => f.id), ['r9']);
   });
 
-  test('the token provider is asked on every connect; a 4001 gets one fresh try', async () => {
+  test('4001 gives up at once: a refused token is not tried again', async () => {
     let n = 0;
     const conn = connection({ token: async () => `tok${++n}` });
     const ws1 = await opened(conn);
     assert.deepEqual(ws1.protocols, ['tokenwire.v1', 'bearer.tok1']);
+    const errors = [];
+    conn.on('error', (e) => errors.push(e.code));
     ws1.drop(4001, 'unauthorized');
-    const ws2 = await waitFor(() => FakeWebSocket.instances[1], { what: 'a retry' });
-    assert.deepEqual(ws2.protocols, ['tokenwire.v1', 'bearer.tok2']);
-    ws2.drop(4001, 'unauthorized');
     await sleep(60);
-    assert.equal(FakeWebSocket.instances.length, 2, 'no third try with a refused token');
+    assert.equal(FakeWebSocket.instances.length, 1);
     assert.equal(conn.state, 'closed');
+    assert.deepEqual(errors, ['unauthorized']);
+  });
+
+  test('4002: a fresh token from the provider, reconnect, every request resumes', async () => {
+    let n = 0;
+    const conn = connection({ token: async () => `tok${++n}` });
+    const ws1 = await opened(conn);
+    const answered = conn.chat('q', { id: 'r1' });
+    const unacked = conn.chat('q2', { id: 'r2' });
+    const frames = answerFrames('r1', TOKENS);
+    for (const f of frames.slice(0, 4)) ws1.emit(f);
+    ws1.emit({ type: 'error', code: 'token_expired', message: 'the token expired', retryable: false });
+    ws1.drop(4002, 'token expired');
+    assert.equal(conn.state, 'reconnecting');
+    const ws2 = await waitFor(() => FakeWebSocket.instances[1], { what: 'a reconnect' });
+    assert.deepEqual(ws2.protocols, ['tokenwire.v1', 'bearer.tok2']);
+    ws2.accept();
+    assert.deepEqual(ws2.sent, [
+      { type: 'resume', id: 'r1', after: 4 },
+      { type: 'chat', id: 'r2', query: 'q2' },
+    ]);
+    for (const f of frames.slice(4)) ws2.emit(f);
+    await answered.done;
+    assert.equal(answered.text, ANSWER);
+    assert.equal(unacked.finished, false, 'nothing in flight was failed');
+  });
+
+  test('4002 again and again without progress gives up after MAX_REFRESH_TRIES', async () => {
+    let n = 0;
+    const conn = connection({ token: () => `stale${++n}` });
+    const request = conn.chat('q', { id: 'r1' });
+    for (let i = 0; i <= MAX_REFRESH_TRIES; i += 1) {
+      const ws = await waitFor(() => FakeWebSocket.instances[i], { what: `socket ${i + 1}` });
+      ws.accept();
+      ws.drop(4002, 'token expired'); // hello, then expired at once: no progress
+    }
+    await request.done;
+    assert.equal(conn.state, 'closed');
+    assert.equal(FakeWebSocket.instances.length, MAX_REFRESH_TRIES + 1);
+    assert.equal(request.error.code, 'connection_closed');
+  });
+
+  test('4002 with a fixed token gives up: there is nothing fresh to ask for', async () => {
+    const conn = connection({ token: 'fixed' });
+    const ws = await opened(conn);
+    const request = conn.chat('q', { id: 'r1' });
+    ws.drop(4002, 'token expired');
+    await request.done;
+    assert.equal(conn.state, 'closed');
+    assert.equal(FakeWebSocket.instances.length, 1);
+  });
+
+  test('4103 idle: no reconnect until the application sends something', async () => {
+    const conn = connection();
+    const ws = await opened(conn);
+    ws.drop(4103, 'idle');
+    await sleep(60);
+    assert.equal(conn.state, 'idle');
+    assert.equal(FakeWebSocket.instances.length, 1, 'no reconnect by itself');
+    conn.chat('back again', { id: 'r2' });
+    const ws2 = await waitFor(() => FakeWebSocket.instances[1], { what: 'a reconnect on chat' });
+    ws2.accept();
+    assert.deepEqual(ws2.sent, [{ type: 'chat', id: 'r2', query: 'back again' }]);
+  });
+
+  test('4103 racing a chat just sent: it reconnects and sends it', async () => {
+    const conn = connection();
+    const ws = await opened(conn);
+    conn.chat('just now', { id: 'r3' });
+    ws.drop(4103, 'idle');
+    const ws2 = await waitFor(() => FakeWebSocket.instances[1], { what: 'a reconnect' });
+    ws2.accept();
+    assert.deepEqual(ws2.sent, [{ type: 'chat', id: 'r3', query: 'just now' }]);
+  });
+
+  test('a retry hint before the close is the least wait', async () => {
+    const conn = connection();
+    const ws = await opened(conn);
+    conn.chat('q', { id: 'r1' });
+    const delays = [];
+    conn.on('state', (s) => s.state === 'reconnecting' && s.delayMs > 0 && delays.push(s.delayMs));
+    ws.emit({ type: 'error', code: 'too_many_connections', message: 'full', retryable: true, retry_after_ms: 30 });
+    ws.drop(4004, 'too many connections');
+    assert.deepEqual(delays, [30]);
   });
 
   test('a stop asked while disconnected is sent after the resume', async () => {
@@ -312,6 +417,82 @@ describe('reconnect and resume', () => {
     assert.equal(conn.state, 'closed');
     assert.equal(ws.closedWith.code, 1000);
     assert.equal(FakeWebSocket.instances.length, 1);
+  });
+});
+
+describe('oversize chats', () => {
+  const LIMITS = { max_frame_bytes: 200 };
+  const big = 'x'.repeat(300);
+
+  test('a chat over hello.limits fails locally with frame_too_large and is never sent', async () => {
+    const conn = connection();
+    const pending = conn.connect();
+    const ws = await waitFor(() => FakeWebSocket.last, { what: 'a socket' });
+    ws.readyState = 1;
+    ws.emit({ type: 'hello', session: 's', user: 'u1', protocol: 1, server: 'fake', limits: LIMITS });
+    await pending;
+    const request = conn.chat(big, { id: 'big' });
+    assert.equal(request.status, 'error');
+    assert.equal(request.error.code, 'frame_too_large');
+    assert.equal(request.error.retryable, false);
+    const small = conn.chat('small', { id: 'small' });
+    assert.deepEqual(ws.sent, [{ type: 'chat', id: 'small', query: 'small' }]);
+    assert.equal(small.finished, false);
+    assert.equal(conn.requests.has('big'), false);
+  });
+
+  test('a chat asked before hello is checked against its limits, then never re-sent', async () => {
+    const conn = connection();
+    const request = conn.chat(big, { id: 'big' });
+    const other = conn.chat('fine', { id: 'fine' });
+    const ws = await waitFor(() => FakeWebSocket.last, { what: 'a socket' });
+    ws.readyState = 1;
+    ws.emit({ type: 'hello', session: 's', user: 'u1', protocol: 1, server: 'fake', limits: LIMITS });
+    assert.equal(request.error?.code, 'frame_too_large');
+    assert.deepEqual(ws.sent, [{ type: 'chat', id: 'fine', query: 'fine' }]);
+    ws.drop(1006);
+    const ws2 = await waitFor(() => FakeWebSocket.instances[1], { what: 'a reconnect' });
+    ws2.accept();
+    assert.deepEqual(ws2.sentOfType('chat').map((f) => f.id), ['fine']);
+    assert.equal(other.finished, false);
+  });
+
+  test('without announced limits, a 1009 close fails the oversize chat; the others resume', async () => {
+    const conn = connection();
+    const ws = await opened(conn);
+    const held = conn.chat('q', { id: 'r1' });
+    for (const f of answerFrames('r1', TOKENS).slice(0, 3)) ws.emit(f);
+    const request = conn.chat(big, { id: 'big' });
+    ws.drop(1009, 'message too big');
+    assert.equal(request.error?.code, 'frame_too_large');
+    const ws2 = await waitFor(() => FakeWebSocket.instances[1], { what: 'a reconnect' });
+    ws2.accept();
+    assert.deepEqual(ws2.sent, [{ type: 'resume', id: 'r1', after: 3 }]);
+    assert.equal(held.finished, false);
+  });
+
+  test('without announced limits, a frame_too_large error fails the oversize chat', async () => {
+    const conn = connection();
+    const ws = await opened(conn);
+    const request = conn.chat(big, { id: 'big' });
+    ws.emit({ type: 'error', code: 'frame_too_large', message: 'over the limit', retryable: false });
+    await request.done;
+    assert.equal(request.error.code, 'frame_too_large');
+    assert.equal(conn.requests.size, 0);
+  });
+});
+
+describe('close-code policy', () => {
+  test('closePolicy reads the generated table', () => {
+    assert.equal(closePolicy(4002), 'refresh_token');
+    assert.equal(closePolicy(4103), 'wait_for_user');
+    assert.equal(closePolicy(4001), 'give_up');
+    assert.equal(closePolicy(1006), 'reconnect');
+    assert.equal(closePolicy(4199), CLOSE_CODES.default);
+    assert.equal(closePolicy(undefined), 'reconnect');
+    for (const [code, { policy }] of Object.entries(CLOSE_CODES.codes)) {
+      assert.equal(closePolicy(Number(code)), policy);
+    }
   });
 });
 

@@ -5,7 +5,9 @@ import {
   Connection,
   TokenwireError,
   backoffDelay,
+  closePolicy,
   type ChatRequest,
+  type ClosePolicy,
   type ConnectionState,
   type RequestFrame,
   type StateChange,
@@ -23,8 +25,14 @@ export async function example(): Promise<string> {
     const state: ConnectionState = change.state;
     if (state === 'reconnecting') console.log(`retry in ${change.delayMs ?? 0} ms`);
   });
-  connection.on('error', (error) => console.warn(error.code, error.retryable));
+  connection.on('error', (error) => console.warn(error.code, error.retryable, error.frame?.retry_after_ms));
+  connection.on('state', ({ code }) => {
+    const policy: ClosePolicy = closePolicy(code);
+    if (policy === 'wait_for_user') console.log('idle until the next question');
+  });
   await connection.connect();
+  const limit: number | undefined = connection.hello?.limits.max_frame_bytes;
+  void limit;
 
   const request: ChatRequest = connection.chat('Hello?', {
     conversationId: null,
@@ -77,4 +85,7 @@ export function misuse(connection: Connection, request: ChatRequest): void {
   // @ts-expect-error the state is one of a few names
   const s: ConnectionState = 'online';
   void s;
+  // @ts-expect-error a policy is one of four names
+  const p: ClosePolicy = 'retry';
+  void p;
 }
