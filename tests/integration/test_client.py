@@ -1,13 +1,19 @@
 """The Python client (``tokenwire.client``) over a real stack: answers, forced disconnects and
-a gateway killed mid-answer, each ending with exactly the simulator's answer."""
+a gateway killed mid-answer, each ending with exactly the simulator's answer; tokens that
+expire every few seconds, an idle close and an oversize chat against a real JWT gateway; and
+the close-code policy against scripted servers."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import time
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import jwt
 import orjson
 import pytest
 import websockets
@@ -56,6 +62,106 @@ async def sim_queries(spine: Stack) -> list[str]:
 
 def connection(spine: Stack, user: str, **kwargs: Any) -> Connection:
     return Connection(spine.ws_url(), user=user, backoff=FAST, **kwargs)
+
+
+# --- a JWT gateway: short-lived tokens, idleness, the frame limit -----------------------------
+
+SECRET = "client-test-secret-" + uuid.uuid4().hex  # over the 32-byte minimum
+IDLE_TIMEOUT_S = 2.0
+JWT_ENV = {
+    "TOKENWIRE_AUTH": "jwt",
+    "TOKENWIRE_ALLOW_INSECURE": "0",
+    "TOKENWIRE_JWT_SECRET": SECRET,
+    "TOKENWIRE_IDLE_TIMEOUT_S": str(IDLE_TIMEOUT_S),
+}
+
+
+@pytest.fixture(scope="module")
+def jwt_url(spine: Stack) -> Iterator[str]:
+    """The ws:// URL of a second gateway on the spine's NATS, with JWT auth and a short idle."""
+    gateway = spine.gateway("gateway-jwt", **JWT_ENV)
+    yield spine.ws_url(gateway.port)  # type: ignore[attr-defined]
+
+
+class Tokens:
+    """A token provider: a fresh HS256 token per call, valid ``ttl_s`` (whole seconds)."""
+
+    def __init__(self, sub: str, ttl_s: float) -> None:
+        self.sub, self.ttl_s, self.issued = sub, ttl_s, 0
+
+    def __call__(self) -> str:
+        self.issued += 1
+        claims = {"sub": self.sub, "exp": int(time.time() + self.ttl_s)}
+        return jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+async def test_an_answer_outlives_many_short_lived_tokens(spine: Stack, jwt_url: str) -> None:
+    """Tokens live 2-3 s, the answer ~9 s: every 4002 gets a fresh token, a reconnect and a
+    resume, and the answer ends exactly, asked of Dify once."""
+    tw_sim = {"delay_ms": 100, "tokens": 90}
+    query = "Outlive the tokens"
+    tokens = Tokens(f"py-jwt-{uuid.uuid4().hex[:6]}", ttl_s=3)
+    closes: list[int | None] = []
+    async with Connection(jwt_url, tokens, backoff=FAST) as conn, asyncio.timeout(60):
+        conn.on_state.append(lambda c: closes.append(c.code) if c.code else None)
+        stream = await conn.chat(query, inputs={"tw_sim": tw_sim})
+        await stream.wait()
+        assert conn.hello is not None and conn.hello.user == tokens.sub
+    assert stream.status is RequestStatus.DONE, stream.error
+    assert stream.text == expected_final_answer(query, tw_sim)
+    assert_gapless(stream)
+    assert closes.count(4002) >= 2, f"closes: {closes}"
+    assert tokens.issued >= 3
+    assert (await sim_queries(spine)).count(query) == 1, "Dify was asked once"
+
+
+async def test_an_idle_close_does_not_reconnect_by_itself(jwt_url: str) -> None:
+    tokens = Tokens(f"py-idle-{uuid.uuid4().hex[:6]}", ttl_s=600)
+    async with Connection(jwt_url, tokens, backoff=FAST) as conn:
+        states: list[StateChange] = []
+        conn.on_state.append(states.append)
+        await until(lambda: conn.state is ConnectionState.IDLE, timeout=IDLE_TIMEOUT_S + 10)
+        assert conn.last_close is not None and conn.last_close[0] == 4103
+        # Longer than the idle timeout plus every backoff: a reconnect would have happened.
+        await asyncio.sleep(IDLE_TIMEOUT_S + 1)
+        assert conn.state is ConnectionState.IDLE
+        assert tokens.issued == 1, "no reconnect by itself"
+        assert not any(s.state is ConnectionState.RECONNECTING for s in states)
+
+        stream = await conn.chat("Back after a break")
+        async with asyncio.timeout(30):
+            await stream.wait()
+        assert stream.status is RequestStatus.DONE, stream.error
+        assert stream.text == expected_final_answer("Back after a break")
+        assert tokens.issued == 2, "the chat reconnected once"
+
+
+async def test_an_oversize_chat_fails_once_and_is_never_sent(spine: Stack, jwt_url: str) -> None:
+    tokens = Tokens(f"py-big-{uuid.uuid4().hex[:6]}", ttl_s=600)
+    async with Connection(jwt_url, tokens, backoff=FAST) as conn, asyncio.timeout(60):
+        assert conn.hello is not None
+        limit = conn.hello.limits["max_frame_bytes"]
+        assert limit == 64 * 1024, "the gateway announces TOKENWIRE_MAX_FRAME_BYTES"
+        sent: list[dict[str, Any]] = []
+        real_send = conn._send
+
+        async def recording_send(frame: dict[str, Any]) -> bool:
+            sent.append(frame)
+            return await real_send(frame)
+
+        conn._send = recording_send  # type: ignore[method-assign]
+        query = "Too big " + "x" * limit
+        big = await conn.chat(query, id="py-big")
+        assert big.status is RequestStatus.ERROR
+        assert big.error is not None and big.error.code == FRAME_TOO_LARGE
+        small = await conn.chat("Small after big", inputs={"tw_sim": {"delay_ms": 30}})
+        await until(lambda: deltas(small) >= 2)
+        conn.drop_for_testing()  # the reconnect re-sends what is unfinished: not the big one
+        await small.wait()
+        assert small.text == expected_final_answer("Small after big", {"delay_ms": 30})
+    assert "py-big" not in {f.get("id") for f in sent}
+    assert [f["type"] for f in sent if f.get("id") == small.id] == ["chat", "resume"]
+    assert query not in await sim_queries(spine)
 
 
 async def test_answer_and_conversation(spine: Stack) -> None:
