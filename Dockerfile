@@ -24,8 +24,10 @@ COPY tokenwire/ tokenwire/
 # The web page and the browser SDK are package data of tokenwire.web (pyproject.toml); the
 # install takes only the files the page needs (.dockerignore also keeps web's tests out).
 COPY web/ web/
+# Extras to add, comma-separated: `--build-arg EXTRAS=otel` for OpenTelemetry tracing.
+ARG EXTRAS=""
 # A regular (not editable) install; pip compiles the bytecode here, at build time.
-RUN pip install . && python -m compileall -q /opt/tokenwire
+RUN pip install ".${EXTRAS:+[$EXTRAS]}" && python -m compileall -q /opt/tokenwire
 
 # --- runtime: the virtualenv (page included) and an unprivileged user ---------------------
 FROM ${PYTHON_IMAGE} AS runtime

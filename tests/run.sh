@@ -24,8 +24,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-# Node tools the Python tests use offline (the AsyncAPI 3 schema).
+# Node tools the Python tests use offline (the AsyncAPI 3 schema), and the web tools (the
+# install tests drive the page with playwright-core too, so web/ is installed once, here).
 npm ci --prefix deploy --no-audit --no-fund --loglevel=error >/dev/null
+npm ci --prefix web --no-audit --no-fund --loglevel=error >/dev/null
+export TOKENWIRE_WEB_DEPS_READY=1
 
 echo "== ruff"
 .venv/bin/ruff check .
@@ -44,7 +47,9 @@ else
   web_pid=""
 fi
 
-echo "== pytest"
+# tests/install/ installs tokenwire the ways users do (the README's command, a wheel, the
+# Dockerfile's recipe) into fresh venvs and runs it from there; pip's cache keeps that fast.
+echo "== pytest (unit, integration, install, deploy, bench)"
 .venv/bin/python -m pytest -n 2 --dist loadscope -p no:cacheprovider tests || status=$?
 
 if [ -n "$web_pid" ]; then

@@ -17,10 +17,8 @@ use as the user they expect; alerts and dashboards query metrics that exist.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import re
-import shlex
 import subprocess
 import tomllib
 from collections.abc import Iterator
@@ -42,6 +40,7 @@ import gateway.metrics
 import worker.metrics
 from shared import subjects
 from shared.settings import Settings
+from tests import dockerfile as docker
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -656,30 +655,15 @@ def test_the_ingress_keeps_websockets_open_and_unbuffered() -> None:
 @cache
 def dockerfile() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
-    out = []
-    for raw in text.splitlines():
-        line = raw.strip()
-        if line and not line.startswith("#"):
-            word, _, rest = line.partition(" ")
-            out.append((word.upper(), rest.strip()))
-    return out
+    return [(step.word, step.rest) for step in docker.dockerfile(DOCKERFILE)]
 
 
 def final_stage() -> list[tuple[str, str]]:
-    steps = dockerfile()
-    last_from = max(i for i, (word, _) in enumerate(steps) if word == "FROM")
-    return steps[last_from:]
+    return [(step.word, step.rest) for step in docker.stages(DOCKERFILE)[-1]]
 
 
 def dockerfile_env() -> dict[str, str]:
-    env: dict[str, str] = {}
-    for word, rest in final_stage():
-        if word == "ENV":
-            for item in shlex.split(rest):
-                key, _, value = item.partition("=")
-                env[key] = value
-    return env
+    return docker.env_of(docker.stages(DOCKERFILE)[-1])
 
 
 def test_the_image_is_multi_stage_and_runs_as_the_manifests_user() -> None:
@@ -709,20 +693,8 @@ def test_the_entrypoint_and_commands_are_the_cli() -> None:
     assert exposed == declared == {GATEWAY_PORT, WORKER_METRICS_PORT}
 
 
-def _ignored(path: str, patterns: list[str]) -> bool:
-    path = path.rstrip("/")
-    return any(
-        fnmatch.fnmatch(path, p.rstrip("/")) or path.startswith(p.rstrip("/") + "/")
-        for p in patterns
-    )
-
-
 def test_copied_sources_exist_and_are_not_docker_ignored() -> None:
-    patterns = [
-        line.strip()
-        for line in DOCKERIGNORE.read_text().splitlines()
-        if line.strip() and not line.startswith("#")
-    ]
+    patterns = docker.ignore_patterns(DOCKERIGNORE)
     copied: set[str] = set()
     for word, rest in dockerfile():
         if word == "COPY" and "--from=" not in rest:
@@ -733,13 +705,13 @@ def test_copied_sources_exist_and_are_not_docker_ignored() -> None:
     for source in copied:
         # (pyproject.toml names README.md as the readme: `pip install .` needs it too.)
         assert (ROOT / source).exists(), f"COPY {source}: no such file in the repository"
-        assert not _ignored(source, patterns), f"COPY {source} is excluded by .dockerignore"
+        assert not docker.ignored(source, patterns), f"COPY {source} is excluded by .dockerignore"
     # The page ships inside the installed package: the image needs no copy of web/ of its own
     # and no TOKENWIRE_WEB_DIR (tests/install/ serves it from such an install).
     assert not any(word == "COPY" and "web/" in rest for word, rest in final_stage())
     assert "TOKENWIRE_WEB_DIR" not in dockerfile_env()
     for noise in ("web/node_modules", ".venv", ".git", "tests"):
-        assert _ignored(noise, patterns), noise
+        assert docker.ignored(noise, patterns), noise
 
 
 # --- alerts and dashboard ----------------------------------------------------------------

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.install.installs import Output
 from tokenwire.dev import READY_PHRASE
 from tokenwire.natsserver import free_port
 
@@ -89,36 +89,6 @@ def http_status(port: int, path: str) -> int:
         return response.status
     finally:
         conn.close()
-
-
-class Output:
-    """Collects a child's merged stdout/stderr on a thread, so its pipe never fills up."""
-
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        assert proc.stdout is not None
-        self._stream = proc.stdout
-        self._lines: list[str] = []
-        self._lock = threading.Lock()
-        self.ready = threading.Event()
-        self._thread = threading.Thread(target=self._pump, daemon=True)
-        self._thread.start()
-
-    def _pump(self) -> None:
-        for raw in self._stream:
-            line = raw.decode("utf-8", "replace")
-            with self._lock:
-                self._lines.append(line)
-            if READY_PHRASE in line:
-                self.ready.set()
-
-    @property
-    def text(self) -> str:
-        with self._lock:
-            return "".join(self._lines)
-
-    def close(self, timeout: float = 5) -> None:
-        self._thread.join(timeout)
-        self._stream.close()
 
 
 def dev_env() -> dict[str, str]:

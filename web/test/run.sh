@@ -41,7 +41,10 @@ if [ -z "${TOKENWIRE_PYTHON:-}" ] && [ ! -x "$REPO_DIR/.venv/bin/python" ]; then
 fi
 
 cd "$WEB_DIR"
-if [ -f package-lock.json ]; then
+if [ -n "${TOKENWIRE_WEB_DEPS_READY:-}" ] && [ -d node_modules/playwright-core ]; then
+  # tests/run.sh installed them already (and other suites use them right now).
+  :
+elif [ -f package-lock.json ]; then
   npm ci --no-audit --no-fund --loglevel=error
 else
   npm install --no-audit --no-fund --loglevel=error
