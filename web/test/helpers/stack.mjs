@@ -209,3 +209,64 @@ export async function startProxy(targetPort) {
     },
   };
 }
+
+/**
+ * A stack of separate processes (nats-server, simulator, worker, one gateway with `gatewayEnv`)
+ * for settings `tokenwire dev` does not take (e.g. TOKENWIRE_AUTH=jwt): helpers/run_stack.py
+ * starts it with the Python integration tests' own stack. Resolves once the gateway is ready.
+ */
+export async function startStack({ gatewayEnv = {}, timeoutMs = 90000 } = {}) {
+  const env = {};
+  for (const [key, value] of Object.entries(process.env)) {
+    if (key.startsWith('DIFY_') || key.startsWith('TOKENWIRE_')) continue;
+    env[key] = value;
+  }
+  env.PYTHONUNBUFFERED = '1';
+  const script = join(WEB_DIR, 'test', 'helpers', 'run_stack.py');
+  const child = spawn(python(), [script, JSON.stringify(gatewayEnv)], {
+    cwd: REPO_DIR,
+    env,
+    stdio: ['pipe', 'pipe', 'pipe'],
+  });
+  live.add(child);
+  let out = '';
+  let log = '';
+  child.stderr.on('data', (chunk) => {
+    log += chunk.toString();
+  });
+  const exited = new Promise((r) => child.once('exit', (code, signal) => r({ code, signal })));
+  const ready = await new Promise((resolveReady, reject) => {
+    const timer = setTimeout(() => reject(new Error(`stack not ready after ${timeoutMs} ms:\n${log.slice(-4000)}`)), timeoutMs);
+    child.stdout.on('data', (chunk) => {
+      out += chunk.toString();
+      const line = out.split('\n').find((l) => l.startsWith('{'));
+      if (line) {
+        clearTimeout(timer);
+        resolveReady(JSON.parse(line));
+      }
+    });
+    exited.then(({ code, signal }) => {
+      clearTimeout(timer);
+      reject(new Error(`the stack exited (${code ?? signal}) before it was ready:\n${out}${log.slice(-4000)}`));
+    });
+  });
+  return {
+    wsUrl: ready.ws_url,
+    simUrl: ready.sim_url,
+    log: () => out + log,
+    /** The queries the simulator (Dify) was asked, oldest first. */
+    async simQueries() {
+      const response = await fetch(`${ready.sim_url.replace(/\/v1$/, '')}/_sim/requests`);
+      return (await response.json()).map((r) => r.query);
+    },
+    async stop() {
+      if (child.exitCode === null && child.signalCode === null) {
+        child.stdin.end();
+        const timer = setTimeout(() => child.kill('SIGKILL'), 30000);
+        await exited;
+        clearTimeout(timer);
+      }
+      live.delete(child);
+    },
+  };
+}
