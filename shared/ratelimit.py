@@ -25,6 +25,7 @@ __all__ = [
     "decode_state",
     "encode_state",
     "parse_rate",
+    "rate_count",
     "take",
 ]
 
@@ -48,6 +49,17 @@ def parse_rate(text: str) -> float:
 
     Raises ValueError for anything else (a setting that cannot be read must stop the start).
     """
+    count, period = _split(text)
+    return count / period
+
+
+def rate_count(text: str) -> float:
+    """The N of ``"N/unit"``: how many a user who writes the rate means to allow at once."""
+    return _split(text)[0]
+
+
+def _split(text: str) -> tuple[float, float]:
+    """``(count, period in seconds)`` of a rate."""
     match = _RATE_RE.match(text.lower())
     unit = match.group(3) if match else ""
     if unit not in _UNITS and len(unit) > 3 and unit.endswith("s"):
@@ -58,7 +70,7 @@ def parse_rate(text: str) -> float:
     period = float(match.group(2) or 1) * _UNITS[unit]
     if count <= 0 or period <= 0:
         raise ValueError(f"rate {text!r}: must be positive")
-    return count / period
+    return count, period
 
 
 @dataclass(frozen=True, slots=True)

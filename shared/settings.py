@@ -7,14 +7,15 @@ class so a value means the same thing in the gateway and the worker.
 
 from __future__ import annotations
 
+import contextlib
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from shared.ratelimit import parse_rate
+from shared.ratelimit import parse_rate, rate_count
 
 __all__ = ["Settings", "get_settings"]
 
@@ -99,9 +100,11 @@ class Settings(BaseSettings):
     max_connections_per_user: int = Field(default=10, ge=1)
     max_connections: int = Field(default=10_000, ge=1)
     connection_ttl_s: float = Field(default=30.0, ge=1)
-    # Chats per user across all gateways (token bucket in NATS KV): "20/min", "5/s", "100/h".
+    # Chats per user across all gateways (token bucket in NATS KV): "20/min", "5/s", "100/h";
+    # at most rate_burst at once, by default the rate's count ("5/min": 5 at once, then one
+    # every 12 s).
     rate_per_user: str = "60/min"
-    rate_burst: int = Field(default=30, ge=1)
+    rate_burst: int = Field(default=60, ge=1)  # unset: see _burst_defaults_to_the_rate
     # Any client frame, per connection (local token bucket): bounds resume/stop/ping floods.
     frame_rate: str = "50/s"
     frame_burst: int = Field(default=200, ge=1)
@@ -163,6 +166,17 @@ class Settings(BaseSettings):
         if isinstance(value, list):
             return [str(v).strip().rstrip("/").lower() for v in value if str(v).strip()]
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _burst_defaults_to_the_rate(cls, data: Any) -> Any:
+        """Unset (or null), ``rate_burst`` is the count of ``rate_per_user``: a user who writes
+        ``5/min`` means at most 5 at once."""
+        if isinstance(data, dict) and data.get("rate_burst") is None:
+            rate = data.get("rate_per_user", cls.model_fields["rate_per_user"].default)
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                data = {**data, "rate_burst": max(1, int(rate_count(rate)))}
+        return data
 
     @field_validator("rate_per_user", "frame_rate")
     @classmethod
