@@ -299,10 +299,11 @@ class FrameError(ClientError):
 class FrameTooLarge(ClientError):
     """A frame over ``TOKENWIRE_MAX_FRAME_BYTES``: refused, the connection stays open.
 
-    Its ``request_id`` is unknown (the frame is not parsed), so the error is connection-level;
-    the clients never send such a frame (``hello.limits.max_frame_bytes``) and fail the
-    request locally with this code instead. A frame over four times the limit never reaches
-    tokenwire: the WebSocket server closes the socket with 1009 (MESSAGE_TOO_BIG).
+    The frame is not parsed, so the error is connection-level unless the gateway can still
+    read a chat's ``id`` from it (then it ends that request: ``id``, ``seq`` 1). The clients
+    never send such a frame (``hello.limits.max_frame_bytes``): they fail the request locally
+    with this code. A frame over four times the limit never reaches tokenwire: the WebSocket
+    server closes the socket with 1009 (MESSAGE_TOO_BIG).
     """
 
     default_code = ErrorCode.FRAME_TOO_LARGE
