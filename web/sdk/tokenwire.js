@@ -634,8 +634,10 @@ export class Connection extends Emitter {
       return;
     }
     if (policy === 'wait_for_user' && this.requests.size === 0) {
-      // Nothing to send: reconnect lazily, on the next chat().
+      // Nothing to send: reconnect lazily, on the next chat(). A connect() still waiting for
+      // a hello (closed before it) is told, not left hanging.
       this._setState('idle', { code, reason });
+      this._rejectOpenWaiters(new TokenwireError('closed', `the gateway closed the connection (${code})`, true));
       return;
     }
     this._scheduleReconnect(code, reason);

@@ -359,6 +359,15 @@ describe('reconnect and resume', () => {
     assert.deepEqual(ws2.sent, [{ type: 'chat', id: 'r2', query: 'back again' }]);
   });
 
+  test('a wait_for_user close before hello rejects connect() instead of leaving it hanging', async () => {
+    const conn = connection();
+    const pending = conn.connect();
+    const ws = await waitFor(() => FakeWebSocket.last, { what: 'a socket' });
+    ws.drop(1000);
+    await assert.rejects(pending, (e) => e.code === 'closed');
+    assert.equal(conn.state, 'idle');
+  });
+
   test('4103 racing a chat just sent: it reconnects and sends it', async () => {
     const conn = connection();
     const ws = await opened(conn);
