@@ -1,7 +1,8 @@
 """The gateway's NATS wiring: store jobs, hear a connection's frames, stop, replay for resume.
 
 Mirrors ``worker/bus.py``: one connection per process, the topology declared at start, and
-every nats-py error translated here into tokenwire's (``BUS_UNAVAILABLE``).
+every nats-py call made through the one NATS edge (``shared/natsedge.py``), which translates
+its errors into tokenwire's (``BusUnavailable``, ``BusRetryable``).
 """
 
 from __future__ import annotations
@@ -10,37 +11,32 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, NamedTuple
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-import nats
-import nats.errors
-import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import DeliverPolicy, KeyValueConfig, StreamConfig
+from nats.js.api import DeliverPolicy
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 from opentelemetry import propagate
 
 from gateway import metrics
-from shared.exceptions import ErrorCode, InternalError
+from shared import natsedge
+from shared.exceptions import BusRetryable
 from shared.jobs import Job
+from shared.natsedge import KvEntry, map_nats_errors
 from shared.settings import Settings
 from shared.subjects import (
     FRAMES_STREAM,
     JOB_CHAT,
     connection_frames,
     request_frames_any_connection,
+    stop_flag_key,
     stop_subject,
 )
-from shared.topology import (
-    connection_bucket_config,
-    rate_bucket_config,
-    request_bucket_config,
-    stream_configs,
-)
+from shared.topology import connection_bucket_config, rate_bucket_config
 
 __all__ = ["LIMITS_TIMEOUT_S", "FrameHandler", "GatewayBus", "KvEntry", "map_nats_errors"]
 
@@ -50,32 +46,6 @@ FrameHandler = Callable[[Msg], Awaitable[None]]
 
 
 LIMITS_TIMEOUT_S = 1.0
-# How long storing a job is retried while JetStream has no leader for the stream.
-# No stream leader yet (no responders, no stream response) or an ack lost to the election.
-_RETRYABLE = (
-    nats.errors.NoRespondersError,
-    nats.js.errors.NoStreamResponseError,
-    nats.errors.TimeoutError,
-)
-# JetStream's "wrong last sequence" error codes (a compare-and-set lost).
-_WRONG_LAST_SEQUENCE = (10071, 10164)
-
-
-class KvEntry(NamedTuple):
-    value: bytes
-    revision: int
-
-
-@contextlib.contextmanager
-def map_nats_errors(what: str) -> Iterator[None]:
-    """Translate nats-py's errors into :class:`InternalError` (``bus_unavailable``)."""
-    try:
-        yield
-    except (nats.errors.Error, TimeoutError) as exc:
-        raise InternalError(
-            f"cannot {what}: NATS is unavailable ({type(exc).__name__})",
-            code=ErrorCode.BUS_UNAVAILABLE,
-        ) from exc
 
 
 class GatewayBus:
@@ -100,44 +70,32 @@ class GatewayBus:
         return self._js
 
     async def start(self) -> None:
-        self.nc = await nats.connect(
-            [url.strip() for url in self.settings.nats_url.split(",") if url.strip()],
+        self.nc = await natsedge.connect(
+            self.settings,
             name="tokenwire-gateway",
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=1,
             error_cb=_log_error,
             disconnected_cb=_on_disconnected,
             reconnected_cb=self._on_reconnected,
+            **natsedge.RECONNECT_FOREVER,
         )
         metrics.set_nats_connected(True)
         self._js = self.nc.jetstream()
-        for spec in stream_configs(self.settings):
-            config = StreamConfig(**spec)
-            try:
-                await self._js.add_stream(config=config)
-            except nats.js.errors.BadRequestError:
-                await self._js.update_stream(config=config)
-        bucket = KeyValueConfig(**request_bucket_config(self.settings))
-        self._kv = await self._js.create_key_value(config=bucket)
+        self._kv = await natsedge.ensure_topology(self._js, self.settings)
         for spec in (connection_bucket_config(self.settings), rate_bucket_config(self.settings)):
             await self._ensure_bucket(spec)
             # The limits must not hold a client up for long when JetStream is electing a new
             # leader: their own context answers (or fails, and the limits fail open) in 1 s.
             limits_js = self.nc.jetstream(timeout=LIMITS_TIMEOUT_S)
-            self._buckets[spec["bucket"]] = await limits_js.key_value(spec["bucket"])
+            bucket = await natsedge.open_bucket(limits_js, spec["bucket"])
+            assert bucket is not None, "declared just above"
+            self._buckets[spec["bucket"]] = bucket
 
     async def _ensure_bucket(self, spec: dict[str, Any]) -> KeyValue:
         """Create a KV bucket, or bring an existing one's TTL to ours (the last start wins)."""
-        try:
-            return await self.js.create_key_value(config=KeyValueConfig(**spec))
-        except nats.js.errors.BadRequestError:
-            info = await self.js.stream_info(f"KV_{spec['bucket']}")
-            config = info.config
-            config.max_age = spec["ttl"]
-            config.duplicate_window = min(config.duplicate_window or spec["ttl"], spec["ttl"])
-            await self.js.update_stream(config=config)
+        bucket, updated = await natsedge.ensure_bucket(self.js, spec)
+        if updated:
             log.info("KV bucket TTL updated", extra={"bucket": spec["bucket"], "ttl": spec["ttl"]})
-            return await self.js.key_value(spec["bucket"])
+        return bucket
 
     async def _on_reconnected(self) -> None:
         log.info("NATS reconnected")
@@ -154,39 +112,19 @@ class GatewayBus:
 
     async def kv_get(self, bucket: str, key: str) -> KvEntry | None:
         """The entry, or None when the key is absent, deleted or expired."""
-        with map_nats_errors("read shared limits"):
-            try:
-                entry = await self._buckets[bucket].get(key)
-            except nats.js.errors.KeyNotFoundError:
-                return None
-        return KvEntry(entry.value or b"", entry.revision or 0)
+        return await natsedge.kv_get(self._buckets[bucket], key)
 
     async def kv_create(self, bucket: str, key: str, value: bytes) -> int | None:
         """Write ``key`` only if it holds nothing: its revision, or None if it exists."""
-        with map_nats_errors("update shared limits"):
-            try:
-                revision: int = await self._buckets[bucket].create(key, value)
-            except nats.js.errors.KeyWrongLastSequenceError:
-                return None
-        return revision
+        return await natsedge.kv_create(self._buckets[bucket], key, value)
 
     async def kv_update(self, bucket: str, key: str, value: bytes, last: int) -> int | None:
         """Compare-and-set: the new revision, or None if ``key`` changed since ``last``."""
-        with map_nats_errors("update shared limits"):
-            try:
-                revision: int = await self._buckets[bucket].update(key, value, last=last)
-            except nats.js.errors.KeyWrongLastSequenceError:
-                return None
-        return revision
+        return await natsedge.kv_update(self._buckets[bucket], key, value, last)
 
     async def kv_delete(self, bucket: str, key: str, last: int) -> None:
         """Delete ``key`` unless it changed since ``last`` (then it is someone else's now)."""
-        with map_nats_errors("update shared limits"):
-            try:
-                await self._buckets[bucket].delete(key, last=last)
-            except nats.js.errors.APIError as exc:
-                if exc.err_code not in _WRONG_LAST_SEQUENCE:
-                    raise
+        await natsedge.kv_delete(self._buckets[bucket], key, last)
 
     async def publish_job(self, job: Job) -> bool:
         """Store ``job`` in JetStream; returns True if it was a duplicate of a stored job.
@@ -208,10 +146,10 @@ class GatewayBus:
                         JOB_CHAT, job.to_bytes(), timeout=5.0, headers=headers
                     )
                 return bool(ack.duplicate) and not maybe_stored
-            except InternalError as exc:
-                if not isinstance(exc.__cause__, _RETRYABLE) or time.monotonic() > deadline:
+            except BusRetryable as exc:
+                if time.monotonic() > deadline:
                     raise
-                maybe_stored = maybe_stored or isinstance(exc.__cause__, nats.errors.TimeoutError)
+                maybe_stored = maybe_stored or exc.maybe_done
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
@@ -232,18 +170,15 @@ class GatewayBus:
     async def request_stop(self, key: str) -> None:
         """Record the stop (for a job still queued) and tell the worker running it."""
         assert self.nc is not None and self._kv is not None
+        await natsedge.kv_put(self._kv, stop_flag_key(key), b"1")
         with map_nats_errors("stop the request"):
-            await self._kv.put(f"{key}.stop", b"1")
             await self.nc.publish(stop_subject(key), b"")
 
     async def has_frames(self, key: str) -> bool:
         """Whether any frame of request ``key`` is still kept (resume of a known id)."""
-        with map_nats_errors("look up the request"):
-            try:
-                await self.js.get_last_msg(FRAMES_STREAM, request_frames_any_connection(key))
-            except nats.js.errors.NotFoundError:
-                return False
-        return True
+        return await natsedge.has_message(
+            self.js, FRAMES_STREAM, request_frames_any_connection(key)
+        )
 
     async def replay(self, key: str, handler: FrameHandler) -> Any:
         """Every kept frame of request ``key`` in order, then the live rest (ordered consumer)."""

@@ -7,11 +7,16 @@ Layout::
                                      (stream TW_FRAMES keeps them for resume; the owning gateway
                                      reads them live with one core subscription per connection)
     tw.ctl.stop.<key>                stop request <key> (every worker listens; the owner acts)
-
-KV buckets: ``tw_requests`` (per-request facts), ``tw_connections`` (who holds which of a
-user's connection slots, cluster-wide: key ``<user hash>.<slot>``) and ``tw_rates`` (each
-user's request token bucket: key ``<user hash>``).
     tw.dead.chat                     jobs that exhausted their attempts (stream TW_DEAD)
+
+KV buckets: ``tw_requests`` (per-request facts, keys below), ``tw_connections`` (who holds
+which of a user's connection slots, cluster-wide: key ``<user hash>.<slot>``) and ``tw_rates``
+(each user's request token bucket: key ``<user hash>``). Keys of ``tw_requests``::
+
+    <key>.stop                       a gateway recorded that the request must stop
+    <key>.dify                       the ids Dify gave the request (task, message, conversation)
+    <key>.lease                      the delivery that owns the request (set on redelivery)
+    <key>.job                        the job's state for operators (``tokenwire jobs``)
 
 ``<key>`` is :func:`request_key`: a hash of (user, client id), so ids chosen by clients never
 reach a subject, two users' ids never collide, and only the same user can name a request again
@@ -39,11 +44,15 @@ __all__ = [
     "REQUESTS_BUCKET",
     "connection_frames",
     "connection_slot_key",
+    "ids_key",
+    "lease_key",
     "new_connection_id",
     "rate_key",
     "request_frames",
     "request_frames_any_connection",
     "request_key",
+    "status_key",
+    "stop_flag_key",
     "stop_subject",
 ]
 
@@ -109,3 +118,23 @@ def connection_slot_key(user: str, slot: int) -> str:
 def rate_key(user: str) -> str:
     """KV key of ``user``'s request token bucket."""
     return _user_hash(user)
+
+
+def stop_flag_key(key: str) -> str:
+    """The request-bucket key under which a gateway records that request ``key`` must stop."""
+    return f"{key}.stop"
+
+
+def ids_key(key: str) -> str:
+    """The request-bucket key holding the ids Dify gave request ``key``."""
+    return f"{key}.dify"
+
+
+def lease_key(key: str) -> str:
+    """The request-bucket key naming the delivery that owns request ``key``."""
+    return f"{key}.lease"
+
+
+def status_key(key: str) -> str:
+    """The request-bucket key holding the job's state for operators (``tokenwire jobs``)."""
+    return f"{key}.job"

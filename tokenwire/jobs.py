@@ -5,6 +5,10 @@ retention: a job leaves the stream when a worker acks it), their state and attem
 ``tw_requests`` bucket (written by workers), and dead jobs are the messages of ``TW_DEAD``.
 A replayed job keeps its request key, so its frames continue the original request's ``seq`` and
 the original client can ``resume`` it.
+
+Every NATS call goes through the one NATS edge (``shared/natsedge.py``): a stream, consumer,
+bucket or key that does not exist yet reads as empty, and any other NATS failure is one
+tokenwire error that the command prints in one line.
 """
 
 from __future__ import annotations
@@ -15,13 +19,13 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import nats
-import nats.js.errors
 import orjson
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
+from shared import natsedge
 from shared.jobs import Job
+from shared.natsedge import map_nats_errors
 from shared.settings import Settings
 from shared.subjects import (
     DEAD_ALL,
@@ -31,6 +35,8 @@ from shared.subjects import (
     JOBS_ALL,
     JOBS_STREAM,
     REQUESTS_BUCKET,
+    ids_key,
+    status_key,
 )
 
 __all__ = ["JobRow", "connect", "list_jobs", "purge", "replay", "show"]
@@ -54,31 +60,24 @@ class JobRow:
 
 @asynccontextmanager
 async def connect(settings: Settings) -> AsyncIterator[tuple[JetStreamContext, KeyValue | None]]:
-    servers = [url.strip() for url in settings.nats_url.split(",") if url.strip()]
-    nc = await nats.connect(
-        servers, name="tokenwire-jobs", connect_timeout=5, max_reconnect_attempts=2
+    nc = await natsedge.connect(
+        settings, name="tokenwire-jobs", connect_timeout=5, max_reconnect_attempts=2
     )
     try:
         js = nc.jetstream()
-        try:
-            kv: KeyValue | None = await js.key_value(REQUESTS_BUCKET)
-        except nats.js.errors.BucketNotFoundError:
-            kv = None
-        yield js, kv
+        yield js, await natsedge.open_bucket(js, REQUESTS_BUCKET)
     finally:
         await nc.close()
 
 
 async def _messages(js: JetStreamContext, stream: str, subjects: str) -> AsyncIterator[Any]:
-    try:
-        info = await js.stream_info(stream)
-    except nats.js.errors.NotFoundError:
+    state = await natsedge.stream_state(js, stream)
+    if state is None:
         return
-    seq = info.state.first_seq
-    while info.state.messages and seq <= info.state.last_seq:
-        try:
-            msg = await js.get_msg(stream, seq=seq, subject=subjects, next=True)
-        except nats.js.errors.NotFoundError:
+    seq = state.first_seq
+    while state.messages and seq <= state.last_seq:
+        msg = await natsedge.get_message(js, stream, seq, subject=subjects, next=True)
+        if msg is None:
             return
         yield msg
         seq = (msg.seq or seq) + 1
@@ -87,11 +86,8 @@ async def _messages(js: JetStreamContext, stream: str, subjects: str) -> AsyncIt
 async def _status(kv: KeyValue | None, key: str) -> dict[str, Any]:
     if kv is None:
         return {}
-    try:
-        entry = await kv.get(f"{key}.job")
-    except (nats.js.errors.KeyNotFoundError, nats.js.errors.NotFoundError):
-        return {}
-    value = orjson.loads(entry.value) if entry.value else {}
+    entry = await natsedge.kv_get(kv, status_key(key))
+    value = orjson.loads(entry.value) if entry is not None and entry.value else {}
     return value if isinstance(value, dict) else {}
 
 
@@ -99,11 +95,7 @@ async def list_jobs(js: JetStreamContext, kv: KeyValue | None, *, limit: int = 5
     """Queued and running jobs (oldest first), then dead-lettered ones."""
     now = time.time()
     rows: list[JobRow] = []
-    try:
-        consumer = await js.consumer_info(JOBS_STREAM, JOB_CONSUMER)
-        delivered_upto = consumer.delivered.stream_seq or 0
-    except nats.js.errors.NotFoundError:
-        delivered_upto = 0
+    delivered_upto = await natsedge.delivered_upto(js, JOBS_STREAM, JOB_CONSUMER)
     async for msg in _messages(js, JOBS_STREAM, JOBS_ALL):
         job = Job.from_bytes(msg.data)
         status = await _status(kv, job.key)
@@ -145,13 +137,14 @@ async def show(js: JetStreamContext, kv: KeyValue | None, key: str) -> dict[str,
     for row in await list_jobs(js, kv, limit=100_000):
         if key in (row.key, row.id):
             stream = DEAD_STREAM if row.state == "dead" else JOBS_STREAM
-            job = Job.from_bytes((await js.get_msg(stream, seq=row.seq)).data or b"{}")
+            stored = await natsedge.get_message(js, stream, row.seq)
+            job = Job.from_bytes((stored.data if stored is not None else None) or b"{}")
             detail: dict[str, Any] = row.as_dict()
             detail["job"] = job.model_dump(exclude={"inputs", "files"}) | {
                 "inputs_keys": sorted(job.inputs),
                 "files": len(job.files),
             }
-            detail["dify"] = await _status_raw(kv, f"{row.key}.dify")
+            detail["dify"] = await _status_raw(kv, ids_key(row.key))
             return detail
     return None
 
@@ -159,11 +152,8 @@ async def show(js: JetStreamContext, kv: KeyValue | None, key: str) -> dict[str,
 async def _status_raw(kv: KeyValue | None, name: str) -> Any:
     if kv is None:
         return None
-    try:
-        entry = await kv.get(name)
-    except (nats.js.errors.KeyNotFoundError, nats.js.errors.NotFoundError):
-        return None
-    return orjson.loads(entry.value) if entry.value else None
+    entry = await natsedge.kv_get(kv, name)
+    return orjson.loads(entry.value) if entry is not None and entry.value else None
 
 
 async def replay(js: JetStreamContext, keys: list[str] | None) -> list[str]:
@@ -174,13 +164,10 @@ async def replay(js: JetStreamContext, keys: list[str] | None) -> list[str]:
         if keys is not None and job.key not in keys and job.id not in keys:
             continue
         again = job.model_copy(update={"replay": job.replay + 1})
-        await js.publish(
-            JOB_CHAT,
-            again.to_bytes(),
-            timeout=5.0,
-            headers={"Nats-Msg-Id": f"{job.key}.replay.{msg.seq}", "Tw-Trace-Id": job.trace_id},
-        )
-        await js.delete_msg(DEAD_STREAM, msg.seq)
+        headers = {"Nats-Msg-Id": f"{job.key}.replay.{msg.seq}", "Tw-Trace-Id": job.trace_id}
+        with map_nats_errors("replay a dead job"):
+            await js.publish(JOB_CHAT, again.to_bytes(), timeout=5.0, headers=headers)
+            await js.delete_msg(DEAD_STREAM, msg.seq)
         replayed.append(job.key)
     return replayed
 
@@ -191,11 +178,9 @@ async def purge(js: JetStreamContext, *, dead: bool, queued: bool) -> dict[str, 
     for wanted, stream in ((dead, DEAD_STREAM), (queued, JOBS_STREAM)):
         if not wanted:
             continue
-        try:
-            before = (await js.stream_info(stream)).state.messages
-        except nats.js.errors.NotFoundError:
-            before = 0
-        else:
-            await js.purge_stream(stream)
-        out[stream] = before
+        state = await natsedge.stream_state(js, stream)
+        if state is not None:
+            with map_nats_errors("purge the jobs"):
+                await js.purge_stream(stream)
+        out[stream] = state.messages if state is not None else 0
     return out

@@ -1,0 +1,298 @@
+"""The one place tokenwire touches nats-py: connect, declare the topology, translate errors.
+
+The gateway (``gateway/bus.py``), the worker (``worker/bus.py``, ``worker/app.py``) and
+``tokenwire jobs`` (``tokenwire/jobs.py``) all go through this module, the way ``worker/dify.py``
+is the one place httpx is touched:
+
+* :func:`map_nats_errors` turns every nats-py error into tokenwire's, once: a call that got no
+  answer yet (no responders, no stream response, a timeout: a JetStream leader election) is
+  :class:`~shared.exceptions.BusRetryable`, anything else
+  :class:`~shared.exceptions.BusUnavailable`. Nothing outside this module catches a
+  ``nats.*`` type.
+* :func:`connect` and :func:`nats_servers` read ``TOKENWIRE_NATS_URL`` the same way everywhere;
+  :func:`ensure_topology` and :func:`ensure_bucket` declare what ``shared/topology.py``
+  describes as data.
+* The few JetStream and KV calls whose "not found" or "lost a compare-and-set" is an answer,
+  not a failure, return ``None`` (or ``False``) for it: :func:`kv_get`, :func:`kv_create`,
+  :func:`kv_update`, :func:`kv_delete`, :func:`open_bucket`, :func:`stream_state`,
+  :func:`subject_count`, :func:`read_subject`, :func:`has_message`, :func:`get_message`,
+  :func:`delivered_upto`, :func:`consumer_lag`.
+
+It does I/O, so it is not part of the checked core (tests/unit/test_core_boundary.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from typing import Any, Final, NamedTuple
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy, KeyValueConfig, RawStreamMsg, StreamConfig, StreamState
+from nats.js.client import JetStreamContext
+from nats.js.kv import KeyValue
+
+from shared.exceptions import BusRetryable, BusUnavailable
+from shared.settings import Settings
+from shared.topology import request_bucket_config, stream_configs
+
+__all__ = [
+    "RECONNECT_FOREVER",
+    "KvEntry",
+    "connect",
+    "consumer_lag",
+    "declare_streams",
+    "delivered_upto",
+    "ensure_bucket",
+    "ensure_topology",
+    "get_message",
+    "has_message",
+    "kv_create",
+    "kv_delete",
+    "kv_get",
+    "kv_put",
+    "kv_update",
+    "map_nats_errors",
+    "nats_servers",
+    "open_bucket",
+    "read_subject",
+    "stream_state",
+    "subject_count",
+]
+
+#: How the long-lived processes reconnect: forever, once a second.
+RECONNECT_FOREVER: Final[dict[str, Any]] = {"max_reconnect_attempts": -1, "reconnect_time_wait": 1}
+
+# No answer yet: no stream leader (no responders, no stream response) or an ack lost to the
+# election. The same call soon may succeed.
+_NO_ANSWER = (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError)
+# JetStream's "wrong last sequence" error codes (a compare-and-set lost).
+_WRONG_LAST_SEQUENCE = (10071, 10164)
+# How long reading a subject's kept messages may take.
+_READ_ALL_S = 10.0
+
+
+@contextlib.contextmanager
+def map_nats_errors(what: str) -> Iterator[None]:
+    """Translate nats-py's errors into :class:`BusRetryable` or :class:`BusUnavailable`."""
+    try:
+        yield
+    except TimeoutError as exc:  # nats.errors.TimeoutError is one too
+        raise BusRetryable(
+            f"cannot {what}: NATS did not answer in time ({type(exc).__name__})", maybe_done=True
+        ) from exc
+    except _NO_ANSWER as exc:
+        raise BusRetryable(f"cannot {what}: NATS has no answer yet ({type(exc).__name__})") from exc
+    except nats.errors.Error as exc:
+        raise BusUnavailable(f"cannot {what}: NATS is unavailable ({type(exc).__name__})") from exc
+
+
+def nats_servers(settings: Settings) -> list[str]:
+    """The server URLs of ``TOKENWIRE_NATS_URL`` (comma-separated)."""
+    return [url.strip() for url in settings.nats_url.split(",") if url.strip()]
+
+
+async def connect(settings: Settings, *, name: str, **options: Any) -> Client:
+    """One NATS connection named ``name`` (callbacks and reconnect options as nats-py's)."""
+    with map_nats_errors("connect to NATS"):
+        client: Client = await nats.connect(nats_servers(settings), name=name, **options)
+    return client
+
+
+# --- topology -----------------------------------------------------------------------------
+
+
+async def declare_streams(js: JetStreamContext, settings: Settings) -> None:
+    """Create every stream of ``shared/topology.py``, or update it to the current settings."""
+    for spec in stream_configs(settings):
+        config = StreamConfig(**spec)
+        with map_nats_errors("declare the streams"):
+            try:
+                await js.add_stream(config=config)
+            except nats.js.errors.BadRequestError:
+                await js.update_stream(config=config)
+
+
+async def ensure_topology(js: JetStreamContext, settings: Settings) -> KeyValue:
+    """Every stream and the request bucket (both processes declare them at start)."""
+    await declare_streams(js, settings)
+    with map_nats_errors("declare the request bucket"):
+        return await js.create_key_value(config=KeyValueConfig(**request_bucket_config(settings)))
+
+
+async def ensure_bucket(js: JetStreamContext, spec: dict[str, Any]) -> tuple[KeyValue, bool]:
+    """Create a KV bucket, or bring an existing one's TTL to ``spec``'s (the last start wins).
+
+    Returns the bucket and whether an existing one's TTL was updated.
+    """
+    with map_nats_errors("declare a bucket"):
+        try:
+            return await js.create_key_value(config=KeyValueConfig(**spec)), False
+        except nats.js.errors.BadRequestError:
+            info = await js.stream_info(f"KV_{spec['bucket']}")
+            config = info.config
+            config.max_age = spec["ttl"]
+            config.duplicate_window = min(config.duplicate_window or spec["ttl"], spec["ttl"])
+            await js.update_stream(config=config)
+            return await js.key_value(spec["bucket"]), True
+
+
+async def open_bucket(js: JetStreamContext, name: str) -> KeyValue | None:
+    """The bucket ``name``, or None if nobody declared it yet."""
+    with map_nats_errors("open a bucket"):
+        try:
+            return await js.key_value(name)
+        except nats.js.errors.BucketNotFoundError:
+            return None
+
+
+# --- KV -----------------------------------------------------------------------------------
+
+
+class KvEntry(NamedTuple):
+    value: bytes
+    revision: int
+
+
+async def kv_get(kv: KeyValue, key: str) -> KvEntry | None:
+    """The entry, or None when the key is absent, deleted or expired."""
+    with map_nats_errors("read a key"):
+        try:
+            entry = await kv.get(key)
+        except nats.js.errors.NotFoundError:  # KeyNotFoundError, KeyDeletedError
+            return None
+    return KvEntry(entry.value or b"", entry.revision or 0)
+
+
+async def kv_put(kv: KeyValue, key: str, value: bytes) -> int:
+    """Write ``key`` whatever it holds; its new revision."""
+    with map_nats_errors("write a key"):
+        revision: int = await kv.put(key, value)
+    return revision
+
+
+async def kv_create(kv: KeyValue, key: str, value: bytes) -> int | None:
+    """Write ``key`` only if it holds nothing: its revision, or None if it exists."""
+    with map_nats_errors("create a key"):
+        try:
+            revision: int = await kv.create(key, value)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return None
+    return revision
+
+
+async def kv_update(kv: KeyValue, key: str, value: bytes, last: int) -> int | None:
+    """Compare-and-set: the new revision, or None if ``key`` changed since ``last``."""
+    with map_nats_errors("update a key"):
+        try:
+            revision: int = await kv.update(key, value, last=last)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return None
+    return revision
+
+
+async def kv_delete(kv: KeyValue, key: str, last: int) -> None:
+    """Delete ``key`` unless it changed since ``last`` (then it is someone else's now)."""
+    with map_nats_errors("delete a key"):
+        try:
+            await kv.delete(key, last=last)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code not in _WRONG_LAST_SEQUENCE:
+                raise
+
+
+# --- streams ------------------------------------------------------------------------------
+
+
+async def stream_state(js: JetStreamContext, stream: str) -> StreamState | None:
+    """The stream's counters, or None if it does not exist."""
+    with map_nats_errors("read a stream's state"):
+        try:
+            return (await js.stream_info(stream)).state
+        except nats.js.errors.NotFoundError:
+            return None
+
+
+async def delivered_upto(js: JetStreamContext, stream: str, consumer: str) -> int:
+    """The last stream sequence ``consumer`` delivered (0 if it does not exist yet)."""
+    with map_nats_errors("read the consumer"):
+        try:
+            info = await js.consumer_info(stream, consumer)
+        except nats.js.errors.NotFoundError:
+            return 0
+    return info.delivered.stream_seq or 0
+
+
+async def consumer_lag(js: JetStreamContext, stream: str, consumer: str) -> tuple[int, int] | None:
+    """``consumer``'s (not yet delivered, delivered and not yet acked), or None if absent."""
+    with map_nats_errors("read the consumer"):
+        try:
+            info = await js.consumer_info(stream, consumer)
+        except nats.js.errors.NotFoundError:
+            return None
+    return info.num_pending or 0, info.num_ack_pending or 0
+
+
+async def subject_count(js: JetStreamContext, stream: str, subject: str) -> int:
+    """How many messages ``stream`` keeps on ``subject`` (0 if none, or no such stream)."""
+    with map_nats_errors("count kept messages"):
+        try:
+            info = await js.stream_info(stream, subjects_filter=subject)
+        except nats.js.errors.NotFoundError:
+            return 0
+    return int((info.state.subjects or {}).get(subject, 0))
+
+
+async def read_subject(js: JetStreamContext, stream: str, subject: str) -> list[bytes]:
+    """Every message ``stream`` keeps on ``subject``, oldest first (within 10 s)."""
+    if not await subject_count(js, stream, subject):
+        return []
+    out: list[bytes] = []
+    done = asyncio.Event()
+
+    async def collect(msg: Msg) -> None:
+        out.append(msg.data)
+        if msg.metadata.num_pending == 0:
+            done.set()
+
+    with map_nats_errors("read kept messages"):
+        sub = await js.subscribe(
+            subject,
+            stream=stream,
+            cb=collect,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.ALL,
+        )
+        try:
+            await asyncio.wait_for(done.wait(), timeout=_READ_ALL_S)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+    return out
+
+
+async def has_message(js: JetStreamContext, stream: str, subject: str) -> bool:
+    """Whether ``stream`` keeps any message on ``subject`` (a filter may hold wildcards)."""
+    with map_nats_errors("look up a message"):
+        try:
+            await js.get_last_msg(stream, subject)
+        except nats.js.errors.NotFoundError:
+            return False
+    return True
+
+
+async def get_message(
+    js: JetStreamContext, stream: str, seq: int, *, subject: str | None = None, next: bool = False
+) -> RawStreamMsg | None:
+    """Message ``seq`` of ``stream`` (with ``next``: the first at or after it on ``subject``),
+    or None if there is none."""
+    with map_nats_errors("read a message"):
+        try:
+            return await js.get_msg(stream, seq=seq, subject=subject, next=next)
+        except nats.js.errors.NotFoundError:
+            return None
