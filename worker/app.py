@@ -10,12 +10,10 @@ on the worker's own port through FastStream's ASGI wrapper.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import os
 import socket
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -28,13 +26,14 @@ from prometheus_client import make_asgi_app
 from pydantic import ValidationError
 
 from shared.jobs import Job
+from shared.natsedge import RECONNECT_FOREVER, ensure_topology, nats_servers
 from shared.settings import Settings
-from shared.subjects import CONTROL_STOP_ALL, DEAD_STREAM, JOB_CONSUMER, JOBS_ALL, JOBS_STREAM
+from shared.subjects import CONTROL_STOP_ALL, JOBS_ALL, JOBS_STREAM
 from shared.topology import job_consumer_config
 from shared.tracing import nats_middlewares
-from worker import metrics
-from worker.bus import NatsBus, ensure_topology
+from worker.bus import NatsBus
 from worker.dify import DifyClient
+from worker.queue_gauges import watch_queue
 from worker.readiness import Readiness
 from worker.runner import JobRunner
 
@@ -43,31 +42,12 @@ __all__ = ["create_app"]
 log = logging.getLogger("tokenwire.worker")
 
 
-async def _watch_queue(js: Any, every_s: float = 5.0) -> None:
-    """Cluster-wide queue gauges (consumer lag, oldest job's age, dead letters), every few s."""
-    while True:
-        with contextlib.suppress(Exception):
-            consumer = await js.consumer_info(JOBS_STREAM, JOB_CONSUMER)
-            metrics.set_consumer_lag(consumer.num_pending or 0, consumer.num_ack_pending or 0)
-            jobs = await js.stream_info(JOBS_STREAM)
-            first = jobs.state.first_ts
-            age = 0.0
-            if jobs.state.messages and first:
-                stamp = datetime.fromisoformat(str(first).replace("Z", "+00:00"))
-                age = (datetime.now(UTC) - stamp).total_seconds()
-            metrics.set_queue_age(age)
-            dead = await js.stream_info(DEAD_STREAM)
-            metrics.set_dead_letters(dead.state.messages or 0)
-        await asyncio.sleep(every_s)
-
-
 def create_app(settings: Settings) -> AsgiFastStream:
     """Build the worker app: broker, job subscriber, stop subscriber, HTTP routes."""
     broker = NatsBroker(
-        [url.strip() for url in settings.nats_url.split(",") if url.strip()],
+        nats_servers(settings),
         name="tokenwire-worker",
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=1,
+        **RECONNECT_FOREVER,
         logger=None,
         middlewares=nats_middlewares(settings.otel_endpoint),
     )
@@ -126,7 +106,7 @@ def create_app(settings: Settings) -> AsgiFastStream:
         holder["runner"] = JobRunner(
             NatsBus(nc, js, kv), dify, settings, worker_id=f"{socket.gethostname()}:{os.getpid()}"
         )
-        holder["lag"] = asyncio.create_task(_watch_queue(js))
+        holder["lag"] = asyncio.create_task(watch_queue(js))
         # The startup heap (FastStream, pydantic, httpx) never dies: keep full collections
         # from walking it, which stalled token delivery by tens of ms under load (bench/).
         gc.freeze()

@@ -3,7 +3,9 @@
 Everything httpx can raise is translated here, once, into tokenwire's errors
 (:func:`map_httpx_errors`); the runner never sees an httpx type. Dify's two error paths are
 kept apart as NOTES.md describes: before the stream, a non-200 JSON ``{code, message, status}``
-(:func:`rejection`); after it started, in-band ``error`` events (handled by the mapper).
+(:func:`~shared.dify_api.rejection`); after it started, in-band ``error`` events (handled by
+the mapper). What those bytes mean is decided in the core (``shared/dify_api.py``,
+``shared/mapping.py``); this module only moves them.
 """
 
 from __future__ import annotations
@@ -11,25 +13,24 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import orjson
 
+from shared.dify_api import HistoryMessage, find_history_message, rejection
 from shared.exceptions import (
     DifyRejected,
     DifyStreamCut,
     DifyStreamError,
     DifyUnavailable,
     ErrorCode,
-    UpstreamError,
 )
 from shared.settings import Settings
 from shared.sse import SSEEvent, SSEParser, SSEProtocolError
 from worker import metrics
 
-__all__ = ["DifyClient", "HistoryMessage", "map_httpx_errors", "rejection"]
+__all__ = ["DifyClient", "map_httpx_errors"]
 
 _MAX_ERROR_BODY = 16 * 1024
 
@@ -48,60 +49,6 @@ def map_httpx_errors(*, started: bool) -> Iterator[None]:
         if started:
             raise DifyStreamCut(f"connection to Dify broke ({type(exc).__name__})") from exc
         raise DifyUnavailable(f"cannot reach Dify ({type(exc).__name__})") from exc
-
-
-def rejection(status: int, body: bytes) -> UpstreamError:
-    """The tokenwire error for a non-200 answer from Dify, keeping Dify's own code and text."""
-    upstream_code: str | None = None
-    message = f"HTTP {status}"
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        obj = None
-    if isinstance(obj, dict):
-        upstream_code = obj.get("code") if isinstance(obj.get("code"), str) else None
-        if isinstance(obj.get("message"), str):
-            message = (
-                obj["message"].strip().splitlines()[0][:500] if obj["message"].strip() else message
-            )
-    text = f"Dify {status} {upstream_code or ''}: {message}".replace("  ", " ")
-    kwargs: dict[str, Any] = {"status": status, "upstream_code": upstream_code}
-    if status == 429:
-        return DifyUnavailable(text, code=ErrorCode.DIFY_RATE_LIMITED, **kwargs)
-    if status >= 500:
-        return DifyUnavailable(text, code=ErrorCode.DIFY_SERVER_ERROR, **kwargs)
-    if status in (401, 403):
-        return DifyRejected(text, code=ErrorCode.DIFY_UNAUTHORIZED, **kwargs)
-    if status == 404:
-        return DifyRejected(text, code=ErrorCode.CONVERSATION_NOT_FOUND, **kwargs)
-    if status == 413:
-        return DifyRejected(text, code=ErrorCode.DIFY_PAYLOAD_TOO_LARGE, **kwargs)
-    return DifyRejected(text, code=ErrorCode.DIFY_BAD_REQUEST, **kwargs)
-
-
-@dataclass(frozen=True, slots=True)
-class HistoryMessage:
-    """One message of Dify's conversation history, as recovery needs it."""
-
-    answer: str
-    status: str | None
-    retriever_resources: list[Any]
-
-    @property
-    def finished(self) -> bool:
-        """Dify has stopped writing this answer (recent Dify marks it; older ones fill
-        ``answer`` only at the end, so a non-empty answer with no status counts as done)."""
-        if self.status in ("generating", "running"):
-            return False
-        return bool(self.answer) or self.status in ("stopped", "error")
-
-    @property
-    def stopped(self) -> bool:
-        return self.status == "stopped"
-
-    @property
-    def failed(self) -> bool:
-        return self.status == "error"
 
 
 class DifyClient:
@@ -242,20 +189,7 @@ class DifyClient:
             params={"conversation_id": conversation_id, "user": user, "limit": 20},
             headers={"X-Request-Id": trace_id, **self._auth(app)},
         )
-        return _find_message(orjson.loads(response.content), message_id)
-
-
-def _find_message(payload: Any, message_id: str) -> HistoryMessage | None:
-    for item in payload.get("data", []) if isinstance(payload, dict) else []:
-        if isinstance(item, dict) and item.get("id") == message_id:
-            resources = item.get("retriever_resources")
-            status = item.get("status")
-            return HistoryMessage(
-                answer=str(item.get("answer") or ""),
-                status=status if isinstance(status, str) else None,
-                retriever_resources=resources if isinstance(resources, list) else [],
-            )
-    return None
+        return find_history_message(orjson.loads(response.content), message_id)
 
 
 async def _read_bounded(response: httpx.Response) -> bytes:

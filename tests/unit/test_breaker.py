@@ -7,7 +7,7 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.breaker import BreakerState, CircuitBreaker, backoff_s
+from shared.breaker import BreakerState, CircuitBreaker, backoff_s
 
 
 @given(st.integers(1, 40), st.floats(0.1, 5), st.floats(5, 60))

@@ -17,6 +17,9 @@ CORE = [
     "exceptions",
     "jobs",
     "topology",
+    "breaker",
+    "delivery",
+    "dify_api",
 ]
 FORBIDDEN = {
     "asyncio",

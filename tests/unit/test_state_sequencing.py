@@ -6,8 +6,63 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from shared.exceptions import InternalError
 from shared.sequencing import Reorderer, SeqCounter, SequenceGap
-from shared.state import TRANSITIONS, IllegalTransition, RequestMachine, RequestState
+from shared.state import (
+    FRAME_KINDS,
+    FRAME_TO_STATE,
+    TERMINAL,
+    TRANSITIONS,
+    IllegalTransition,
+    RequestMachine,
+    RequestState,
+    replay,
+)
+
+S = RequestState
+# The protocol's rules, written out by hand (not derived from TRANSITIONS): state -> the frame
+# kinds it allows and where each leads. Every other (state, kind) pair must be refused.
+LEGAL: dict[tuple[RequestState, str], RequestState] = {
+    **{(s, "queued"): S.QUEUED for s in (S.ACCEPTED, S.QUEUED, S.RESET)},
+    **{(s, "start"): S.STARTED for s in (S.ACCEPTED, S.QUEUED, S.RESET)},
+    **{(S.STARTED, k): S.STARTED for k in ("delta", "replace", "event")},
+    **{(s, "reset"): S.RESET for s in (S.ACCEPTED, S.QUEUED, S.STARTED)},
+    **{(s, "end"): S.ENDED for s in (S.ACCEPTED, S.QUEUED, S.STARTED, S.RESET)},
+    **{(s, "error"): S.FAILED for s in (S.ACCEPTED, S.QUEUED, S.STARTED, S.RESET)},
+}
+PAIRS = [(state, kind) for state in RequestState for kind in FRAME_KINDS]
+
+
+@pytest.mark.parametrize(("state", "kind"), PAIRS, ids=[f"{s.value}-{k}" for s, k in PAIRS])
+def test_every_transition_of_the_table(state: RequestState, kind: str) -> None:
+    m = RequestMachine(state)
+    if (state, kind) in LEGAL:
+        assert m.can_emit(kind)
+        m.emit(kind)
+        assert m.state is LEGAL[state, kind]
+    else:
+        assert not m.can_emit(kind)
+        with pytest.raises(IllegalTransition) as raised:
+            m.emit(kind)
+        assert (raised.value.state, raised.value.frame_type) == (state, kind)
+        assert isinstance(raised.value, InternalError)  # a bug in tokenwire, typed
+        assert m.state is state  # an illegal frame moves nothing
+
+
+def test_the_table_is_exactly_the_protocol() -> None:
+    table = {(s, k): t for s, row in TRANSITIONS.items() for k, t in row.items()}
+    assert table == LEGAL
+    assert {k for _, k in table} | {"accepted"} == set(FRAME_KINDS)
+    assert {kind: FRAME_TO_STATE[kind] for _, kind in table} == {
+        k: t for (_, k), t in LEGAL.items()
+    }
+
+
+def test_a_second_start_is_illegal() -> None:
+    m = RequestMachine()
+    m.emit("start")
+    with pytest.raises(IllegalTransition, match="'start' is not allowed in state started"):
+        m.emit("start")
 
 
 def test_happy_path_and_terminal_states() -> None:
@@ -34,7 +89,44 @@ def test_delta_before_start_is_illegal_and_reset_restarts() -> None:
 
 
 def test_terminal_states_allow_nothing() -> None:
-    assert TRANSITIONS[RequestState.ENDED] == frozenset() == TRANSITIONS[RequestState.FAILED]
+    assert {RequestState.ENDED, RequestState.FAILED} == TERMINAL
+    assert all(not TRANSITIONS[state] for state in TERMINAL)
+
+
+@given(st.lists(st.sampled_from(FRAME_KINDS), max_size=30))
+def test_any_sequence_moves_by_the_table_or_raises_and_stays(kinds: list[str]) -> None:
+    m = RequestMachine()
+    for kind in kinds:
+        before = m.state
+        try:
+            m.emit(kind)
+        except IllegalTransition:
+            assert (before, kind) not in LEGAL and m.state is before
+        else:
+            assert m.state is LEGAL[before, kind]
+
+
+@pytest.mark.parametrize("state", list(RequestState), ids=lambda s: s.value)
+def test_only_a_closed_request_can_be_reopened(state: RequestState) -> None:
+    m = RequestMachine(state)
+    if state in TERMINAL:
+        m.reopen()
+        assert m.state is S.RESET
+    else:
+        with pytest.raises(IllegalTransition):
+            m.reopen()
+        assert m.state is state
+
+
+def test_replay_reads_a_reset_after_the_end_as_a_reopening() -> None:
+    assert replay(["accepted", "error", "reset", "start"]).state is S.STARTED
+
+
+def test_replay_starts_after_accepted_and_skips_what_the_table_refuses() -> None:
+    assert replay([]).state is S.ACCEPTED
+    assert replay(["accepted", "start", "delta"]).state is S.STARTED
+    assert replay(["accepted", "start", "start", "delta", "end"]).state is S.ENDED
+    assert replay(["accepted", "delta"]).state is S.ACCEPTED
 
 
 def test_counter() -> None:

@@ -1,0 +1,152 @@
+"""Asking Dify: its stream in, through the mapper, frames out; a stop races the stream.
+
+How this works. :func:`stream_answer` runs the pump (Dify → :class:`DifyStreamMapper` →
+:class:`~worker.publishing.Publisher`) as a task and races it against the request's stop
+event. It does not judge how the stream ended: it returns what the pump raised (or None) and
+the runner asks :func:`shared.delivery.judge_stream` what that means. A stop first lets Dify
+name the task (up to ``STOP_TASK_ID_GRACE_S``), so the generation is stopped at Dify too, with
+the same user; then the request closes with ``end`` (stopped).
+
+Dify's ids are recorded before ``start`` leaves: whoever takes this job over knows that Dify is
+answering it and must not be asked again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Final
+
+from opentelemetry import trace
+
+from shared.dify_api import DifyIds, dify_body
+from shared.exceptions import TokenwireError
+from shared.jobs import Job
+from shared.mapping import DifyStreamMapper
+from worker import metrics
+from worker.publishing import Publisher
+from worker.types import DifyApi, RequestRecords
+
+__all__ = ["STOP_TASK_ID_GRACE_S", "Asked", "stream_answer"]
+
+log = logging.getLogger("tokenwire.worker")
+tracer = trace.get_tracer("tokenwire.worker")
+
+# How long a stop waits for Dify to name the task (its first event) so it can be stopped
+# at Dify too, instead of leaving Dify generating an answer nobody reads.
+STOP_TASK_ID_GRACE_S: Final = 10.0
+# Recording Dify's ids is retried through a NATS blip this many times.
+_SAVE_IDS_TRIES: Final = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Asked:
+    """How asking Dify ended: stopped by the client, or the stream's error (None: it ended)."""
+
+    stopped: bool
+    error: BaseException | None = None
+
+
+async def stream_answer(
+    dify: DifyApi,
+    records: RequestRecords,
+    publisher: Publisher,
+    job: Job,
+    mapper: DifyStreamMapper,
+    stop: asyncio.Event,
+) -> Asked:
+    task_known = asyncio.Event()
+    pump = asyncio.create_task(_pump(dify, records, publisher, job, mapper, task_known))
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({pump, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if not stopper.done():
+            return Asked(stopped=False, error=pump.exception())
+        await _stop(dify, publisher, job, mapper, pump, task_known)
+        return Asked(stopped=True)
+    finally:
+        # Also when cancelled (lease lost, handed back while draining): not one more frame
+        # from this delivery, and the stream to Dify closed before this returns.
+        pump.cancel()
+        stopper.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await pump
+
+
+async def _stop(
+    dify: DifyApi,
+    publisher: Publisher,
+    job: Job,
+    mapper: DifyStreamMapper,
+    pump: asyncio.Task[None],
+    task_known: asyncio.Event,
+) -> None:
+    # Let Dify name the task first, so that it can be stopped there too.
+    if mapper.task_id is None and not pump.done():
+        waiter = asyncio.create_task(task_known.wait())
+        try:
+            await asyncio.wait({pump, waiter}, timeout=STOP_TASK_ID_GRACE_S)
+        finally:
+            waiter.cancel()
+    pump.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await pump
+    if mapper.task_id is not None and not mapper.machine.done:
+        metrics.stop_acted()
+        try:
+            await dify.stop(mapper.task_id, job.user, trace_id=job.trace_id, app=job.app)
+        except TokenwireError as exc:
+            log.warning("Dify stop call failed", extra={"error": str(exc)})
+    await publisher.publish(mapper.stopped())
+
+
+async def _pump(
+    dify: DifyApi,
+    records: RequestRecords,
+    publisher: Publisher,
+    job: Job,
+    mapper: DifyStreamMapper,
+    task_known: asyncio.Event,
+) -> None:
+    with (
+        metrics.running_stream(),
+        tracer.start_as_current_span(
+            "dify chat-messages", attributes={"tokenwire.request_id": job.trace_id}
+        ) as span,
+    ):
+        asked = time.monotonic()
+        first_text = True
+        async with dify.stream_chat(dify_body(job), trace_id=job.trace_id, app=job.app) as events:
+            async for event in events:
+                was_started = mapper.started
+                frames = mapper.feed(event)
+                if not was_started and mapper.message_id is not None:
+                    ids = DifyIds(mapper.task_id, mapper.message_id, mapper.conversation_id)
+                    await _save_ids(records, job, ids)
+                if frames:
+                    if first_text and mapper.answer:
+                        first_text = False
+                        metrics.observe_dify_first_token(time.monotonic() - asked)
+                    await publisher.publish(frames)
+                if mapper.task_id is not None:
+                    task_known.set()
+                if mapper.machine.done:
+                    break
+            else:
+                await publisher.publish(mapper.finish())
+        span.set_attribute("tokenwire.frames", mapper.seq.last)
+
+
+async def _save_ids(records: RequestRecords, job: Job, ids: DifyIds) -> None:
+    """Record Dify's ids, retrying through a NATS blip; the answer goes on regardless
+    (losing the record only matters if this worker also dies before the end)."""
+    for attempt in range(_SAVE_IDS_TRIES):
+        try:
+            await records.save_ids(job.key, ids)
+            return
+        except TokenwireError as exc:
+            log.warning("cannot record Dify's ids yet", extra={"error": str(exc)})
+            await asyncio.sleep(0.2 * (attempt + 1))

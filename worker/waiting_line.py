@@ -1,0 +1,76 @@
+"""The worker's streams to Dify, and the line of deliveries waiting for one.
+
+How this works. A worker holds a few more jobs than it streams (``worker_prefetch`` over
+``worker_concurrency``); a delivery takes one of the ``limit`` stream slots with
+:meth:`WaitingLine.slot`. When none is free, or others already wait, it joins the line in the
+order the gateways accepted the chats (``created_ms``, then key) — not the order deliveries got
+here, which a few awaits can shuffle by milliseconds — and ``on_wait(position)`` is called on
+joining and every ``refresh_s`` while it waits, so its client hears ``queued`` (reason
+``busy``) with its place in line. The delivery that owns the job sends those frames, so
+``seq`` stays one sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
+from typing import Final
+
+from shared.jobs import Job
+
+__all__ = ["BUSY_REFRESH_S", "WaitingLine"]
+
+#: A job waiting for one of the worker's Dify streams hears its place in line this often.
+BUSY_REFRESH_S: Final = 5.0
+
+
+class _Place:
+    __slots__ = ("order",)
+
+    def __init__(self, job: Job) -> None:
+        self.order = (job.created_ms, job.key)
+
+
+class WaitingLine:
+    def __init__(self, limit: int, *, refresh_s: float = BUSY_REFRESH_S) -> None:
+        self.limit = limit
+        self.refresh_s = refresh_s
+        self.streaming = 0
+        self._line: list[_Place] = []
+        self._turns = asyncio.Condition()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._line)
+
+    @asynccontextmanager
+    async def slot(
+        self, job: Job, on_wait: Callable[[int], Awaitable[None]]
+    ) -> AsyncIterator[None]:
+        """Hold one stream slot for the block; wait in line for it first if need be."""
+        place = _Place(job)
+
+        def my_turn() -> bool:
+            return self._line[0] is place and self.streaming < self.limit
+
+        async with self._turns:
+            if self.streaming >= self.limit or self._line:
+                bisect.insort(self._line, place, key=lambda p: p.order)
+                try:
+                    while not my_turn():
+                        await on_wait(self._line.index(place) + 1)
+                        with suppress(TimeoutError):
+                            async with asyncio.timeout(self.refresh_s):
+                                await self._turns.wait_for(my_turn)
+                finally:
+                    self._line.remove(place)
+                    self._turns.notify_all()
+            self.streaming += 1
+        try:
+            yield
+        finally:
+            async with self._turns:
+                self.streaming -= 1
+                self._turns.notify_all()
