@@ -49,9 +49,10 @@ from shared.frames import (
     ChatFrame,
     PingFrame,
     ResumeFrame,
-    ServerFrame,
     StopFrame,
 )
+from shared.metric_labels import LATENCY_BUCKETS, OTHER, SERVER_FRAME_TYPES
+from shared.metric_labels import bounded as _bounded
 
 __all__ = [
     "CLIENT_FRAME_TYPES",
@@ -86,35 +87,11 @@ __all__ = [
     "set_nats_connected",
 ]
 
-OTHER: Final = "other"
-
 #: Seconds; from 10 ms (a warm, local Dify) to a minute (a cold agent app).
-TTFT_BUCKETS: Final = (
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.2,
-    0.3,
-    0.5,
-    0.75,
-    1.0,
-    1.5,
-    2.0,
-    3.0,
-    5.0,
-    7.5,
-    10.0,
-    15.0,
-    30.0,
-    60.0,
-)
+TTFT_BUCKETS: Final = LATENCY_BUCKETS
 
 #: Close codes kept as their own label value: RFC 6455's and every code of :class:`CloseCode`.
 CLOSE_CODES: Final = frozenset(range(1000, 1016)) | frozenset(int(c) for c in CloseCode)
-SERVER_FRAME_TYPES: Final = frozenset(
-    cls.__dataclass_fields__["type"].default for cls in get_args(ServerFrame)
-)
 CLIENT_FRAME_TYPES: Final = frozenset(
     get_args(model.model_fields["type"].annotation)[0]
     for model in (ChatFrame, StopFrame, ResumeFrame, PingFrame, AuthFrame)
@@ -192,10 +169,6 @@ NATS_CONNECTED: Final = Gauge(
     "1 while the gateway's NATS connection is up.",
     multiprocess_mode="livemin",
 )
-
-
-def _bounded(value: str, allowed: frozenset[str]) -> str:
-    return value if value in allowed else OTHER
 
 
 def connection_opened() -> None:

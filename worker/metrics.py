@@ -4,7 +4,7 @@ Every family is registered in prometheus-client's default registry, which the wo
 ``/metrics`` of its own port (``--metrics-port``, default 9100). Handlers call the helpers,
 never the metric objects, so label values stay inside the bounded sets below: a label never
 holds a user id, a request id, a job key or any other unbounded value, and a value the helpers
-do not know becomes ``"other"``.
+do not know becomes ``"other"`` (``shared/metric_labels.py``, shared with the gateway).
 
 Families (all prefixed ``tokenwire_worker_``):
 
@@ -51,12 +51,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Final, get_args
+from typing import Final
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from shared.exceptions import ErrorCode
-from shared.frames import ServerFrame
+from shared.delivery import Outcome
+from shared.metric_labels import ERROR_CODES, LATENCY_BUCKETS, SERVER_FRAME_TYPES
+from shared.metric_labels import bounded as _bounded
 
 __all__ = [
     "ANSWER_TOKENS",
@@ -106,29 +107,6 @@ __all__ = [
     "stream_started",
 ]
 
-OTHER: Final = "other"
-
-#: Seconds; Dify's first byte or first token: from 10 ms to a minute.
-LATENCY_BUCKETS: Final = (
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.2,
-    0.3,
-    0.5,
-    0.75,
-    1.0,
-    1.5,
-    2.0,
-    3.0,
-    5.0,
-    7.5,
-    10.0,
-    15.0,
-    30.0,
-    60.0,
-)
 #: Seconds; a job normally waits milliseconds, minutes while Dify is down or workers are few.
 QUEUE_WAIT_BUCKETS: Final = (
     0.005,
@@ -150,14 +128,9 @@ QUEUE_WAIT_BUCKETS: Final = (
     1800.0,
 )
 
-JOB_OUTCOMES: Final = frozenset(
-    {"completed", "stopped", "error", "handed_back", "dead_lettered", "dropped"}
-)
+#: completed, stopped, error, handed_back, dead_lettered, dropped.
+JOB_OUTCOMES: Final = frozenset(outcome.value for outcome in Outcome)
 DIFY_ENDPOINTS: Final = frozenset({"chat", "stop", "messages", "info"})
-ERROR_CODES: Final = frozenset(code.value for code in ErrorCode)
-SERVER_FRAME_TYPES: Final = frozenset(
-    cls.__dataclass_fields__["type"].default for cls in get_args(ServerFrame)
-)
 
 JOBS_RECEIVED: Final = Counter(
     "tokenwire_worker_jobs_received",
@@ -256,10 +229,6 @@ DRAINING: Final = Gauge(
     "1 from SIGTERM until the process exits.",
     multiprocess_mode="livemax",
 )
-
-
-def _bounded(value: str, allowed: frozenset[str]) -> str:
-    return value if value in allowed else OTHER
 
 
 def job_received(delivered: int) -> None:

@@ -20,6 +20,7 @@ CORE = [
     "breaker",
     "delivery",
     "dify_api",
+    "metric_labels",
 ]
 FORBIDDEN = {
     "asyncio",
