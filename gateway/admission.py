@@ -28,7 +28,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from gateway import metrics
 from gateway.auth import Identity, handshake_token, origin_allowed
 from gateway.bus import GatewayBus
-from gateway.connection import Connection, Edge, error_bytes
+from gateway.connection import Connection, Edge
 from gateway.limits import ConnectionSlots
 from shared.exceptions import (
     ClientError,
@@ -40,6 +40,7 @@ from shared.exceptions import (
     Unauthorized,
 )
 from shared.frames import AuthFrame, ClientLimits, decode_client_frame
+from shared.session import error_bytes
 from shared.settings import Settings
 
 __all__ = ["SUBPROTOCOL", "Admission"]

@@ -21,8 +21,10 @@ name                              type       labels          what
 ``requests_total``                counter    ``outcome``     requests closed on this gateway:
                                                              completed, stopped, error, detached
 ``ttft_seconds``                  histogram  —               ``accepted`` → first ``delta`` sent
-``resumes_total``                 counter    ``outcome``     ``resume`` frames: replayed,
-                                                             unknown, refused, error
+``resumes_total``                 counter    ``outcome``     ``resume`` frames: replayed
+                                                             (the replay ran), unknown,
+                                                             error (NATS could not say or
+                                                             replay; nothing is left behind)
 ``refusals_total``                counter    ``kind``        refused before any work: auth,
                                                              origin, rate_limit,
                                                              connection_limit, inflight_limit,
@@ -53,6 +55,7 @@ from shared.frames import (
 )
 from shared.metric_labels import LATENCY_BUCKETS, OTHER, SERVER_FRAME_TYPES
 from shared.metric_labels import bounded as _bounded
+from shared.session import Metric, Tally
 
 __all__ = [
     "CLIENT_FRAME_TYPES",
@@ -79,6 +82,7 @@ __all__ = [
     "frame_in",
     "frame_out",
     "observe_ttft",
+    "record",
     "refusal",
     "request_accepted",
     "request_finished",
@@ -97,7 +101,7 @@ CLIENT_FRAME_TYPES: Final = frozenset(
     for model in (ChatFrame, StopFrame, ResumeFrame, PingFrame, AuthFrame)
 ) | {"invalid"}
 REQUEST_OUTCOMES: Final = frozenset({"completed", "stopped", "error", "detached"})
-RESUME_OUTCOMES: Final = frozenset({"replayed", "unknown", "refused", "error"})
+RESUME_OUTCOMES: Final = frozenset({"replayed", "unknown", "error"})
 REFUSAL_KINDS: Final = frozenset(
     {
         "auth",
@@ -151,7 +155,7 @@ TTFT: Final = Histogram(
 )
 RESUMES: Final = Counter(
     "tokenwire_gateway_resumes",
-    "Resume frames handled, by outcome (replayed, unknown, refused, error).",
+    "Resume frames handled, by outcome (replayed, unknown, error).",
     ["outcome"],
 )
 REFUSALS: Final = Counter(
@@ -209,7 +213,7 @@ def observe_ttft(seconds: float) -> None:
 
 
 def resume(outcome: str) -> None:
-    """A ``resume`` frame was handled: replayed, unknown, refused or error."""
+    """A ``resume`` frame was handled: replayed, unknown or error."""
     RESUMES.labels(outcome=_bounded(outcome, RESUME_OUTCOMES)).inc()
 
 
@@ -224,3 +228,24 @@ def set_draining(draining: bool) -> None:
 
 def set_nats_connected(connected: bool) -> None:
     NATS_CONNECTED.set(1 if connected else 0)
+
+
+def record(tally: Tally) -> None:
+    """Count what a connection's session decided to count (:class:`shared.session.Tally`)."""
+    metric = tally.metric
+    if metric is Metric.FRAME_IN:
+        frame_in(tally.label)
+    elif metric is Metric.REFUSAL:
+        refusal(tally.label)
+    elif metric is Metric.FINISHED:
+        request_finished(tally.label)
+    elif metric is Metric.TTFT:
+        observe_ttft(tally.value)
+    elif metric is Metric.ACCEPTED:
+        request_accepted()
+    elif metric is Metric.RESUME:
+        resume(tally.label)
+    elif metric is Metric.OPENED:
+        connection_opened()
+    elif metric is Metric.CLOSED:
+        connection_closed(int(tally.label))

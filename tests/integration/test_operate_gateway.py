@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
+import time
 import uuid
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -22,6 +25,16 @@ from tokenwire.simulator import expected_final_answer
 pytestmark = pytest.mark.integration
 
 STACK_ENV = {"TOKENWIRE_DRAIN_DELAY_S": "0.5"}
+T = TypeVar("T")
+
+
+async def until(read: Callable[[], T], ok: Callable[[T], bool], timeout: float = 10.0) -> T:
+    """Poll ``read`` until ``ok`` holds for what it returns, or fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not ok(got := read()):
+        assert time.monotonic() < deadline, f"not yet after {timeout} s: {got!r}"
+        await asyncio.sleep(0.02)
+    return got
 
 
 async def test_gateway_metrics_after_answered_chats(stack: Stack) -> None:
@@ -37,9 +50,11 @@ async def test_gateway_metrics_after_answered_chats(stack: Stack) -> None:
         await client.next_other()
         live = samples(f"http://127.0.0.1:{gateway.port}/metrics")  # type: ignore[attr-defined]
     assert value(live, "tokenwire_gateway_connections") == 1
-    await asyncio.sleep(0.3)
-    m = samples(f"http://127.0.0.1:{gateway.port}/metrics")  # type: ignore[attr-defined]
-    assert value(m, "tokenwire_gateway_connections") == 0
+    # The gateway counts the close once it has finished closing: poll for it.
+    m = await until(
+        lambda: samples(f"http://127.0.0.1:{gateway.port}/metrics"),  # type: ignore[attr-defined]
+        lambda m: value(m, "tokenwire_gateway_connections") == 0,
+    )
     assert value(m, "tokenwire_gateway_connections_opened_total") >= 1
     assert (
         sum(v for (n, _), v in m.items() if n == "tokenwire_gateway_connections_closed_total") >= 1
@@ -67,12 +82,17 @@ async def test_sigterm_gateway_clients_resume_on_another_and_lose_nothing(stack:
         expected[i] = expected_final_answer(query, controls)
         await client.chat("q", query, inputs={"tw_sim": controls})
     for client in clients:
-        while not any(f["type"] == "delta" for f in client.frames["q"]):
-            await asyncio.sleep(0.05)
+        await until(
+            lambda c=client: c.frames["q"], lambda fs: any(f["type"] == "delta" for f in fs)
+        )
         client.urls = [f"ws://127.0.0.1:{second.port}/v1/ws"]  # type: ignore[attr-defined]
     first.signal(signal.SIGTERM)
-    await asyncio.sleep(0.2)
-    assert httpx.get(f"http://127.0.0.1:{first.port}/readyz").status_code == 503  # type: ignore[attr-defined]
+    # Not ready at once: before the clients are closed (after TOKENWIRE_DRAIN_DELAY_S).
+    await until(
+        lambda: httpx.get(f"http://127.0.0.1:{first.port}/readyz").status_code,  # type: ignore[attr-defined]
+        lambda status: status == 503,
+        timeout=5.0,
+    )
     try:
         await asyncio.gather(*(c.wait_all(60) for c in clients))
     finally:

@@ -4,7 +4,10 @@ Dify (simulator over HTTP) → back. What a user of the WebSocket would check.""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
+from collections.abc import Callable
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -16,10 +19,20 @@ from tokenwire.simulator import expected_answer, expected_final_answer
 pytestmark = pytest.mark.integration
 
 TOKENS = 40  # the simulator's default answer length
+T = TypeVar("T")
 
 
 def sim(stack: Stack, path: str) -> list[dict]:
     return httpx.get(f"http://127.0.0.1:{stack.sim_port}{path}", timeout=5).json()
+
+
+async def until(probe: Callable[[], T], timeout: float = 10.0) -> T:
+    """Poll ``probe`` until it returns something truthy, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (found := probe()):
+        assert time.monotonic() < deadline, f"still nothing after {timeout} s"
+        await asyncio.sleep(0.05)
+    return found
 
 
 def dify_requests_for(stack: Stack, query: str) -> list[dict]:
@@ -127,9 +140,14 @@ async def test_invalid_chat_fails_only_that_request(spine: Stack) -> None:
 async def test_oversize_frame_is_refused_and_connection_survives(spine: Stack) -> None:
     async with Client(spine.ws_url(user="frank")) as client:
         await client.send({"type": "chat", "id": "big", "query": "x" * 70_000})
-        refusal = await client.next_other()
+        # The gateway reads the id of a frame it will not parse: that request fails, once.
+        refused = await client.finish("big")
+        # Without a readable id the refusal is connection-level.
+        await client.send('{"query": "' + "y" * 70_000 + '", "type": "chat"}')
+        anonymous = await client.next_other()
         frames = await client.finish(await client.chat("still here?"))
-    assert refusal["code"] == "frame_too_large"
+    assert [(f["type"], f["code"], f["seq"]) for f in refused] == [("error", "frame_too_large", 1)]
+    assert anonymous["code"] == "frame_too_large" and "id" not in anonymous
     assert frames[-1]["type"] == "end"
 
 
@@ -148,15 +166,20 @@ async def test_stop_mid_answer_stops_dify_and_nothing_follows_end(spine: Stack) 
         await client.wait_for(rid, "delta")
         await client.send({"type": "stop", "id": rid})
         end = await client.wait_for(rid, {"end", "error"})
-        await asyncio.sleep(0.5)  # anything late would arrive now
+        task_id = client.frames[rid][1]["task_id"]
+        # The stop went all the way to Dify, and a ping's pong has come back after it: what
+        # the gateway held for this client has been delivered by now.
+        stops = await until(
+            lambda: [s for s in sim(spine, "/_sim/stops") if s["task_id"] == task_id]
+        )
+        await client.send({"type": "ping"})
+        assert (await client.next_other())["type"] == "pong"
         frames = client.frames[rid]
     assert end["type"] == "end" and end["stopped"] is True
     assert frames[-1] is end, "frames arrived after end"
     assert_seq_complete(frames)
     assert len(answer_of(frames)) < len(expected_answer(query, 400))
-    task_id = frames[1]["task_id"]
-    stops = [s for s in sim(spine, "/_sim/stops") if s["task_id"] == task_id]
-    assert stops and stops[0]["user"] == user and stops[0]["matched"] is True
+    assert stops[0]["user"] == user and stops[0]["matched"] is True
 
 
 @pytest.mark.parametrize(

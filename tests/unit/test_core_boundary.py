@@ -21,6 +21,7 @@ CORE = [
     "delivery",
     "dify_api",
     "metric_labels",
+    "session",
 ]
 FORBIDDEN = {
     "asyncio",
