@@ -1,6 +1,7 @@
 """What JetStream must hold, as plain data: streams, the job consumer, the request bucket.
 
-Both processes declare this topology at start (idempotently), so whichever starts first
+Both processes declare this topology at start (idempotently, through the NATS edge:
+``shared/natsedge.py`` ``ensure_topology`` and ``ensure_bucket``), so whichever starts first
 creates it and a gateway never publishes into a stream that does not exist yet. The values are
 chosen here, once, and explained in docs/operations.md:
 
