@@ -10,13 +10,13 @@ which code, what to count) is the session's; this module only moves bytes and aw
   replayed ones from ordered consumers); the I/O they lead to runs in the background, so a
   callback never waits on NATS. A replay waits while the send queue is more than half full
   (it would fill it at NATS speed); live frames do not (a client that cannot keep up is closed).
-* **One writer** drains a bounded send queue into the socket. A full queue is reported to the
-  session, which closes with ``SLOW_CONSUMER`` (4101): the client can reconnect and resume
-  without losing anything, while a full queue never blocks NATS.
+* **The outbox** (``gateway/outbox.py``): a bounded send queue and its one writer. A full
+  queue is reported to the session, which closes with ``SLOW_CONSUMER`` (4101): the client
+  can reconnect and resume without losing anything, while a full queue never blocks NATS.
 * **A timer** feeds the clock at the session's next deadline (token expiry, idleness, a
   request to read back from the stream).
-* **Closing** follows the session's states: while ``draining`` the writer gets up to
-  :data:`FLUSH_TIMEOUT_S` to let queued frames out, then the close frame goes (at most
+* **Closing** follows the session's states: while ``draining`` the outbox gets up to
+  ``FLUSH_TIMEOUT_S`` to let queued frames out, then the close frame goes (at most
   :data:`CLOSE_TIMEOUT_S`), then the session hears it is ``closed``.
 """
 
@@ -39,6 +39,7 @@ from gateway import metrics
 from gateway.auth import Authenticator, Identity
 from gateway.bus import GatewayBus
 from gateway.limits import LocalConnections, RequestRate
+from gateway.outbox import Outbox
 from shared.exceptions import CloseCode, TokenwireError
 from shared.logs import trace_id_var
 from shared.session import (
@@ -64,15 +65,13 @@ from shared.session import (
 )
 from shared.settings import Settings
 
-__all__ = ["CLOSE_TIMEOUT_S", "FLUSH_TIMEOUT_S", "Connection", "Edge", "error_bytes"]
+__all__ = ["CLOSE_TIMEOUT_S", "Connection", "Edge", "error_bytes"]
 
 log = logging.getLogger("tokenwire.gateway")
 tracer = trace.get_tracer("tokenwire.gateway")
 
 # How long the final close may wait for a client that does not read (then the socket just ends).
 CLOSE_TIMEOUT_S = 10.0
-# How long queued frames (e.g. the error that explains a close) may take to flush before it.
-FLUSH_TIMEOUT_S = 5.0
 # The shortest sleep of the timer: a deadline in the past is handled, never spun on.
 _MIN_WAKE_S = 0.005
 
@@ -117,10 +116,7 @@ class Connection:
             expires_at=identity.expires_at,
             now=_now(),
         )
-        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(settings.send_queue_frames)
-        # Set while the send queue is at most half full: replays wait for it.
-        self._room = asyncio.Event()
-        self._room.set()
+        self.outbox = Outbox(ws, settings.send_queue_frames)
         self._closing = asyncio.Event()
         self._rearm = asyncio.Event()  # the session's next deadline moved earlier
         self._armed: float | None = None
@@ -148,7 +144,7 @@ class Connection:
 
     async def serve(self) -> None:
         """Run until the client leaves or the session closes the connection."""
-        writer = asyncio.create_task(self._writer())
+        self.outbox.start()
         tasks: list[asyncio.Task[Any]] = []
         try:
             await self._carry_out(self.session.start())
@@ -164,7 +160,7 @@ class Connection:
                     log.error("connection failed", exc_info=reader.exception())
                     self._dispatch(self.session.fail())
         finally:
-            self._room.set()  # no replay waits for a connection that is closing
+            self.outbox.release()  # no replay waits for a connection that is closing
             for task in (*tasks, *self._background):
                 task.cancel()
             self.edge.local.remove(self.user, self)
@@ -173,7 +169,10 @@ class Connection:
                 # The reader ended: the client left.
                 await self._carry_out(self.session.client_left(self._client_code))
             await self._let_go()
-            await self._stop_writer(writer)
+            draining = self.session.state is ConnectionState.DRAINING
+            await self.outbox.stop(flush=draining)  # the queued frames explain the close
+            if draining:
+                self.session.flushed()
             if self.session.state is ConnectionState.CLOSING:
                 code = self.session.close_code or CloseCode.INTERNAL_ERROR
                 with contextlib.suppress(Exception):
@@ -190,18 +189,6 @@ class Connection:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
 
-    async def _stop_writer(self, writer: asyncio.Task[None]) -> None:
-        """While draining, let queued frames out first (they explain the close)."""
-        if self.session.state is ConnectionState.DRAINING:
-            with contextlib.suppress(asyncio.QueueFull):
-                self.queue.put_nowait(None)
-                with contextlib.suppress(TimeoutError, Exception):
-                    await asyncio.wait_for(asyncio.shield(writer), FLUSH_TIMEOUT_S)
-            self.session.flushed()
-        writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await writer
-
     async def _reader(self) -> None:
         while self.session.state is ConnectionState.OPEN:
             try:
@@ -217,17 +204,6 @@ class Connection:
             inflight = self.edge.local.inflight(self.user)
             await self._carry_out(self.session.receive_client(data, _now(), user_inflight=inflight))
 
-    async def _writer(self) -> None:
-        while True:
-            data = await self.queue.get()
-            if self.queue.qsize() <= self.queue.maxsize // 2:
-                self._room.set()
-            if data is None:
-                return
-            text = data.decode()
-            del data  # an idle connection must not hold its last frame's 4 KiB buffer
-            await self.ws.send_text(text)
-
     async def _timer(self) -> None:
         """Feed the clock whenever the session has something due."""
         while True:
@@ -242,7 +218,7 @@ class Connection:
     # --- frames from NATS -------------------------------------------------------------------
 
     async def _on_frame(self, msg: Msg) -> None:
-        if self.queue.qsize() >= self.queue.maxsize // 2:
+        if self.outbox.busy:
             # NATS hands over whole bursts without yielding; let the writer drain into the
             # socket first, so that only a client that does not read overflows the queue.
             await asyncio.sleep(0)
@@ -250,12 +226,7 @@ class Connection:
 
     async def _on_replayed_frame(self, msg: Msg) -> None:
         """A kept frame being replayed: unlike live frames, a replay waits for the client."""
-        while (
-            self.queue.qsize() > self.queue.maxsize // 2
-            and self.session.state is ConnectionState.OPEN
-        ):
-            self._room.clear()
-            await self._room.wait()
+        await self.outbox.wait_for_room(lambda: self.session.state is ConnectionState.OPEN)
         await self._on_frame(msg)
 
     # --- carrying out commands ------------------------------------------------------------
@@ -290,15 +261,13 @@ class Connection:
             log.log(command.level, command.message, extra=self._log_extra | dict(command.fields))
         elif isinstance(command, Close):
             self._closing.set()
-            self._room.set()
+            self.outbox.release()
 
     def _enqueue(self, command: Send) -> None:
         if self._overflowed:
             return
-        try:
-            self.queue.put_nowait(command.data)
-        except asyncio.QueueFull:
-            self._overflowed = True
+        if not self.outbox.put(command.data):
+            self._overflowed = True  # nothing more goes in: the client is being left
             self._dispatch(self.session.send_overflowed())
             return
         metrics.frame_out(command.kind)

@@ -490,12 +490,15 @@ class Session:
         """When :meth:`tick` has something to do next (None: nothing is due ever)."""
         if self.state is not ConnectionState.OPEN:
             return None
-        deadlines = list(self._catch_ups.values())
-        if self.expires_at is not None:
-            deadlines.append(self.expires_at)
+        # Called after every input (the pump re-arms its timer): no allocation on the way.
+        due = self.expires_at
         if not self.requests:
-            deadlines.append(self.last_activity + self.config.idle_timeout_s)
-        return min(deadlines, default=None)
+            idle = self.last_activity + self.config.idle_timeout_s
+            due = idle if due is None else min(due, idle)
+        if self._catch_ups:
+            soonest = min(self._catch_ups.values())
+            due = soonest if due is None else min(due, soonest)
+        return due
 
     # --- the connection's life ----------------------------------------------------------
 
