@@ -288,3 +288,33 @@ async def test_jobs_beyond_the_stream_cap_wait_in_line_told_their_position() -> 
     starts = [i for i, f in enumerate(bus.frames) if f["type"] == "start"]
     assert [bus.frames[i]["id"] for i in starts] == ["r0", "r1", "r2"]  # in arrival order
     assert all(s > e for s, e in zip(starts[1:], ends[:-1], strict=True))  # one stream at a time
+
+
+LONG = [event("message", answer=w) for w in ("The ", "quick ", "brown ", "fox")] + [
+    event("message_end", metadata={})
+]
+
+
+@pytest.mark.parametrize("died_after", range(6))
+async def test_a_worker_dying_after_any_frame_is_finished_exactly_by_the_next(
+    died_after: int,
+) -> None:
+    """Wherever the first worker died (after ``died_after`` of its frames were kept), the next
+    delivery finishes the same answer with one gapless seq and one end, and asks Dify again
+    only if no ``start`` was kept."""
+    first = FakeBus()
+    await runner(first, FakeDify(LONG)).run(job(), Msg())
+    full = first.frames[:-1]  # start, four deltas: the end never made it
+    bus, msg = FakeBus(), Msg()
+    bus.seed(SUBJECT, [{"id": "r1", "seq": 1, "type": "accepted"}, *full[:died_after]])
+    bus.ids["k1"] = first.ids["k1"]
+    dify = FakeDify(LONG)
+    dify.history = HistoryMessage(
+        answer="The quick brown fox", status="normal", retriever_resources=[]
+    )
+    await runner(bus, dify).run(job(), msg, delivered=2)
+    seen = bus.frames
+    assert seqs_of(seen) == list(range(1, len(seen) + 1))
+    assert [f["type"] for f in seen].count("end") == 1 and seen[-1]["type"] == "end"
+    assert answer_of(seen) == "The quick brown fox" and msg.settled == [("ack", None)]
+    assert dify.calls == (1 if died_after == 0 else 0)
