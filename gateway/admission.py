@@ -10,7 +10,8 @@ How this works, cheapest refusal first (docs/security.md has the table):
    Refused: ``unauthorized`` and close 4001, or ``token_expired`` and close 4002.
 4. **The user's cap across all gateways** (``TOKENWIRE_MAX_CONNECTIONS_PER_USER``):
    ``too_many_connections``, close 4004.
-5. The :class:`~gateway.connection.Connection` runs; its slot is given back when it ends.
+5. The :class:`~gateway.connection.Connection` runs (the pump around the connection's
+   :class:`~shared.session.Session`); its slot is given back when it ends.
 
 Every refusal after the upgrade is an ``error`` frame, then a close whose code tells the
 client what to do; none of them reaches NATS beyond the slot lookup, nor Dify.

@@ -12,8 +12,9 @@ How this works:
   ``TOKENWIRE_RATE_BURST``): a token bucket (:mod:`shared.ratelimit`) kept in the
   ``tw_rates`` bucket, updated with compare-and-set so concurrent chats of one user on two
   gateways cannot both spend the last token.
-* **Per-connection frame rate** (``TOKENWIRE_FRAME_RATE``): a bucket in memory; every client
-  frame takes a token, so floods of ``resume``/``stop``/``ping`` are refused cheaply.
+* **Per-connection frame rate** (``TOKENWIRE_FRAME_RATE``): a bucket in memory, kept by the
+  connection's session (:mod:`shared.session`); every client frame takes a token, so floods
+  of ``resume``/``stop``/``ping`` are refused cheaply.
 * **Per-gateway**: the connection count (``TOKENWIRE_MAX_CONNECTIONS``) and the requests in
   flight of each user on this gateway (``TOKENWIRE_MAX_INFLIGHT_PER_USER``).
 
@@ -186,7 +187,11 @@ class RequestRate:
 
 
 class FrameRate:
-    """Client frames per connection: a token bucket in memory."""
+    """Client frames per connection as a bucket read against the monotonic clock.
+
+    The gateway's connections do not use it: their session holds the same bucket and is
+    given the time (:class:`shared.session.Session`). Kept for callers outside a session.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.rate = Rate.parse(settings.frame_rate, settings.frame_burst)
