@@ -1,0 +1,169 @@
+"""The worker's small modules, each against fakes of its seam (worker/types.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from shared.dify_api import DifyIds, HistoryMessage
+from shared.exceptions import BusUnavailable
+from shared.frames import Delta, End
+from shared.jobs import Job
+from tests.unit.fakes import FakeBus, FakeDify, Msg
+from worker.lease import Lease
+from worker.publishing import Publisher
+from worker.recovery import HistoryReader
+from worker.waiting_line import WaitingLine
+
+
+def job(key: str, created_ms: int = 0) -> Job:
+    return Job(
+        key=key,
+        id=key,
+        user="u1",
+        conn="c",
+        reply=f"tw.frames.c.{key}",
+        query="q",
+        trace_id="t",
+        created_ms=created_ms or int(time.time() * 1000),
+    )
+
+
+# --- the waiting line ---------------------------------------------------------------------
+
+
+async def test_the_line_serves_in_the_order_gateways_accepted_the_chats() -> None:
+    line = WaitingLine(1, refresh_s=60)
+    order: list[str] = []
+    told: dict[str, list[int]] = {}
+    holder_in = asyncio.Event()
+    release = asyncio.Event()
+
+    async def use(j: Job) -> None:
+        async def on_wait(position: int) -> None:
+            told.setdefault(j.key, []).append(position)
+
+        async with line.slot(j, on_wait):
+            order.append(j.key)
+            if j.key == "first":
+                holder_in.set()
+                await release.wait()
+
+    holder = asyncio.create_task(use(job("first", 1)))
+    await holder_in.wait()
+    # Deliveries arrive late-first: the line still serves the earlier chat first.
+    late = asyncio.create_task(use(job("late", 30)))
+    early = asyncio.create_task(use(job("early", 20)))
+    async with asyncio.timeout(5):
+        while line.waiting < 2:
+            await asyncio.sleep(0)
+    release.set()
+    await asyncio.gather(holder, late, early)
+    assert order == ["first", "early", "late"]
+    assert told["late"][0] == 1 and told["early"] == [1]  # early jumped ahead of late
+    assert line.streaming == 0 and line.waiting == 0
+
+
+async def test_a_free_slot_is_taken_without_waiting() -> None:
+    line = WaitingLine(2)
+
+    async def never(position: int) -> None:
+        raise AssertionError("told to wait with a free slot")
+
+    async with line.slot(job("a"), never), line.slot(job("b"), never):
+        assert line.streaming == 2
+    assert line.streaming == 0
+
+
+# --- the lease ----------------------------------------------------------------------------
+
+
+async def test_the_lease_is_lost_when_another_delivery_takes_it() -> None:
+    bus, msg = FakeBus(), Msg()
+    lease = Lease(bus, "k1", check_s=0.01)
+    await lease.take()
+    holding = asyncio.create_task(lease.hold(msg, heartbeat_s=0.02))
+    async with asyncio.timeout(5):
+        while msg.in_progress_acks < 2:  # it keeps the job ours meanwhile
+            await asyncio.sleep(0.005)
+    assert not lease.lost.is_set()
+    bus.leases["k1"] = "newer"
+    await asyncio.wait_for(holding, 5)
+    assert lease.lost.is_set()
+
+
+async def test_the_lease_is_not_lost_while_nats_cannot_tell() -> None:
+    class Away(FakeBus):
+        checks = 0
+
+        async def lease_holder(self, key: str) -> str | None:
+            self.checks += 1
+            raise BusUnavailable("NATS is away")
+
+    bus = Away()
+    lease = Lease(bus, "k1", check_s=0.01)
+    holding = asyncio.create_task(lease.hold(Msg(), heartbeat_s=1))
+    async with asyncio.timeout(5):
+        while bus.checks < 3:
+            await asyncio.sleep(0.005)
+    assert not lease.lost.is_set() and not holding.done()
+    holding.cancel()
+
+
+# --- publishing ---------------------------------------------------------------------------
+
+
+async def test_the_publisher_remembers_frames_and_follows_the_outcome() -> None:
+    bus = FakeBus()
+    publisher = Publisher(bus, "s")
+    await publisher.publish([Delta(id="r1", seq=2, text="a")])
+    end = End(id="r1", seq=3, conversation_id=None, message_id=None, stopped=True)
+    await publisher.publish([end])
+    assert sorted(publisher.published) == [2, 3]
+    assert publisher.outcome.value == "stopped"
+
+
+async def test_the_publisher_keeps_frames_through_unconfirmed_checks() -> None:
+    bus = FakeBus()
+    bus.unconfirmed = 2
+    bus.lose = {2}
+    publisher = Publisher(bus, "s")
+    await publisher.publish([Delta(id="r1", seq=2, text="a")])
+    await publisher.ensure_kept()
+    assert [f["seq"] for f in await bus.kept_frames("s")] == [2]
+
+
+# --- reading Dify's history ---------------------------------------------------------------
+
+
+async def test_history_is_polled_until_the_message_is_finished() -> None:
+    dify = FakeDify([])
+    dify.history = HistoryMessage(answer="", status="generating", retriever_resources=[])
+    reader = HistoryReader(dify, timeout_s=5, poll_s=0.005)
+
+    async def finish_later() -> None:
+        async with asyncio.timeout(5):
+            while dify.history_calls < 3:
+                await asyncio.sleep(0.001)
+        dify.history = HistoryMessage(answer="done", status="normal", retriever_resources=[])
+
+    finisher = asyncio.create_task(finish_later())
+    message = await reader.wait(job("k1"), DifyIds("t1", "m1", "c1"), asyncio.Event())
+    await finisher
+    assert message is not None and message.answer == "done" and dify.history_calls >= 4
+
+
+async def test_a_stop_while_reading_history_stops_dify_too() -> None:
+    dify = FakeDify([])
+    stop = asyncio.Event()
+    stop.set()
+    reader = HistoryReader(dify, timeout_s=5, poll_s=0.005)
+    assert await reader.wait(job("k1"), DifyIds("t1", "m1", "c1"), stop) is None
+    assert dify.stops == [("t1", "u1")]
+
+
+async def test_history_without_a_conversation_is_not_read() -> None:
+    dify = FakeDify([])
+    reader = HistoryReader(dify, timeout_s=5, poll_s=0.005)
+    assert await reader.wait(job("k1"), DifyIds("t1", "m1", None), asyncio.Event()) is None
+    assert dify.history_calls == 0
