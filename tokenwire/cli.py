@@ -167,11 +167,23 @@ def simulate_dify(
     tokens: int = typer.Option(40, help="Answer length in tokens."),
     ping_interval: float = typer.Option(10.0, help="Seconds between keep-alive pings."),
     api_key: str | None = typer.Option(None, help="Require exactly this app key."),
+    apps: str | None = typer.Option(
+        None,
+        help="Several apps by key: 'demo' (app-chat, app-agent, app-workflow, app-completion, "
+        'app-human, …) or JSON {"app-…": {"mode": "workflow", "name": …}}. '
+        "Replaces --api-key.",
+    ),
 ) -> None:
-    """A Dify Service API simulator (chat-messages streaming, stop, messages)."""
+    """A Dify Service API simulator: every app kind, its whole app-key Service API."""
     from tokenwire.simulator import SimConfig
+    from tokenwire.simulator.apps import AppsError, parse_apps
     from tokenwire.simulator.server import run
 
+    try:
+        table = parse_apps(apps) if apps is not None else None
+    except AppsError as exc:
+        typer.echo(f"refusing to start: --apps: {exc}", err=True)
+        raise typer.Exit(2) from None
     run(
         host,
         port,
@@ -180,6 +192,7 @@ def simulate_dify(
             tokens=tokens,
             ping_interval_s=ping_interval,
             api_key=api_key,
+            apps=table,
         ),
     )
 

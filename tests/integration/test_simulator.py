@@ -611,6 +611,7 @@ def test_requests_are_recorded_without_the_key(sim: RunningSimulator, user: str)
     assert recorded == [
         {
             "path": "/v1/chat-messages",
+            "app": "tokenwire Dify simulator",
             "user": user,
             "conversation_id": None,
             "query": "recorded",

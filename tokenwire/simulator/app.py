@@ -1,24 +1,26 @@
-"""A Starlette app that behaves like Dify's Service API for chat apps (NOTES.md §1-§7).
+"""A Starlette app that behaves like Dify's Service API (NOTES.md §1-§8): the generation routes.
 
 How this works
 --------------
-``POST /v1/chat-messages`` validates the request the way Dify does (errors before the stream
-are JSON ``{code, message, status}`` with that HTTP status), then starts a *generation*: an
-asyncio task that walks the pure script from :func:`scenarios.build_script`, updates the stored
-message and writes encoded frames into a per-request queue. The HTTP response only drains that
-queue and adds ``event: ping`` keep-alives. So, as in Dify (NOTES §7), a client that goes away
-does not stop the generation: it still finishes and lands in the conversation history. Only
-``POST /v1/chat-messages/{task_id}/stop`` by the task's own user stops it.
+``POST /v1/chat-messages``, ``/v1/completion-messages`` and ``/v1/workflows/run`` validate the
+request the way Dify does (errors before the stream are JSON ``{code, message, status}`` with
+that HTTP status; a route the app's mode does not serve is ``not_chat_app``,
+``app_unavailable`` or ``not_workflow_app``), then start a *generation*: an asyncio task that
+walks the pure script from ``scenarios.build_script`` or ``workflows.build_flow``, updates the
+stored message or run and writes encoded frames into a per-request queue. The HTTP response
+only drains that queue and adds ``event: ping`` keep-alives. So, as in Dify (NOTES §7), a
+client that goes away does not stop the generation: it still finishes and lands in the
+conversation history or the run. Only a stop call stops it (by the task's own user for chat
+and completion; by anyone of the app for workflows, as Dify).
 
-Dropping a connection with no HTTP response at all (fault "refuse", and "cut" mid-body) needs
-the socket, which ASGI hides. uvicorn's ``send`` is a bound method of its per-request cycle,
-whose ``transport`` attribute is that socket; :class:`_SimulatorApp` keeps the server's own
-``send`` in the scope so an endpoint can reach it. An httpx client sees
-``httpx.RemoteProtocolError`` in both cases ("Server disconnected without sending a response",
-or "peer closed connection without sending complete message body").
+A run that reaches a Human Input node (scenarios "human", "chatflow_human") sends
+``human_input_required`` and ``workflow_paused``, ends the response, and waits for its form
+(``POST /v1/form/human_input/{token}``, in ``resources.py``), its expiry or a stop; the rest of
+the run goes to ``GET /v1/workflow/{run_id}/events`` listeners, which replay the run's current
+part first.
 
-``/_sim/...`` (no auth) is the operator and test surface: recorded requests and stop calls,
-and outages. Everything lives in memory in one event loop, so there are no locks.
+``/_sim/...`` (no auth) is the operator and test surface: recorded sends, calls and stops,
+outages, and each app's peak concurrency. Everything lives in memory in one event loop.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
-import itertools
+import math
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 import orjson
@@ -42,14 +44,31 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from tokenwire.simulator.apps import DEFAULT_APP, AppSpec
+from tokenwire.simulator.resources import Resources
+from tokenwire.simulator.responses import (
+    RAW_SEND,
+    USER_REQUIRED,
+    DropConnection,
+    Signal,
+    bad_request,
+    error,
+    invalid,
+    is_uuid,
+    json_response,
+    loads_object,
+    not_found,
+    sse_body,
+)
 from tokenwire.simulator.scenarios import (
-    PING_FRAME,
     PRE_STREAM_FAULTS,
+    WORKFLOW_ID,
     Drop,
     Emit,
-    Fault,
+    Event,
     SimConfig,
     SimControls,
+    Step,
     StreamIds,
     app_mode,
     build_script,
@@ -57,245 +76,112 @@ from tokenwire.simulator.scenarios import (
     parse_controls,
     stopped_events,
 )
+from tokenwire.simulator.state import (
+    Conversation,
+    Form,
+    Generation,
+    Kind,
+    Listener,
+    Message,
+    Run,
+    Store,
+)
+from tokenwire.simulator.workflows import (
+    FlowStep,
+    Pause,
+    TimedOut,
+    as_completion_event,
+    build_flow,
+    finished_data,
+    run_id_of,
+    stopped_flow_events,
+)
 
 __all__ = ["abort_streams", "create_app"]
 
-MessageStatus = Literal["generating", "normal", "stopped", "error"]
 OutageMode = Literal["refuse", "500", "429"]
 
-_RAW_SEND: Final = "tokenwire.simulator.raw_send"
 _MAX_STALL_S: Final = 1200.0
 """A stalled generation gives up like Dify's ``APP_MAX_EXECUTION_TIME`` (stops itself)."""
-_DROP_GRACE_S: Final = 5.0
 _RECORDED_HEADERS: Final = ("x-request-id", "x-trace-id")
-_AUTH_HEADERS: Final = {"WWW-Authenticate": 'Bearer realm="api"'}
+_MODE_MISMATCH: Final = "Please check if your app mode matches the right API route."
+_FLOW_SCENARIOS: Final = frozenset({"chatflow_human"})
+"""Chat scenarios played by the workflow walker (they pause)."""
 
 
-class _Signal(enum.Enum):
-    """Queue items that are not frames: what the HTTP side must do besides writing."""
-
-    END = "end"
-    DROP = "drop"
-    STALL = "stall"
+def _not_chat_app() -> Response:
+    return error(400, "not_chat_app", _MODE_MISMATCH)
 
 
-class ConnectionDropError(ConnectionError):
-    """The server is not uvicorn, so a connection cannot be closed without a response."""
+def _not_workflow_app() -> Response:
+    return error(400, "not_workflow_app", _MODE_MISMATCH)
 
 
-# --------------------------------------------------------------------------- helpers
+def _app_unavailable() -> Response:
+    return error(400, "app_unavailable", "App unavailable, please check your app configurations.")
 
 
-def _json(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body), status, headers, media_type="application/json")
+# --------------------------------------------------------------------------- payloads
 
 
-def _error(
-    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
-) -> Response:
-    """Dify's error body for failures before the stream (NOTES §5)."""
-    return _json({"code": code, "message": message, "status": status}, status, headers)
-
-
-def _invalid(message: str) -> Response:
-    return _error(400, "invalid_param", message)
-
-
-def _not_found(message: str) -> Response:
-    return _error(404, "not_found", message)
-
-
-_USER_REQUIRED: Final = "Arg user must be provided."
-
-
-def _loads_object(raw: bytes) -> dict[str, Any] | None:
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False
-    return True
-
-
-def _close_transport(scope: Scope) -> bool:
-    """Close the client's TCP connection under the ASGI server; False if it cannot be reached."""
-    owner = getattr(scope.get(_RAW_SEND), "__self__", None)
-    transport = getattr(owner, "transport", None)
-    close = getattr(transport, "close", None)
-    if not callable(close):
-        return False
-    close()
-    return True
-
-
-async def _wait_disconnect(receive: Receive) -> None:
-    """Return once the server has noticed the close, so it does not try to answer after it."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(_DROP_GRACE_S):
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
-
-class _DropConnection(Response):
-    """A "response" that closes the connection without writing a single byte."""
-
-    def __init__(self) -> None:
-        super().__init__(status_code=500)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not _close_transport(scope):
-            raise ConnectionDropError("cannot reach the transport to drop the connection")
-        await _wait_disconnect(receive)
-
-
-def _query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be an integer") from None
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be between {low} and {high}")
-    return value
-
-
-# --------------------------------------------------------------------------- state
-
-
-@dataclass(eq=False)
-class _Message:
-    id: str
-    task_id: str
-    conversation_id: str
-    query: str
-    inputs: dict[str, Any]
-    created_at: int
-    answer: str = ""
-    status: MessageStatus = "generating"
-    error: str | None = None
-    message_files: list[dict[str, Any]] = field(default_factory=list)
-    retriever_resources: list[dict[str, Any]] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        """Dify's ``GET /messages`` item; ``status`` adds "generating" and "stopped"."""
-        return {
-            "id": self.id,
-            "conversation_id": self.conversation_id,
-            "inputs": self.inputs,
-            "query": self.query,
-            "answer": self.answer,
-            "message_files": self.message_files,
-            "feedback": None,
-            "retriever_resources": self.retriever_resources,
-            "created_at": self.created_at,
-            "status": self.status,
-            "error": self.error,
-        }
-
-
-@dataclass(eq=False)
-class _Conversation:
-    id: str
-    user: str
-    name: str
-    inputs: dict[str, Any]
-    created_at: int
-    updated_at: int
-    order: int
-    """Tie-breaker for ``-updated_at``: timestamps are whole seconds."""
-    messages: list[_Message] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "name": self.name,
-            "inputs": self.inputs,
-            "status": "normal",
-            "introduction": "",
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-        }
-
-
-@dataclass(eq=False)
-class _Generation:
-    """One running answer: owned by a user, stoppable, drained by at most one HTTP response."""
-
-    ids: StreamIds
-    user: str
-    query: str
-    controls: SimControls
-    message: _Message
-    ping_interval_s: float
-    started: float
-    queue: asyncio.Queue[bytes | _Signal] = field(default_factory=asyncio.Queue)
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
-    completion_tokens: int = 0
-    metadata: dict[str, Any] = field(default_factory=dict)
-    error: dict[str, Any] | None = None
-    task: asyncio.Task[None] | None = None
-
-    async def sleep_or_stop(self, seconds: float) -> bool:
-        """Sleep, waking early on stop; True when the generation must stop now."""
-        if seconds > 0 and not self.stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(seconds):
-                    await self.stop.wait()
-        return self.stop.is_set()
+def _validation(model: str, problems: list[str]) -> ValueError:
+    count = f"{len(problems)} validation error{'s' if len(problems) > 1 else ''}"
+    return ValueError(f"{count} for {model}\n" + "\n".join(problems))
 
 
 @dataclass(frozen=True, slots=True)
-class _ChatPayload:
+class _SendPayload:
+    """The body of any of the three generation routes."""
+
     query: str
     inputs: dict[str, Any]
     user: str
     streaming: bool
     conversation_id: str | None
+    files: list[Any]
 
     @classmethod
-    def parse(cls, body: Mapping[str, Any]) -> _ChatPayload:
+    def parse(cls, body: Mapping[str, Any], route: Kind) -> _SendPayload:
         """Validate like Dify: the ``user`` check first, then the pydantic-style field errors.
 
         Raises ValueError, which the endpoint turns into 400 ``invalid_param`` as Dify does.
+        ``query`` is required for chat, optional (default "") for completion, absent for
+        workflows; ``conversation_id`` only exists for chat.
         """
         user = body.get("user")
         if not isinstance(user, str) or not user:
-            raise ValueError(_USER_REQUIRED)
+            raise ValueError(USER_REQUIRED)
         problems: list[str] = []
-        query, inputs = body.get("query"), body.get("inputs")
-        if "query" not in body:
+        query, inputs = body.get("query", "" if route != "chat" else None), body.get("inputs")
+        if route == "chat" and "query" not in body:
             problems.append("query\n  Field required [type=missing]")
-        elif not isinstance(query, str):
+        elif route != "workflow" and not isinstance(query, str):
             problems.append("query\n  Input should be a valid string [type=string_type]")
         if "inputs" not in body:
             problems.append("inputs\n  Field required [type=missing]")
         elif not isinstance(inputs, dict):
             problems.append("inputs\n  Input should be a valid dictionary [type=dict_type]")
-        conversation_id = body.get("conversation_id")
+        conversation_id = body.get("conversation_id") if route == "chat" else None
         if conversation_id is not None and not isinstance(conversation_id, str):
             problems.append("conversation_id\n  Input should be a valid string [type=string_type]")
         files = body.get("files")
         if files is not None and not isinstance(files, list):
             problems.append("files\n  Input should be a valid list [type=list_type]")
         if problems:
-            count = f"{len(problems)} validation error{'s' if len(problems) > 1 else ''}"
-            raise ValueError(f"{count} for ChatRequestPayload\n" + "\n".join(problems))
-        assert isinstance(query, str) and isinstance(inputs, dict)
+            model = {
+                "chat": "ChatRequestPayload",
+                "completion": "CompletionRequestPayload",
+                "workflow": "WorkflowRunPayload",
+            }[route]
+            raise _validation(model, problems)
+        assert isinstance(inputs, dict)
         return cls(
-            query=query,
+            query=query if isinstance(query, str) else "",
             inputs=inputs,
             user=user,
             streaming=body.get("response_mode") == "streaming",
             conversation_id=conversation_id or None,
+            files=files or [],
         )
 
 
@@ -303,51 +189,35 @@ class _ChatPayload:
 
 
 class _Simulator:
-    """All state of one simulated Dify app, and its endpoints (bound methods as routes)."""
+    """The generation routes, stops, event streams and ``/_sim`` (bound methods as routes)."""
 
-    def __init__(self, config: SimConfig) -> None:
-        self.config = config
-        self.conversations: dict[str, _Conversation] = {}
-        self.generations: dict[str, _Generation] = {}
-        self.requests: list[dict[str, Any]] = []
-        self.stops: list[dict[str, Any]] = []
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.config = store.config
         self.fault_counts: dict[str, int] = {}
         self.outage: tuple[OutageMode, float] | None = None
-        self._order = itertools.count(1)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         """On shutdown, cancel generations nobody stopped (a stall would otherwise linger)."""
         yield
-        tasks = [g.task for g in self.generations.values() if g.task and not g.task.done()]
+        generations = self.store.generations.values()
+        tasks = [g.task for g in generations if g.task and not g.task.done()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def abort_streams(self) -> None:
         """Cut open streams and cancel running generations: a Dify process going away."""
-        for generation in self.generations.values():
+        for generation in self.store.generations.values():
             if generation.task is not None and not generation.task.done():
-                generation.queue.put_nowait(_Signal.DROP)
+                generation.queue.put_nowait(Signal.DROP)
+                if generation.run is not None:
+                    for listener in generation.run.listeners:
+                        listener.queue.put_nowait(Signal.DROP)
                 generation.task.cancel()
 
     # ----------------------------------------------------------------------- checks
-
-    def _check_auth(self, request: Request) -> Response | None:
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        key = key.strip()
-        if scheme.lower() != "bearer" or not key:
-            message = "Authorization header must be provided and start with 'Bearer'"
-            return _error(401, "unauthorized", message, _AUTH_HEADERS)
-        expected = self.config.api_key
-        if (key != expected) if expected is not None else not key.startswith("app-"):
-            return _error(401, "unauthorized", "Access token is invalid", _AUTH_HEADERS)
-        return None
-
-    def _owned_conversation(self, conversation_id: str, user: str) -> _Conversation | None:
-        """Another user's conversation is as invisible as an unknown one (NOTES §1)."""
-        conversation = self.conversations.get(conversation_id)
-        return conversation if conversation and conversation.user == user else None
 
     def _active_outage(self) -> OutageMode | None:
         if self.outage is None:
@@ -368,29 +238,33 @@ class _Simulator:
         return controls
 
     @staticmethod
-    def _fail(fault: Fault | OutageMode) -> Response:
+    def _fail(fault: str, app: AppSpec | None = None) -> Response:
         """The canned answer of a pre-stream fault or an outage, with Dify's codes."""
         if fault == "refuse":
-            return _DropConnection()
+            return DropConnection()
         if fault == "500":
-            return _error(
+            return error(
                 500, "internal_server_error", "Internal Server Error, please contact support."
             )
         if fault == "429":
+            limit = app.max_active_requests if app and app.max_active_requests else 10
             message = (
                 "Too many requests. Please try again later. "
-                "The current maximum concurrent requests allowed is 10."
+                f"The current maximum concurrent requests allowed is {limit}."
             )
-            return _error(429, "too_many_requests", message)
+            return error(429, "too_many_requests", message)
         if fault == "413":
-            return _error(413, "file_too_large", "File size exceeded. (simulated)")
-        return _invalid("Simulated invalid parameter (tw_sim fault 400).")
+            return error(413, "file_too_large", "File size exceeded. (simulated)")
+        return invalid("Simulated invalid parameter (tw_sim fault 400).")
 
-    def _record(self, request: Request, body: Mapping[str, Any] | None) -> dict[str, Any]:
+    def _record(
+        self, request: Request, body: Mapping[str, Any] | None, app: AppSpec | None
+    ) -> dict[str, Any]:
         """Log what the caller sent; never the Authorization header."""
         body = body or {}
         entry: dict[str, Any] = {
             "path": request.url.path,
+            "app": app.name if app is not None else None,
             "user": body.get("user"),
             "conversation_id": body.get("conversation_id"),
             "query": body.get("query"),
@@ -401,366 +275,668 @@ class _Simulator:
             "message_id": None,
             "headers": {k: request.headers[k] for k in _RECORDED_HEADERS if k in request.headers},
         }
-        self.requests.append(entry)
+        self.store.requests.append(entry)
         return entry
+
+    def _check_files(self, app: AppSpec, user: str, files: list[Any]) -> str | None:
+        """A ``local_file`` is usable only by its uploader in its app (NOTES §8)."""
+        for item in files:
+            if not isinstance(item, dict) or item.get("transfer_method") != "local_file":
+                continue
+            file_id = item.get("upload_file_id")
+            found = self.store.file(app, file_id) if isinstance(file_id, str) else None
+            if found is None or found.user != user:
+                return "Invalid upload file"
+        return None
+
+    async def _admit(
+        self, request: Request, route: Kind
+    ) -> tuple[AppSpec, _SendPayload, SimControls, dict[str, Any]] | Response:
+        """Every check Dify makes before a stream starts, in Dify's order."""
+        body = loads_object(await request.body())
+        app = self.store.app_for(request)
+        record = self._record(request, body, app if isinstance(app, AppSpec) else None)
+        fault = self._active_outage() or self.store.take_fault(request.url.path)
+        if fault is not None:
+            return self._fail(fault, app if isinstance(app, AppSpec) else None)
+        if not isinstance(app, AppSpec):
+            return app
+        if route == "chat" and not app.is_chat:
+            return _not_chat_app()
+        if route == "completion" and app.mode != "completion":
+            return _app_unavailable()
+        if route == "workflow" and app.mode != "workflow":
+            return _not_workflow_app()
+        if body is None:
+            return bad_request("Invalid JSON payload received or JSON payload is empty.")
+        try:
+            payload = _SendPayload.parse(body, route)
+            controls = parse_controls(
+                payload.query, payload.inputs, default_scenario=app.default_scenario
+            )
+            if not app.allows(controls.scenario):
+                raise ValueError(
+                    f"tw_sim.scenario {controls.scenario!r} is not for a {app.mode} app"
+                )
+            controls = self._fault_now(payload.query or _seed_key(payload.inputs), controls)
+        except ValueError as exc:
+            return invalid(str(exc))
+        if controls.fault in PRE_STREAM_FAULTS:
+            assert controls.fault is not None
+            return self._fail(controls.fault, app)
+        if app.mode in ("agent", "agent-chat") and not payload.streaming and app.key is not None:
+            return bad_request("Agent App only supports streaming response mode.")
+        if (problem := self._check_files(app, payload.user, payload.files)) is not None:
+            return invalid(problem)
+        limit = app.max_active_requests
+        if limit and self.store.active.get(app.name, 0) >= limit:
+            return self._fail("429", app)
+        return app, payload, controls, record
 
     # ----------------------------------------------------------------------- generation
 
-    def _start(
-        self, payload: _ChatPayload, controls: SimControls, conversation: _Conversation | None
-    ) -> _Generation:
+    def _conversation(
+        self, app: AppSpec, payload: _SendPayload, conversation: Conversation | None, listed: bool
+    ) -> Conversation:
         now = int(time.time())
         if conversation is None:
-            conversation = _Conversation(
+            conversation = Conversation(
                 id=str(uuid.uuid4()),
+                app=app.name,
                 user=payload.user,
                 name=payload.query.strip()[:40] or "New conversation",
                 inputs=payload.inputs,
                 created_at=now,
                 updated_at=now,
-                order=next(self._order),
+                order=next(self.store.order),
+                introduction=app.opening_statement if app.key is not None else "",
+                listed=listed,
+                variables=_default_variables(now),
             )
-            self.conversations[conversation.id] = conversation
-        conversation.updated_at, conversation.order = now, next(self._order)
-        ids = StreamIds(str(uuid.uuid4()), str(uuid.uuid4()), conversation.id, now)
-        message = _Message(
-            ids.message_id, ids.task_id, conversation.id, payload.query, payload.inputs, now
-        )
-        conversation.messages.append(message)
+            self.store.conversations[conversation.id] = conversation
+        conversation.updated_at, conversation.order = now, next(self.store.order)
+        return conversation
+
+    def _start(
+        self,
+        app: AppSpec,
+        kind: Kind,
+        payload: _SendPayload,
+        controls: SimControls,
+        conversation: Conversation | None = None,
+    ) -> Generation:
+        now = int(time.time())
+        ids = StreamIds(str(uuid.uuid4()), str(uuid.uuid4()), "", now)
+        message = None
+        if kind != "workflow":
+            conversation = self._conversation(app, payload, conversation, kind == "chat")
+            ids = dataclasses.replace(ids, conversation_id=conversation.id)
+            previous = conversation.messages[-1].id if conversation.messages else None
+            message = Message(
+                ids.message_id, ids.task_id, conversation.id, payload.query, payload.inputs, now
+            )
+            message.parent_message_id = previous
+            conversation.messages.append(message)
         ping = controls.ping_interval_s
-        generation = _Generation(
+        generation = Generation(
             ids=ids,
+            app=app,
+            kind=kind,
             user=payload.user,
             query=payload.query,
             controls=controls,
-            message=message,
             ping_interval_s=ping if ping is not None else self.config.ping_interval_s,
             started=asyncio.get_running_loop().time(),
+            message=message,
         )
-        self.generations[ids.task_id] = generation
+        if kind == "completion":
+            generation.shape = as_completion_event
+        flow = kind == "workflow" or controls.scenario in _FLOW_SCENARIOS
+        if flow or controls.scenario == "chatflow":
+            generation.run = self._new_run(generation, payload.inputs)
+        if flow:
+            generation.flow_now = time.time()
+            steps: list[FlowStep] = build_flow(
+                ids,
+                "workflow" if kind == "workflow" else "chatflow",
+                payload.inputs,
+                controls,
+                self.config,
+                query=payload.query,
+                form_token=secrets.token_urlsafe(16),
+                now=generation.flow_now,
+            )
+        else:
+            steps = list(build_script(ids, payload.query, payload.inputs, controls, self.config))
+        self.store.generations[ids.task_id] = generation
+        generation.active = True
+        self.store.begin_active(app)
         generation.task = asyncio.create_task(
-            self._generate(generation, payload.inputs), name=f"tw-sim-{ids.task_id}"
+            self._generate(generation, steps), name=f"tw-sim-{ids.task_id}"
         )
         return generation
 
-    def _emit(self, generation: _Generation, step: Emit) -> None:
-        """Apply one event to the stored message, then queue its frame."""
-        message, event = generation.message, step.event
-        message.answer = step.apply_to(message.answer)
+    def _new_run(self, generation: Generation, inputs: Mapping[str, Any]) -> Run:
+        run = Run(
+            id=run_id_of(generation.ids),
+            app=generation.app.name,
+            user=generation.user,
+            task_id=generation.ids.task_id,
+            kind="workflow" if generation.kind == "workflow" else "chatflow",
+            inputs={k: v for k, v in inputs.items() if k != "tw_sim"},
+            created_at=generation.ids.created_at,
+            order=next(self.store.order),
+        )
+        self.store.runs[run.id] = run
+        return run
+
+    def _send(self, generation: Generation, item: bytes | Signal) -> None:
+        """To the first response while it is open, and to every ``/events`` listener."""
+        if generation.primary_open:
+            generation.queue.put_nowait(item)
+        run = generation.run
+        if run is not None:
+            for listener in run.listeners:
+                listener.queue.put_nowait(item)
+            if item is Signal.END:
+                run.listeners.clear()
+
+    def _emit(self, generation: Generation, step: Emit) -> None:
+        """Apply one event to the stored message and run, then send its frame."""
+        event = generation.shape(step.event)
+        name = step.name
+        message = generation.message
+        if message is not None:
+            message.answer = step.apply_to(message.answer)
         if step.is_token:
             generation.completion_tokens += 1
-        if step.name == "message_file":
-            keys = ("id", "type", "url", "belongs_to")
-            message.message_files.append({k: event[k] for k in keys})
-        elif step.name == "message_end":
+        if message is not None:
+            _apply_to_message(message, name, event)
+        if name == "message_end":
             generation.metadata = event["metadata"]
-            message.retriever_resources = event["metadata"]["retriever_resources"]
-            if message.status == "generating":
-                message.status = "normal"
-        elif step.name == "error":
+        elif name == "error":
             generation.error = {k: event[k] for k in ("code", "message", "status")}
-            message.status, message.error = "error", str(event["message"])
-        generation.queue.put_nowait(encode_event(event, self.config.json_style))
+        frame = encode_event(event, self.config.json_style)
+        run = generation.run
+        if run is not None:
+            _apply_to_run(run, name, event, frame)
+        self._send(generation, frame)
 
-    async def _generate(self, generation: _Generation, inputs: Mapping[str, Any]) -> None:
-        """Walk the script; a stop (or the stall giving up) ends it with ``message_end``."""
-        script = build_script(
-            generation.ids, generation.query, inputs, generation.controls, self.config
-        )
+    def _release(self, generation: Generation) -> None:
+        if generation.active:
+            generation.active = False
+            self.store.end_active(generation.app)
+
+    async def _generate(self, generation: Generation, steps: list[FlowStep]) -> None:
+        """Walk the script; a stop (or the stall giving up) ends it as Dify does."""
         try:
-            for step in script:
+            pending = list(steps)
+            while pending:
+                step = pending.pop(0)
                 if isinstance(step, Emit):
                     if await generation.sleep_or_stop(step.delay_s):
                         break
                     self._emit(generation, step)
+                elif isinstance(step, Pause):
+                    rest = await self._pause(generation, step)
+                    if rest is None:
+                        break
+                    pending = [*rest, *pending]
                 elif isinstance(step, Drop):
-                    generation.queue.put_nowait(_Signal.DROP)
+                    self._send(generation, Signal.DROP)
                 else:
-                    generation.queue.put_nowait(_Signal.STALL)
+                    self._send(generation, Signal.STALL)
                     await generation.sleep_or_stop(_MAX_STALL_S)
                     break
             else:
                 return
-            if generation.message.status != "generating":
-                return  # stopped after message_end (during TTS): nothing left to end
-            generation.message.status = "stopped"
-            loop = asyncio.get_running_loop()
-            for event in stopped_events(
+            self._stopped(generation)
+        finally:
+            self._release(generation)
+            self._send(generation, Signal.END)
+
+    def _stopped(self, generation: Generation) -> None:
+        """The frames Dify sends after a stop: the stream still ends normally."""
+        message, run = generation.message, generation.run
+        if message is not None and message.status not in ("generating", "paused"):
+            return  # stopped after message_end (during TTS): nothing left to end
+        if run is not None and run.over:
+            return
+        if message is not None:
+            message.status = "stopped"
+        loop = asyncio.get_running_loop()
+        elapsed = loop.time() - generation.started
+        if generation.kind == "workflow" or generation.controls.scenario in _FLOW_SCENARIOS:
+            events = stopped_flow_events(
+                generation.ids,
+                "workflow" if generation.kind == "workflow" else "chatflow",
+                query=generation.query,
+                completion_tokens=generation.completion_tokens,
+                total_steps=run.total_steps if run else 0,
+                elapsed_s=elapsed,
+            )
+        else:
+            events = stopped_events(
                 generation.ids,
                 query=generation.query,
                 scenario=generation.controls.scenario,
-                answer=generation.message.answer,
+                answer=message.answer if message else "",
                 completion_tokens=generation.completion_tokens,
-                latency_s=loop.time() - generation.started,
-            ):
-                self._emit(generation, Emit(event))
+                latency_s=elapsed,
+            )
+        for event in events:
+            self._emit(generation, Emit(event))
+
+    async def _pause(self, generation: Generation, pause: Pause) -> list[Step] | None:
+        """Wait at a Human Input node: the first response ends, the stream slot is freed;
+        the rest of the run comes once the form is answered or expires (None: stopped)."""
+        run = generation.run
+        assert run is not None and run.form_token is not None
+        form = Form(
+            token=run.form_token,
+            app=generation.app.name,
+            spec=pause.form,
+            run=run,
+            expires_at=generation.flow_now + pause.expires_in_s,
+            expiration_time=math.ceil(generation.flow_now + pause.expires_in_s),
+            outcome=asyncio.get_running_loop().create_future(),
+        )
+        run.form = self.store.forms[form.token] = form
+        generation.queue.put_nowait(Signal.END)
+        generation.primary_open = False
+        for listener in [x for x in run.listeners if not x.continue_on_pause]:
+            listener.queue.put_nowait(Signal.END)
+            run.listeners.remove(listener)
+        if generation.message is not None:
+            generation.message.status = "paused"
+        self._release(generation)
+        stop: asyncio.Future[Any] = asyncio.ensure_future(generation.stop.wait())
+        waiting: set[asyncio.Future[Any]] = {form.outcome, stop}
+        try:
+            timeout = max(0.0, form.expires_at - time.time())
+            done, _ = await asyncio.wait(
+                waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
-            generation.queue.put_nowait(_Signal.END)
+            stop.cancel()
+        if form.outcome in done:
+            outcome = form.outcome.result()
+        elif stop in done:
+            form.outcome.cancel()
+            return None
+        else:
+            form.outcome.cancel()
+            outcome = TimedOut()
+        generation.active = True
+        self.store.begin_active(generation.app)
+        if generation.message is not None:
+            generation.message.status = "generating"
+        run.status, run.replay_from = "running", len(run.frames)
+        return pause.resume(outcome)
 
-    async def _stream(self, generation: _Generation, scope: Scope) -> AsyncIterator[bytes]:
-        """The response body: frames from the queue, pings on Dify's cadence, faults."""
-        loop = asyncio.get_running_loop()
-        interval = generation.ping_interval_s
-        next_ping = generation.started + interval
-        pinging = True
-        yield PING_FRAME
-        while True:
-            try:
-                async with asyncio.timeout(max(0.0, next_ping - loop.time()) if pinging else None):
-                    item = await generation.queue.get()
-            except TimeoutError:
-                yield PING_FRAME
-                while next_ping <= loop.time():
-                    next_ping += interval
-                continue
-            if isinstance(item, bytes):
-                yield item
-            elif item is _Signal.STALL:
-                pinging = False  # a stalled upstream sends nothing at all (NOTES §7, #24675)
-            elif item is _Signal.DROP:
-                if not _close_transport(scope):
-                    raise ConnectionDropError("cannot reach the transport to cut the stream")
-                # Starlette cancels this generator when the server reports the disconnect.
-                await asyncio.sleep(_DROP_GRACE_S)
-                return
-            else:
-                return
-
-    async def _blocking(self, generation: _Generation) -> Response:
+    async def _blocking(self, generation: Generation) -> Response:
         """``response_mode`` other than "streaming": wait for the end, answer one JSON body."""
         while True:
             item = await generation.queue.get()
-            if item is _Signal.DROP:
-                return _DropConnection()
-            if item is _Signal.END:
+            if item is Signal.DROP:
+                return DropConnection()
+            if item is Signal.END:
                 break
         if generation.error is not None:
-            error = generation.error
-            return _error(int(error["status"]), str(error["code"]), str(error["message"]))
-        ids, message = generation.ids, generation.message
-        return _json(
-            {
-                "event": "message",
-                "task_id": ids.task_id,
-                "id": ids.message_id,
-                "message_id": ids.message_id,
-                "conversation_id": ids.conversation_id,
-                "mode": app_mode(generation.controls.scenario),
-                "answer": message.answer,
-                "metadata": generation.metadata,
-                "created_at": ids.created_at,
-            }
-        )
+            failure = generation.error
+            return error(int(failure["status"]), str(failure["code"]), str(failure["message"]))
+        ids = generation.ids
+        if generation.kind == "workflow":
+            return json_response(_blocking_run(generation))
+        message = generation.message
+        assert message is not None
+        body: dict[str, Any] = {
+            "event": "message",
+            "task_id": ids.task_id,
+            "id": ids.message_id,
+            "message_id": ids.message_id,
+            "conversation_id": ids.conversation_id,
+            "mode": generation.app.mode
+            if generation.app.key is not None
+            else app_mode(generation.controls.scenario),
+            "answer": message.answer,
+            "metadata": generation.metadata,
+            "created_at": ids.created_at,
+        }
+        if generation.kind == "completion":
+            del body["conversation_id"]
+        return json_response(body)
 
-    # ----------------------------------------------------------------------- /v1 endpoints
+    @staticmethod
+    def _stream(generation: Generation, request: Request) -> Response:
+        body = sse_body(
+            generation.queue, generation.ping_interval_s, generation.started, request.scope
+        )
+        return StreamingResponse(body, media_type="text/event-stream")
+
+    # ----------------------------------------------------------------------- /v1 sends
 
     async def api_chat_messages(self, request: Request) -> Response:
         """``POST /v1/chat-messages``: every check Dify makes before the stream, then stream."""
-        body = _loads_object(await request.body())
-        record = self._record(request, body)
-        outage = self._active_outage()
-        if outage is not None:
-            return self._fail(outage)
-        if (denied := self._check_auth(request)) is not None:
-            return denied
-        if body is None:
-            return _error(
-                400, "bad_request", "Invalid JSON payload received or JSON payload is empty."
-            )
-        try:
-            payload = _ChatPayload.parse(body)
-            controls = self._fault_now(payload.query, parse_controls(payload.query, payload.inputs))
-        except ValueError as exc:
-            return _invalid(str(exc))
-        if controls.fault in PRE_STREAM_FAULTS:
-            return self._fail(controls.fault)
+        admitted = await self._admit(request, "chat")
+        if isinstance(admitted, Response):
+            return admitted
+        app, payload, controls, record = admitted
         conversation = None
         if payload.conversation_id is not None:
-            if not _is_uuid(payload.conversation_id):
-                return _invalid("conversation_id must be a valid UUID")
-            conversation = self._owned_conversation(payload.conversation_id, payload.user)
+            if not is_uuid(payload.conversation_id):
+                return invalid("conversation_id must be a valid UUID")
+            conversation = self.store.conversation(app, payload.conversation_id, payload.user)
             if conversation is None:
-                return _not_found("Conversation Not Exists.")
-        generation = self._start(payload, controls, conversation)
+                return not_found("Conversation Not Exists.")
+        generation = self._start(app, "chat", payload, controls, conversation)
         record["task_id"], record["message_id"] = generation.ids.task_id, generation.ids.message_id
         if payload.streaming:
-            return StreamingResponse(
-                self._stream(generation, request.scope), media_type="text/event-stream"
-            )
+            return self._stream(generation, request)
         return await self._blocking(generation)
+
+    async def api_completion_messages(self, request: Request) -> Response:
+        """``POST /v1/completion-messages``: a completion app's one-shot answer."""
+        admitted = await self._admit(request, "completion")
+        if isinstance(admitted, Response):
+            return admitted
+        app, payload, controls, record = admitted
+        generation = self._start(app, "completion", payload, controls)
+        record["task_id"], record["message_id"] = generation.ids.task_id, generation.ids.message_id
+        if payload.streaming:
+            return self._stream(generation, request)
+        return await self._blocking(generation)
+
+    async def api_workflows_run(self, request: Request) -> Response:
+        """``POST /v1/workflows/run`` and ``/v1/workflows/{workflow_id}/run``."""
+        workflow_id = request.path_params.get("workflow_id")
+        known_app = isinstance(self.store.app_for(request), AppSpec)
+        if workflow_id is not None and not is_uuid(str(workflow_id)) and known_app:
+            return bad_request(f"Invalid workflow_id format: '{workflow_id}'. ")
+        admitted = await self._admit(request, "workflow")
+        if isinstance(admitted, Response):
+            return admitted
+        app, payload, controls, record = admitted
+        if workflow_id is not None and str(workflow_id) != WORKFLOW_ID:
+            return not_found(f"Workflow not found with id: {workflow_id}")
+        generation = self._start(app, "workflow", payload, controls)
+        record["task_id"] = generation.ids.task_id
+        if payload.streaming:
+            return self._stream(generation, request)
+        return await self._blocking(generation)
+
+    # ----------------------------------------------------------------------- stops
+
+    async def _stop(self, request: Request, route: Kind) -> Response:
+        app = self.store.app_for(request)
+        if not isinstance(app, AppSpec):
+            return app
+        if route == "chat" and not app.is_chat:
+            return _not_chat_app()
+        if route == "completion" and app.mode != "completion":
+            return _app_unavailable()
+        if route == "workflow" and app.mode != "workflow":
+            return _not_workflow_app()
+        body = loads_object(await request.body()) or {}
+        user = body.get("user")
+        if not isinstance(user, str) or not user:
+            return invalid(USER_REQUIRED)
+        task_id = str(request.path_params["task_id"])
+        generation = self.store.generations.get(task_id)
+        if generation is not None and (generation.app is not app or generation.kind != route):
+            generation = None
+        # Chat and completion: only the task's own user stops it. Workflows: anyone (Dify).
+        matched = generation is not None and (route == "workflow" or generation.user == user)
+        if generation is not None and matched:
+            generation.stop.set()
+        self.store.stops.append({"task_id": task_id, "user": user, "matched": matched})
+        return json_response({"result": "success"})
 
     async def api_stop(self, request: Request) -> Response:
         """Always "success"; only the task's own user really stops it (NOTES §4)."""
-        if (denied := self._check_auth(request)) is not None:
-            return denied
-        body = _loads_object(await request.body()) or {}
-        user = body.get("user")
-        if not isinstance(user, str) or not user:
-            return _invalid(_USER_REQUIRED)
-        task_id = str(request.path_params["task_id"])
-        generation = self.generations.get(task_id)
-        matched = generation is not None and generation.user == user
-        if generation is not None and matched:
-            generation.stop.set()
-        self.stops.append({"task_id": task_id, "user": user, "matched": matched})
-        return _json({"result": "success"})
+        return await self._stop(request, "chat")
 
-    async def api_messages(self, request: Request) -> Response:
-        """``GET /v1/messages``: latest page first, older pages by ``first_id`` (as Dify)."""
-        if (denied := self._check_auth(request)) is not None:
-            return denied
-        params = request.query_params
-        user, conversation_id = params.get("user", ""), params.get("conversation_id", "")
-        if not user:
-            return _invalid(_USER_REQUIRED)
-        try:
-            limit = _query_int(request, "limit", 20, 1, 100)
-        except ValueError as exc:
-            return _invalid(str(exc))
-        if not _is_uuid(conversation_id):
-            return _invalid("conversation_id must be a valid UUID")
-        conversation = self._owned_conversation(conversation_id, user)
-        if conversation is None:
-            return _not_found("Conversation Not Exists.")
-        older = conversation.messages
-        first_id = params.get("first_id")
-        if first_id:
-            index = next((i for i, m in enumerate(older) if m.id == first_id), None)
-            if index is None:
-                return _not_found("First Message Not Exists.")
-            older = older[:index]
-        page = older[-limit:]
-        return _json(
-            {"limit": limit, "has_more": len(older) > limit, "data": [m.as_dict() for m in page]}
-        )
+    async def api_completion_stop(self, request: Request) -> Response:
+        return await self._stop(request, "completion")
 
-    async def api_conversations(self, request: Request) -> Response:
-        """``GET /v1/conversations``: the user's conversations, newest activity first."""
-        if (denied := self._check_auth(request)) is not None:
-            return denied
+    async def api_workflow_stop(self, request: Request) -> Response:
+        """Not user-checked, as Dify: whoever knows the task id stops the run."""
+        return await self._stop(request, "workflow")
+
+    # ----------------------------------------------------------------------- event streams
+
+    async def api_workflow_events(self, request: Request) -> Response:
+        """``GET /v1/workflow/{run_id}/events``: the run's creator only (else 404)."""
+        app = self.store.app_for(request)
+        if not isinstance(app, AppSpec):
+            return app
+        if not app.has_workflow:
+            return _not_workflow_app()
         user = request.query_params.get("user", "")
         if not user:
-            return _invalid(_USER_REQUIRED)
-        try:
-            limit = _query_int(request, "limit", 20, 1, 100)
-        except ValueError as exc:
-            return _invalid(str(exc))
-        sort_by = request.query_params.get("sort_by", "-updated_at")
-        keys = {"created_at": lambda c: c.created_at, "updated_at": lambda c: c.order}
-        if sort_by.lstrip("-") not in keys:
-            return _invalid("sort_by must be created_at, -created_at, updated_at or -updated_at")
-        owned = sorted(
-            (c for c in self.conversations.values() if c.user == user),
-            key=keys[sort_by.lstrip("-")],
-            reverse=sort_by.startswith("-"),
-        )
-        last_id = request.query_params.get("last_id")
-        if last_id:
-            index = next((i for i, c in enumerate(owned) if c.id == last_id), None)
-            if index is None:
-                return _not_found("Last Conversation Not Exists.")
-            owned = owned[index + 1 :]
-        return _json(
-            {
-                "limit": limit,
-                "has_more": len(owned) > limit,
-                "data": [c.as_dict() for c in owned[:limit]],
-            }
-        )
-
-    async def api_parameters(self, request: Request) -> Response:
-        """``GET /v1/parameters``: what a frontend reads to render the chat (NOTES §6)."""
-        if (denied := self._check_auth(request)) is not None:
-            return denied
-        off = {"enabled": False}
-        return _json(
-            {
-                "opening_statement": "Hi! I am the tokenwire Dify simulator.",
-                "suggested_questions": ["/agent What is a gateway?", "/chatflow Hello", "/slow Hi"],
-                "suggested_questions_after_answer": off,
-                "speech_to_text": off,
-                "text_to_speech": {
-                    "enabled": False,
-                    "voice": "",
-                    "language": "",
-                    "autoPlay": "disabled",
-                },
-                "retriever_resource": {"enabled": True},
-                "annotation_reply": off,
-                "more_like_this": off,
-                "sensitive_word_avoidance": off,
-                "user_input_form": [],
-                "file_upload": {
-                    "image": {
-                        "enabled": False,
-                        "number_limits": 3,
-                        "detail": "high",
-                        "transfer_methods": ["remote_url", "local_file"],
-                    }
-                },
-                "system_parameters": {
-                    "file_size_limit": 15,
-                    "image_file_size_limit": 10,
-                    "audio_file_size_limit": 50,
-                    "video_file_size_limit": 100,
-                },
-            }
-        )
-
-    async def api_info(self, request: Request) -> Response:
-        """``GET /v1/info``."""
-        if (denied := self._check_auth(request)) is not None:
-            return denied
-        return _json(
-            {
-                "name": "tokenwire Dify simulator",
-                "description": "Speaks Dify's Service API streaming format for tests and demos.",
-                "tags": ["simulator"],
-                "mode": "advanced-chat",
-                "author_name": "tokenwire",
-            }
-        )
+            return invalid(USER_REQUIRED)
+        run = self.store.run(app, str(request.path_params["workflow_run_id"]))
+        if run is None or run.user != user:
+            return not_found("Workflow run not found")
+        continue_on_pause = request.query_params.get("continue_on_pause", "").lower() == "true"
+        queue: asyncio.Queue[bytes | Signal] = asyncio.Queue()
+        if run.over:
+            queue.put_nowait(run.final or b"")
+            queue.put_nowait(Signal.END)
+        else:
+            for frame in run.frames[run.replay_from :]:
+                queue.put_nowait(frame)
+            if run.status == "paused" and not continue_on_pause:
+                queue.put_nowait(Signal.END)
+            else:
+                run.listeners.append(Listener(queue, continue_on_pause))
+        loop = asyncio.get_running_loop()
+        body = sse_body(queue, self.config.ping_interval_s, loop.time(), request.scope)
+        return StreamingResponse(body, media_type="text/event-stream")
 
     # ----------------------------------------------------------------------- /_sim endpoints
 
     async def sim_requests(self, _request: Request) -> Response:
-        return _json(self.requests)
+        return json_response(self.store.requests)
+
+    async def sim_calls(self, _request: Request) -> Response:
+        """Every other ``/v1`` call: method, path, app, user, query and body (never the key)."""
+        return json_response(self.store.calls)
 
     async def sim_stops(self, _request: Request) -> Response:
-        return _json(self.stops)
+        return json_response(self.store.stops)
+
+    async def sim_apps(self, _request: Request) -> Response:
+        """Each app's mode, active and peak concurrent generations (never a key)."""
+        apps = list(self.store.apps.values()) or [DEFAULT_APP]
+        return json_response(
+            [
+                {
+                    "name": spec.name,
+                    "mode": spec.mode,
+                    "active": self.store.active.get(spec.name, 0),
+                    "peak_active": self.store.peak_active.get(spec.name, 0),
+                }
+                for spec in apps
+            ]
+        )
 
     async def sim_clear(self, _request: Request) -> Response:
-        """Forget recorded requests and stops, and restart ``fault_times`` counting."""
-        self.requests.clear()
-        self.stops.clear()
+        """Forget recorded requests, calls and stops, peaks, and restart ``fault_times``."""
+        self.store.requests.clear()
+        self.store.calls.clear()
+        self.store.stops.clear()
+        self.store.peak_active.clear()
         self.fault_counts.clear()
-        return _json({"result": "success"})
+        return json_response({"result": "success"})
 
     async def sim_outage(self, request: Request) -> Response:
-        """``{"mode": "refuse"|"500"|"429", "seconds": s}``: fail every chat-messages send."""
-        body = _loads_object(await request.body()) or {}
+        """``{"mode": "refuse"|"500"|"429", "seconds": s}``: fail every send (chat,
+        completion, workflow run) and every other ``/v1`` call except app metadata."""
+        body = loads_object(await request.body()) or {}
         mode, seconds = body.get("mode"), body.get("seconds")
         if mode not in ("refuse", "500", "429"):
-            return _invalid('mode must be "refuse", "500" or "429"')
+            return invalid('mode must be "refuse", "500" or "429"')
         if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0:
-            return _invalid("seconds must be a positive number")
+            return invalid("seconds must be a positive number")
         self.outage = (mode, time.monotonic() + seconds)
-        return _json({"result": "success", "mode": mode, "seconds": seconds})
+        return json_response({"result": "success", "mode": mode, "seconds": seconds})
+
+    async def sim_faults(self, request: Request) -> Response:
+        """``{"path": "/v1/…", "fault": "refuse"|"500"|"429"|"413", "times": n}``: the next
+        ``n`` calls whose path starts with ``path`` fail (``times`` -1: until cleared)."""
+        body = loads_object(await request.body()) or {}
+        path, fault, times = body.get("path"), body.get("fault"), body.get("times", 1)
+        if not isinstance(path, str) or not path.startswith("/v1/"):
+            return invalid('path must start with "/v1/"')
+        if fault not in ("refuse", "500", "429", "413"):
+            return invalid('fault must be "refuse", "500", "429" or "413"')
+        if isinstance(times, bool) or not isinstance(times, int) or times == 0:
+            return invalid("times must be a non-zero integer (-1: until cleared)")
+        self.store.scripted_faults.append({"path": path, "fault": fault, "times": times})
+        return json_response({"result": "success"})
+
+    async def sim_faults_clear(self, _request: Request) -> Response:
+        self.store.scripted_faults.clear()
+        return json_response({"result": "success"})
 
     async def sim_outage_end(self, _request: Request) -> Response:
         self.outage = None
-        return _json({"result": "success"})
+        return json_response({"result": "success"})
 
     async def sim_health(self, _request: Request) -> Response:
-        return _json({"status": "ok"})
+        return json_response({"status": "ok"})
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def _seed_key(inputs: Mapping[str, Any]) -> str:
+    """What ``fault_times`` counts a query-less send by."""
+    return orjson.dumps(inputs, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def _default_variables(now: int) -> list[dict[str, Any]]:
+    """A chatflow conversation's variables (ConversationVariableItem), fresh per conversation."""
+    return [
+        {
+            "id": str(uuid.uuid4()),
+            "name": name,
+            "value_type": value_type,
+            "value": value,
+            "description": description,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for name, value_type, value, description in (
+            ("topic", "string", "", "What the conversation is about"),
+            ("turns", "number", "0", "Questions asked so far"),
+            ("preferences", "object", "{}", "What the user asked to remember"),
+        )
+    ]
+
+
+def _apply_to_message(message: Message, name: str, event: Event) -> None:
+    if name == "message_file":
+        keys = ("id", "type", "url", "belongs_to")
+        message.message_files.append({k: event[k] for k in keys})
+    elif name == "agent_thought":
+        message.agent_thoughts[str(event["id"])] = {
+            "id": event["id"],
+            "chain_id": None,
+            "message_id": message.id,
+            "position": event["position"],
+            "thought": event["thought"],
+            "tool": event["tool"],
+            "tool_labels": event["tool_labels"],
+            "tool_input": event["tool_input"],
+            "observation": event["observation"],
+            "files": event["message_files"],
+            "created_at": message.created_at,
+        }
+    elif name == "message_end":
+        message.retriever_resources = event["metadata"]["retriever_resources"]
+        message.usage = event["metadata"]["usage"]
+        if message.status == "generating":
+            message.status = "normal"
+    elif name == "error":
+        message.status, message.error = "error", str(event["message"])
+
+
+def _apply_to_run(run: Run, name: str, event: Event, frame: bytes) -> None:
+    if name == "human_input_required":
+        run.replay_from = len(run.frames)
+        run.form_token = str(event["data"]["form_token"])
+    run.frames.append(frame)
+    if name == "workflow_paused":
+        run.status = "paused"
+        run.total_steps = int(event["data"]["total_steps"])
+    elif name == "node_finished":
+        run.total_steps += 1
+    elif name == "workflow_finished":
+        data = event["data"]
+        run.status = data["status"]
+        run.outputs = data["outputs"]
+        run.error = data["error"]
+        run.total_tokens = data["total_tokens"]
+        run.total_steps = data["total_steps"]
+        run.elapsed_time = data["elapsed_time"]
+        run.finished_at = data["finished_at"]
+        run.final = frame
+    elif name == "error" and not run.over:
+        run.status, run.error = "failed", str(event["message"])
+        run.finished_at = run.created_at
+        run.final = frame
+
+
+def _blocking_run(generation: Generation) -> dict[str, Any]:
+    """A blocking run's body (WorkflowBlockingResponse); a paused run says "paused"."""
+    run = generation.run
+    assert run is not None
+    if run.status == "paused":
+        data = finished_data(
+            generation.ids,
+            status="paused",
+            outputs={},
+            total_tokens=0,
+            total_steps=run.total_steps,
+            elapsed_s=0.0,
+        )
+        form = run.form
+        assert form is not None
+        data["paused_nodes"] = [form.spec.node_id]
+        data["reasons"] = [
+            {
+                "TYPE": "human_input_required",
+                **form.spec.definition(form.token, form.expiration_time),
+            }
+        ]
+    else:
+        data = {
+            "id": run.id,
+            "workflow_id": WORKFLOW_ID,
+            "sequence_number": 1,
+            "status": run.status,
+            "outputs": run.outputs,
+            "error": run.error,
+            "elapsed_time": run.elapsed_time,
+            "total_tokens": run.total_tokens,
+            "total_steps": run.total_steps,
+            "created_by": {"id": generation.ids.derive("end_user"), "user": "end_user"},
+            "created_at": run.created_at,
+            "finished_at": run.finished_at,
+            "exceptions_count": 0,
+            "files": [],
+        }
+    return {"task_id": generation.ids.task_id, "workflow_run_id": run.id, "data": data}
 
 
 class _SimulatorApp(Starlette):
-    """Starlette that keeps the ASGI server's own ``send`` in the scope (see module doc)."""
+    """Starlette that keeps the ASGI server's own ``send`` in the scope (``responses.py``)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            scope[_RAW_SEND] = send
+            scope[RAW_SEND] = send
         await super().__call__(scope, receive, send)
 
 
@@ -768,7 +944,7 @@ async def _http_error(_request: Request, exc: Exception) -> Response:
     """Unknown paths and methods answer in Dify's error shape, not Starlette's plain text."""
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
-    return _error(exc.status_code, code, str(exc.detail))
+    return error(exc.status_code, code, str(exc.detail))
 
 
 def abort_streams(app: Starlette) -> None:
@@ -784,17 +960,30 @@ def abort_streams(app: Starlette) -> None:
 
 def create_app(config: SimConfig | None = None) -> Starlette:
     """A fresh simulator (its own empty store) as an ASGI app; serve it with uvicorn."""
-    sim = _Simulator(config or SimConfig())
+    store = Store(config or SimConfig())
+    sim = _Simulator(store)
+    res = Resources(store, outage=sim._active_outage, fail=sim._fail)
     routes = [
         Route("/v1/chat-messages", sim.api_chat_messages, methods=["POST"]),
         Route("/v1/chat-messages/{task_id}/stop", sim.api_stop, methods=["POST"]),
-        Route("/v1/messages", sim.api_messages, methods=["GET"]),
-        Route("/v1/conversations", sim.api_conversations, methods=["GET"]),
-        Route("/v1/parameters", sim.api_parameters, methods=["GET"]),
-        Route("/v1/info", sim.api_info, methods=["GET"]),
+        Route("/v1/completion-messages", sim.api_completion_messages, methods=["POST"]),
+        Route("/v1/completion-messages/{task_id}/stop", sim.api_completion_stop, methods=["POST"]),
+        Route("/v1/workflows/run", sim.api_workflows_run, methods=["POST"]),
+        Route("/v1/workflows/tasks/{task_id}/stop", sim.api_workflow_stop, methods=["POST"]),
+        Route("/v1/workflows/run/{workflow_run_id}", res.api_run_detail, methods=["GET"]),
+        Route("/v1/workflows/logs", res.api_workflow_logs, methods=["GET"]),
+        Route("/v1/workflows/{workflow_id}/run", sim.api_workflows_run, methods=["POST"]),
+        Route("/v1/workflow/{workflow_run_id}/events", sim.api_workflow_events, methods=["GET"]),
+        Route("/v1/form/human_input/{form_token}", res.api_form_get, methods=["GET"]),
+        Route("/v1/form/human_input/{form_token}", res.api_form_submit, methods=["POST"]),
+        *res.routes(),
         Route("/_sim/requests", sim.sim_requests, methods=["GET"]),
         Route("/_sim/requests", sim.sim_clear, methods=["DELETE"]),
+        Route("/_sim/calls", sim.sim_calls, methods=["GET"]),
         Route("/_sim/stops", sim.sim_stops, methods=["GET"]),
+        Route("/_sim/apps", sim.sim_apps, methods=["GET"]),
+        Route("/_sim/faults", sim.sim_faults, methods=["POST"]),
+        Route("/_sim/faults", sim.sim_faults_clear, methods=["DELETE"]),
         Route("/_sim/outage", sim.sim_outage, methods=["POST"]),
         Route("/_sim/outage", sim.sim_outage_end, methods=["DELETE"]),
         Route("/_sim/health", sim.sim_health, methods=["GET"]),

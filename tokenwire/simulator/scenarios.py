@@ -27,9 +27,12 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Final, Literal, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, get_args
 
 import orjson
+
+if TYPE_CHECKING:
+    from tokenwire.simulator.apps import AppSpec
 
 __all__ = [
     "DEFAULT_CUT_AFTER",
@@ -68,13 +71,36 @@ __all__ = [
     "usage",
 ]
 
-Scenario = Literal["chat", "agent", "chatflow", "replace", "tts", "hostile"]
+Scenario = Literal[
+    "chat",
+    "agent",
+    "chatflow",
+    "replace",
+    "tts",
+    "hostile",
+    "new_agent",
+    "chatflow_human",
+    "workflow",
+    "iteration",
+    "loop",
+    "human",
+]
 Fault = Literal["refuse", "500", "429", "400", "413", "error_event", "cut", "stall"]
 JsonStyle = Literal["orjson", "ascii"]
 Event = dict[str, Any]
 """One Dify stream event as a JSON object (what follows ``data: `` on the wire)."""
 
 SCENARIOS: Final[tuple[Scenario, ...]] = get_args(Scenario)
+CHAT_SCENARIOS: Final[frozenset[Scenario]] = frozenset(
+    {"chat", "agent", "chatflow", "replace", "tts", "hostile", "new_agent", "chatflow_human"}
+)
+"""What ``POST /chat-messages`` can play (``new_agent``: Dify's newer Agent mode)."""
+COMPLETION_SCENARIOS: Final[frozenset[Scenario]] = frozenset({"chat", "replace", "tts", "hostile"})
+"""What ``POST /completion-messages`` can play."""
+WORKFLOW_SCENARIOS: Final[frozenset[Scenario]] = frozenset(
+    {"workflow", "iteration", "loop", "human"}
+)
+"""What ``POST /workflows/run`` can play (``human`` pauses at a Human Input node)."""
 FAULTS: Final[tuple[Fault, ...]] = get_args(Fault)
 PRE_STREAM_FAULTS: Final[frozenset[Fault]] = frozenset({"refuse", "500", "429", "400", "413"})
 """Faults that fail the request before any byte of a stream (HTTP status, or no response)."""
@@ -105,9 +131,12 @@ QUERY_PREFIXES: Final[Mapping[str, Mapping[str, Any]]] = {
 }
 """Query prefixes a human can type on a demo page instead of sending ``inputs.tw_sim``."""
 
+FAULT_ERROR_MESSAGE: Final = (
+    "[tw_sim] Server Unavailable Error, the model provider failed mid-stream."
+)
 _PREFIX_RE: Final = re.compile(r"^(/[a-z]+)(?:\s|$)")
 _MAX_TOKENS: Final = 100_000
-_WORKFLOW_ID: Final = "5f8e2a34-0c1d-4b6e-9a7f-3d2c1b0a9e8f"
+WORKFLOW_ID: Final = "5f8e2a34-0c1d-4b6e-9a7f-3d2c1b0a9e8f"
 _NAMESPACE: Final = uuid.UUID("0b7c6d1e-2f3a-4b5c-8d9e-0f1a2b3c4d5e")
 
 
@@ -126,6 +155,8 @@ class SimConfig:
     """None accepts any ``Bearer app-...`` key; otherwise the key must match exactly."""
     json_style: JsonStyle = "orjson"
     """``orjson``: compact raw UTF-8 (recent Dify); ``ascii``: ``json.dumps`` (older Dify)."""
+    apps: Mapping[str, AppSpec] | None = None
+    """key → app (``tokenwire.simulator.apps``); None: one app, any key (or ``api_key``)."""
 
     def __post_init__(self) -> None:
         if self.tokens < 1:
@@ -154,6 +185,10 @@ class SimControls:
     fault: Fault | None = None
     cut_after: int = DEFAULT_CUT_AFTER
     fault_times: int | None = None
+    iterations: int | None = None
+    """Items of the "iteration" and "loop" workflow scenarios (default 3)."""
+    form_expiry_s: float | None = None
+    """Seconds a human-input form stays open (default one day, as Dify's example)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,8 +221,9 @@ class Emit:
 
     @property
     def is_token(self) -> bool:
-        """A text delta: what ``cut_after`` counts."""
-        return self.name in ("message", "agent_message")
+        """A text delta: what ``cut_after`` counts (a closing whole-answer ``message`` of the
+        newer Agent mode replaces, so it is not one)."""
+        return self.replace is None and self.name in ("message", "agent_message", "text_chunk")
 
     def apply_to(self, answer: str) -> str:
         """The stored answer after this event: deltas append, ``message_replace`` replaces."""
@@ -308,8 +344,9 @@ def expected_final_answer(
 
 # --------------------------------------------------------------------------- controls
 
-_NUMBER_KEYS: Final = ("delay_ms", "first_token_delay_ms", "ping_interval_s")
-_INT_KEYS: Final = ("tokens", "cut_after", "fault_times")
+_NUMBER_KEYS: Final = ("delay_ms", "first_token_delay_ms", "ping_interval_s", "form_expiry_s")
+_INT_KEYS: Final = ("tokens", "cut_after", "fault_times", "iterations")
+_MAX_ITERATIONS: Final = 50
 
 
 def _as_number(key: str, value: object) -> float:
@@ -323,19 +360,24 @@ def _as_number(key: str, value: object) -> float:
 def _as_int(key: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ControlsError(f"tw_sim.{key} must be an integer")
-    low = 1 if key == "tokens" else 0
-    if not low <= value <= _MAX_TOKENS:
-        raise ControlsError(f"tw_sim.{key} must be between {low} and {_MAX_TOKENS}")
+    low = 1 if key in ("tokens", "iterations") else 0
+    high = _MAX_ITERATIONS if key == "iterations" else _MAX_TOKENS
+    if not low <= value <= high:
+        raise ControlsError(f"tw_sim.{key} must be between {low} and {high}")
     return value
 
 
-def parse_controls(query: str, inputs: Mapping[str, Any]) -> SimControls:
+def parse_controls(
+    query: str, inputs: Mapping[str, Any], *, default_scenario: Scenario = "chat"
+) -> SimControls:
     """Read the simulator controls of one request: query prefix first, then ``tw_sim`` wins.
+
+    ``default_scenario`` is the app's own (an agent app plays "agent" unless told otherwise).
 
     Unknown keys and bad values raise :class:`ControlsError`, so a typo in a test shows up as
     a 400 instead of silently running the default scenario.
     """
-    settings: dict[str, Any] = {}
+    settings: dict[str, Any] = {"scenario": default_scenario}
     match = _PREFIX_RE.match(query)
     if match and match.group(1) in QUERY_PREFIXES:
         settings.update(QUERY_PREFIXES[match.group(1)])
@@ -371,7 +413,7 @@ def parse_controls(query: str, inputs: Mapping[str, Any]) -> SimControls:
 # --------------------------------------------------------------------------- events
 
 
-def _envelope(ids: StreamIds, event: str, **fields: Any) -> Event:
+def envelope(ids: StreamIds, event: str, **fields: Any) -> Event:
     """Dify's chat converter order: envelope first, then the event's own fields (NOTES §3a)."""
     return {
         "event": event,
@@ -420,14 +462,23 @@ def retriever_resources(query: str) -> list[dict[str, Any]]:
     docs = (("gateway.md", 0.8731), ("dify-notes.md", 0.7412))
     return [
         {
+            "id": str(uuid.uuid5(_NAMESPACE, f"resource:{name}:{query}")),
+            "message_id": None,
             "position": position,
             "dataset_id": dataset_id,
             "dataset_name": "tokenwire docs",
             "document_id": str(uuid.uuid5(_NAMESPACE, f"document:{name}")),
             "document_name": name,
+            "data_source_type": "upload_file",
             "segment_id": str(uuid.uuid5(_NAMESPACE, f"segment:{name}:{query}")),
             "score": score,
+            "hit_count": position,
+            "word_count": 120 + position,
+            "segment_position": position,
+            "index_node_hash": hashlib.sha256(f"{name}:{query}".encode()).hexdigest()[:16],
             "content": f"Excerpt {position} of {name} about the question.",
+            "summary": None,
+            "created_at": 1_700_000_000,
         }
         for position, (name, score) in enumerate(docs, start=1)
     ]
@@ -441,20 +492,20 @@ def message_end_event(
         "usage": usage(prompt_tokens(query), completion_tokens, latency_s),
         "retriever_resources": retriever_resources(query),
     }
-    return _envelope(ids, "message_end", id=ids.message_id, metadata=metadata)
+    return envelope(ids, "message_end", id=ids.message_id, metadata=metadata)
 
 
-def _workflow_finished(
+def workflow_finished_event(
     ids: StreamIds, status: str, answer: str, completion_tokens: int, query: str
 ) -> Event:
     run_id = ids.derive("workflow_run")
-    return _envelope(
+    return envelope(
         ids,
         "workflow_finished",
         workflow_run_id=run_id,
         data={
             "id": run_id,
-            "workflow_id": _WORKFLOW_ID,
+            "workflow_id": WORKFLOW_ID,
             "sequence_number": 1,
             "status": status,
             "outputs": {"answer": answer},
@@ -465,6 +516,7 @@ def _workflow_finished(
             "created_by": {"id": ids.derive("end_user"), "user": "end_user"},
             "created_at": ids.created_at,
             "finished_at": ids.created_at,
+            "exceptions_count": 0,
             "files": [],
         },
     )
@@ -482,7 +534,7 @@ def stopped_events(
     """What Dify sends after a stop: the stream still ends normally, with ``message_end``."""
     events: list[Event] = []
     if scenario == "chatflow":
-        events.append(_workflow_finished(ids, "stopped", answer, completion_tokens, query))
+        events.append(workflow_finished_event(ids, "stopped", answer, completion_tokens, query))
     events.append(message_end_event(ids, query, completion_tokens, latency_s))
     return events
 
@@ -501,7 +553,7 @@ def encode_event(event: Event, style: JsonStyle) -> bytes:
 # --------------------------------------------------------------------------- scripts
 
 
-class _Script:
+class Script:
     """Collects steps and the planned elapsed time, which becomes ``usage.latency``."""
 
     def __init__(self, ids: StreamIds, delay_s: float, first_token_delay_s: float) -> None:
@@ -520,12 +572,14 @@ class _Script:
         self.steps.append(Emit(event, delay, replace=replace))
 
     def token(self, event: str, text: str) -> None:
+        self.chunk(envelope(self.ids, event, id=self.ids.message_id, answer=text), text)
+
+    def chunk(self, event: Event, text: str) -> None:
+        """A text delta (the first one waits ``first_token_delay_s``)."""
         delay = self.first_token_delay_s if self._tokens == 0 else self.delay_s
         self._tokens += 1
         self.elapsed_s += delay
-        self.steps.append(
-            Emit(_envelope(self.ids, event, id=self.ids.message_id, answer=text), delay, text)
-        )
+        self.steps.append(Emit(event, delay, text))
 
     def end(self, query: str, completion_tokens: int) -> None:
         self.emit(
@@ -545,7 +599,7 @@ def _thought(
     message_files: Sequence[str] = (),
 ) -> Event:
     labels = {tool: {"en_US": "Web Search", "zh_Hans": "网页搜索"}} if tool else {}
-    return _envelope(
+    return envelope(
         ids,
         "agent_thought",
         id=thought_id,
@@ -559,7 +613,7 @@ def _thought(
     )
 
 
-def _agent(script: _Script, query: str, tokens: list[str]) -> None:
+def _agent(script: Script, query: str, tokens: list[str]) -> None:
     ids = script.ids
     first, final, file_id = ids.derive("thought:1"), ids.derive("thought:2"), ids.derive("file:1")
     tool_input = orjson.dumps({"web_search": {"query": query}}).decode()
@@ -576,7 +630,7 @@ def _agent(script: _Script, query: str, tokens: list[str]) -> None:
     for text in tokens:
         script.token("agent_message", text)
     script.emit(
-        _envelope(
+        envelope(
             ids,
             "message_file",
             id=file_id,
@@ -589,9 +643,32 @@ def _agent(script: _Script, query: str, tokens: list[str]) -> None:
     script.end(query, len(tokens))
 
 
-def _node(
+def _new_agent(script: Script, query: str, tokens: list[str]) -> None:
+    """Dify's newer Agent mode: ``agent_message`` deltas, then one ``message`` holding the
+    whole answer again (NOTES §8): a client that appends it doubles the answer."""
+    ids = script.ids
+    thought_id = ids.derive("thought:1")
+    script.emit(_thought(ids, thought_id, 1, thought="Planning the answer."))
+    for text in tokens:
+        script.token("agent_message", text)
+    answer = "".join(tokens)
+    script.emit(_thought(ids, thought_id, 1, thought=answer))
+    script.emit(envelope(ids, "message", id=ids.message_id, answer=answer), replace=answer)
+    script.end(query, len(tokens))
+
+
+def node_event(
     ids: StreamIds, event: str, index: int, node: tuple[str, str, str], **extra: Any
 ) -> Event:
+    """A chatflow ``node_*`` frame: the chat envelope, ``workflow_run_id`` and the node data."""
+    data = node_data(ids, index, node, **extra)
+    return envelope(ids, event, workflow_run_id=ids.derive("workflow_run"), data=data)
+
+
+def node_data(
+    ids: StreamIds, index: int, node: tuple[str, str, str], **extra: Any
+) -> dict[str, Any]:
+    """``data`` of ``node_started`` (plus ``extra``, e.g. :func:`node_finished_fields`)."""
     node_id, node_type, title = node
     data: dict[str, Any] = {
         "id": ids.derive(f"node:{node_id}"),
@@ -601,17 +678,23 @@ def _node(
         "index": index,
         "predecessor_node_id": "start" if index > 1 else None,
         "inputs": None,
+        "inputs_truncated": False,
         "created_at": ids.created_at,
         "extras": {},
+        "iteration_id": None,
+        "loop_id": None,
     }
     data.update(extra)
-    return _envelope(ids, event, workflow_run_id=ids.derive("workflow_run"), data=data)
+    return data
 
 
-def _finished(outputs: dict[str, Any], tokens: int = 0) -> dict[str, Any]:
+def node_finished_fields(outputs: dict[str, Any], tokens: int = 0) -> dict[str, Any]:
+    """What ``node_finished`` adds to :func:`node_data`."""
     return {
         "process_data": None,
+        "process_data_truncated": False,
         "outputs": outputs,
+        "outputs_truncated": False,
         "status": "succeeded",
         "error": None,
         "elapsed_time": 0.01,
@@ -621,45 +704,63 @@ def _finished(outputs: dict[str, Any], tokens: int = 0) -> dict[str, Any]:
     }
 
 
-def _chatflow(script: _Script, query: str, inputs: Mapping[str, Any], tokens: list[str]) -> None:
+def _chatflow(script: Script, query: str, inputs: Mapping[str, Any], tokens: list[str]) -> None:
     ids = script.ids
     run_id = ids.derive("workflow_run")
     start, llm = ("start", "start", "Start"), ("llm", "llm", "LLM")
     answer = "".join(tokens)
     script.emit(
-        _envelope(
+        envelope(
             ids,
             "workflow_started",
             workflow_run_id=run_id,
             data={
                 "id": run_id,
-                "workflow_id": _WORKFLOW_ID,
+                "workflow_id": WORKFLOW_ID,
                 "sequence_number": 1,
                 "inputs": {**inputs, "sys.query": query},
                 "created_at": ids.created_at,
+                "reason": "initial",
             },
         )
     )
-    script.emit(_node(ids, "node_started", 1, start))
-    script.emit(_node(ids, "node_finished", 1, start, **_finished({"sys.query": query})))
-    script.emit(_node(ids, "node_started", 2, llm))
+    script.emit(node_event(ids, "node_started", 1, start))
+    script.emit(
+        node_event(ids, "node_finished", 1, start, **node_finished_fields({"sys.query": query}))
+    )
+    script.emit(node_event(ids, "node_started", 2, llm))
     for text in tokens:
         script.token("message", text)
-    script.emit(_node(ids, "node_finished", 2, llm, **_finished({"text": answer}, len(tokens))))
-    script.emit(_workflow_finished(ids, "succeeded", answer, len(tokens), query))
+    finished = node_finished_fields({"text": answer}, len(tokens))
+    script.emit(node_event(ids, "node_finished", 2, llm, **finished))
+    script.emit(workflow_finished_event(ids, "succeeded", answer, len(tokens), query))
     script.end(query, len(tokens))
 
 
-def _tts_chunks(ids: StreamIds) -> list[str]:
+def tts_chunks(ids: StreamIds) -> list[str]:
     """Base64 "MP3" chunks: an ID3 header and filler bytes, enough to look like Dify's."""
     raw = b"ID3\x04\x00\x00\x00\x00\x00\x00" + hashlib.sha256(ids.message_id.encode()).digest()
     return [base64.b64encode(raw[i : i + 14]).decode("ascii") for i in range(0, len(raw), 14)]
 
 
-def _apply_fault(
-    steps: list[Step], ids: StreamIds, controls: SimControls, delay_s: float
+def chat_error_event(ids: StreamIds) -> Event:
+    """The in-band error of fault "error_event" for chat and chatflow streams (no ``task_id``)."""
+    return {
+        "event": "error",
+        "conversation_id": ids.conversation_id,
+        "message_id": ids.message_id,
+        "created_at": ids.created_at,
+        "code": "completion_request_error",
+        "message": FAULT_ERROR_MESSAGE,
+        "status": 400,
+    }
+
+
+def apply_fault(
+    steps: list[Step], controls: SimControls, delay_s: float, error: Event
 ) -> list[Step]:
-    """Splice an in-stream fault in after the ``cut_after``-th text delta."""
+    """Splice an in-stream fault in after the ``cut_after``-th text delta; ``error`` is the
+    frame fault "error_event" sends (its envelope differs per app kind)."""
     if controls.fault not in ("error_event", "cut", "stall"):
         return steps
     token_positions = [i for i, s in enumerate(steps) if isinstance(s, Emit) and s.is_token]
@@ -672,15 +773,6 @@ def _apply_fault(
         return [*steps[:cut], Drop(), *steps[cut:]]
     if controls.fault == "stall":
         return [*steps[:cut], Stall()]
-    error = {
-        "event": "error",
-        "conversation_id": ids.conversation_id,
-        "message_id": ids.message_id,
-        "created_at": ids.created_at,
-        "code": "completion_request_error",
-        "message": "[tw_sim] Server Unavailable Error, the model provider failed mid-stream.",
-        "status": 400,
-    }
     return [*steps[:cut], Emit(error, delay_s)]
 
 
@@ -695,17 +787,19 @@ def build_script(
     they never reach a script, the app answers them itself)."""
     delay_ms = controls.delay_ms if controls.delay_ms is not None else config.token_delay_ms
     first_ms = controls.first_token_delay_ms
-    script = _Script(ids, delay_ms / 1000, (delay_ms if first_ms is None else first_ms) / 1000)
+    script = Script(ids, delay_ms / 1000, (delay_ms if first_ms is None else first_ms) / 1000)
     tokens = streamed_tokens(query, controls, config.tokens)
     if controls.scenario == "agent":
         _agent(script, query, tokens)
+    elif controls.scenario == "new_agent":
+        _new_agent(script, query, tokens)
     elif controls.scenario == "chatflow":
         _chatflow(script, query, inputs, tokens)
     elif controls.scenario == "replace":
         for text in tokens[: max(1, len(tokens) // 2)]:
             script.token("message", text)
         script.emit(
-            _envelope(ids, "message_replace", answer=REPLACEMENT_TEXT, reason="output_moderation"),
+            envelope(ids, "message_replace", answer=REPLACEMENT_TEXT, reason="output_moderation"),
             replace=REPLACEMENT_TEXT,
         )
         script.end(query, len(tokens))
@@ -714,7 +808,7 @@ def build_script(
             script.token("message", text)
         script.end(query, len(tokens))
         if controls.scenario == "tts":
-            for chunk in _tts_chunks(ids):
-                script.emit(_envelope(ids, "tts_message", audio=chunk))
-            script.emit(_envelope(ids, "tts_message_end", audio=""))
-    return _apply_fault(script.steps, ids, controls, script.delay_s)
+            for chunk in tts_chunks(ids):
+                script.emit(envelope(ids, "tts_message", audio=chunk))
+            script.emit(envelope(ids, "tts_message_end", audio=""))
+    return apply_fault(script.steps, controls, script.delay_s, chat_error_event(ids))
