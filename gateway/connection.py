@@ -213,7 +213,12 @@ class Connection:
             try:
                 await asyncio.wait_for(self._rearm.wait(), timeout)
             except TimeoutError:
-                self._dispatch(self.session.tick(_now()))
+                try:
+                    self._dispatch(self.session.tick(_now()))
+                except Exception:
+                    log.exception("connection failed", extra=self._log_extra)
+                    self._dispatch(self.session.fail())
+                    return
 
     # --- frames from NATS -------------------------------------------------------------------
 
