@@ -131,8 +131,7 @@ async def test_worker_killed_mid_answer_another_finishes_it_from_history(stack: 
     async with Client(stack.ws_url(user="kate")) as client:
         rid = await client.chat(query, inputs={"tw_sim": controls})
         start = await client.wait_for(rid, "start")
-        await client.wait_for(rid, "delta")
-        await asyncio.sleep(0.5)
+        await _holding_deltas(client, rid, 10)  # well into the answer, far from its end
         owner = _owner_of(workers, rid, client)
         owner.kill()
         frames = await client.finish(rid, timeout=90)
@@ -142,6 +141,12 @@ async def test_worker_killed_mid_answer_another_finishes_it_from_history(stack: 
     assert answer_of(frames) == expected_final_answer(query, controls)
     assert frames[-1]["message_id"] == start["message_id"]
     assert len(sim_queries(stack, query)) == 1, "Dify was asked twice"
+
+
+async def _holding_deltas(client: Client, rid: str, count: int, timeout: float = 30) -> None:
+    async with asyncio.timeout(timeout):
+        while sum(f["id"] == rid and f["type"] == "delta" for f in client.arrivals) < count:
+            await asyncio.sleep(0.01)
 
 
 def _owner_of(workers: list[Proc], rid: str, client: Client) -> Proc:
