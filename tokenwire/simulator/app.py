@@ -838,8 +838,19 @@ def _default_variables(now: int) -> list[dict[str, Any]]:
 
 def _apply_to_message(message: Message, name: str, event: Event) -> None:
     if name == "message_file":
-        keys = ("id", "type", "url", "belongs_to")
-        message.message_files.append({k: event[k] for k in keys})
+        message.message_files.append(
+            {
+                "id": event["id"],
+                "filename": f"{event['id']}.png",
+                "type": event["type"],
+                "url": event["url"],
+                "mime_type": "image/png",
+                "size": None,
+                "transfer_method": "tool_file",
+                "belongs_to": event["belongs_to"],
+                "upload_file_id": None,
+            }
+        )
     elif name == "agent_thought":
         message.agent_thoughts[str(event["id"])] = {
             "id": event["id"],

@@ -456,14 +456,15 @@ def usage(prompt: int, completion: int, latency_s: float) -> dict[str, Any]:
     }
 
 
-def retriever_resources(query: str) -> list[dict[str, Any]]:
-    """Two knowledge-base citations, stable per query, in Dify's ``retriever_resources`` shape."""
+def retriever_resources(query: str, message_id: str = "") -> list[dict[str, Any]]:
+    """Two knowledge-base citations, stable per query, in Dify's ``retriever_resources`` shape
+    (``message_id``: the message that cites them)."""
     dataset_id = str(uuid.uuid5(_NAMESPACE, "dataset:tokenwire-docs"))
     docs = (("gateway.md", 0.8731), ("dify-notes.md", 0.7412))
     return [
         {
             "id": str(uuid.uuid5(_NAMESPACE, f"resource:{name}:{query}")),
-            "message_id": None,
+            "message_id": message_id,
             "position": position,
             "dataset_id": dataset_id,
             "dataset_name": "tokenwire docs",
@@ -490,7 +491,7 @@ def message_end_event(
     """The ``message_end`` frame: the only place a Dify chat stream reports usage."""
     metadata = {
         "usage": usage(prompt_tokens(query), completion_tokens, latency_s),
-        "retriever_resources": retriever_resources(query),
+        "retriever_resources": retriever_resources(query, ids.message_id),
     }
     return envelope(ids, "message_end", id=ids.message_id, metadata=metadata)
 
@@ -698,7 +699,7 @@ def node_finished_fields(outputs: dict[str, Any], tokens: int = 0) -> dict[str, 
         "status": "succeeded",
         "error": None,
         "elapsed_time": 0.01,
-        "execution_metadata": {"total_tokens": tokens, "total_price": "0", "currency": "USD"},
+        "execution_metadata": {"total_tokens": tokens, "total_price": 0.0, "currency": "USD"},
         "finished_at": 0,
         "files": [],
     }
