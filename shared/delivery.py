@@ -48,7 +48,7 @@ from shared.exceptions import (
 )
 from shared.frames import Delta, End, ErrorFrame, Queued, Replace, Reset, ServerFrame, error_frame
 from shared.sequencing import SeqCounter
-from shared.state import TERMINAL, RequestMachine, RequestState, replay
+from shared.state import TERMINAL, RequestMachine, RequestState, rebuild
 
 __all__ = [
     "ACK",
@@ -106,7 +106,7 @@ class Kept:
             if isinstance(seq, int) and not isinstance(seq, bool):
                 by_seq.setdefault(seq, frame)
         ordered = [by_seq[seq] for seq in sorted(by_seq)]
-        machine = replay(str(f.get("type")) for f in ordered)
+        machine = rebuild(str(f.get("type")) for f in ordered)
         return cls(machine.state, max(by_seq, default=1), _answer_of(ordered))
 
     @property

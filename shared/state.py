@@ -14,7 +14,7 @@ answer" are enforced in one place rather than hoped for in each handler::
        │           └──►  reset ──► queued | started          (answered again from the start)
        └──────────────────────────► ended | failed           (stopped or refused before start)
 
-The gateway stamps ``accepted`` itself: a machine starts in ``accepted`` (:func:`replay` skips
+The gateway stamps ``accepted`` itself: a machine starts in ``accepted`` (:func:`rebuild` skips
 that frame when it rebuilds a request's state from its kept frames).
 
 One move is not a frame's: an operator may put a dead-lettered request back
@@ -39,7 +39,7 @@ __all__ = [
     "IllegalTransition",
     "RequestMachine",
     "RequestState",
-    "replay",
+    "rebuild",
 ]
 
 
@@ -146,7 +146,7 @@ class RequestMachine:
         self.state = S.RESET
 
 
-def replay(kinds: Iterable[str]) -> RequestMachine:
+def rebuild(kinds: Iterable[str]) -> RequestMachine:
     """The machine after frames an earlier delivery published, in seq order.
 
     ``accepted`` is the state a machine starts in, and a ``reset`` after the request closed is

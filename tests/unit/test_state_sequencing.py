@@ -16,7 +16,7 @@ from shared.state import (
     IllegalTransition,
     RequestMachine,
     RequestState,
-    replay,
+    rebuild,
 )
 
 S = RequestState
@@ -118,15 +118,15 @@ def test_only_a_closed_request_can_be_reopened(state: RequestState) -> None:
         assert m.state is state
 
 
-def test_replay_reads_a_reset_after_the_end_as_a_reopening() -> None:
-    assert replay(["accepted", "error", "reset", "start"]).state is S.STARTED
+def test_rebuild_reads_a_reset_after_the_end_as_a_reopening() -> None:
+    assert rebuild(["accepted", "error", "reset", "start"]).state is S.STARTED
 
 
-def test_replay_starts_after_accepted_and_skips_what_the_table_refuses() -> None:
-    assert replay([]).state is S.ACCEPTED
-    assert replay(["accepted", "start", "delta"]).state is S.STARTED
-    assert replay(["accepted", "start", "start", "delta", "end"]).state is S.ENDED
-    assert replay(["accepted", "delta"]).state is S.ACCEPTED
+def test_rebuild_starts_after_accepted_and_skips_what_the_table_refuses() -> None:
+    assert rebuild([]).state is S.ACCEPTED
+    assert rebuild(["accepted", "start", "delta"]).state is S.STARTED
+    assert rebuild(["accepted", "start", "start", "delta", "end"]).state is S.ENDED
+    assert rebuild(["accepted", "delta"]).state is S.ACCEPTED
 
 
 def test_counter() -> None:
