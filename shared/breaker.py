@@ -5,7 +5,9 @@ is reported with :meth:`CircuitBreaker.failure`; ``threshold`` in a row open the
 cooldown that doubles on every failed probe (capped, jittered). While open, jobs are not sent
 to Dify: they go back to JetStream with a delay that ends at the next probe, so every waiting job
 comes due at about the same moment and JetStream redelivers them in stream order, oldest first.
-Half-open lets one probe through; its success closes the circuit.
+Half-open lets one probe through; its success closes the circuit. A probe that ends without an
+answer either way (stopped by its client before Dify said anything, or its worker gave it up)
+is released (:meth:`~CircuitBreaker.release`), so the next job probes instead of none ever.
 """
 
 from __future__ import annotations
@@ -64,6 +66,16 @@ class CircuitBreaker:
         if self.state is BreakerState.CLOSED:
             return 0.0
         return max(self.opened_until - now, 0.0) + 0.05
+
+    @property
+    def probe_out(self) -> bool:
+        """A half-open probe was let through and has not been judged yet."""
+        return self.state is BreakerState.HALF_OPEN and self.probing
+
+    def release(self) -> None:
+        """The probe ended without telling whether Dify is up: let the next request probe."""
+        if self.state is BreakerState.HALF_OPEN:
+            self.probing = False
 
     def success(self) -> None:
         self.state = BreakerState.CLOSED

@@ -257,6 +257,8 @@ class JobRunner:
             await publish([frames.reset(reset, reopen=first.reopen)])
         if not self.breaker.allow(time.monotonic()):
             return CircuitOpen("Dify is unavailable (circuit open)")
+        # This request is the half-open probe: however it ends, the breaker must hear of it.
+        probe = self.breaker.probe_out
 
         async def tell_position(position: int) -> None:
             queued = frames.queued(
@@ -265,8 +267,12 @@ class JobRunner:
             await publish([queued])
             metrics.job_queued("busy")
 
-        async with self.line.slot(job, tell_position):
-            return await self._ask(running, frames, mapper)
+        try:
+            async with self.line.slot(job, tell_position):
+                return await self._ask(running, frames, mapper)
+        finally:
+            if probe and self.breaker.probe_out:
+                self.breaker.release()  # stopped or cancelled before Dify said anything
 
     async def _ask(
         self, running: Running, frames: RequestFrames, mapper: DifyStreamMapper
@@ -276,6 +282,9 @@ class JobRunner:
             self.dify, self.bus, running.publisher, job, mapper, running.stop
         )
         if asked.stopped:
+            if mapper.started:  # Dify answered before the stop: it is up
+                self.breaker.success()
+                metrics.set_breaker_open(False)
             return None
         verdict = judge_stream(asked.error, started=mapper.started, message_id=mapper.message_id)
         if verdict.dify_up:
