@@ -78,6 +78,7 @@ _STREAMS: Final[Mapping[StreamKind, Mapping[str, str]]] = {
     "completion": _COMPLETION,
 }
 _MISSING: Final = object()
+_UNDER_NULL: Final = object()
 
 
 def event_schema(kind: StreamKind, event: str) -> str | None:
@@ -86,11 +87,11 @@ def event_schema(kind: StreamKind, event: str) -> str | None:
 
 
 def _lookup(value: Mapping[str, Any], dotted: str) -> Any:
-    """The value at ``a.b.c``; None when a nullable parent is null; ``_MISSING`` if absent."""
+    """The value at ``a.b.c``; ``_UNDER_NULL`` below a null parent; ``_MISSING`` if absent."""
     current: Any = value
     for key in dotted.split("."):
         if current is None:
-            return None
+            return _UNDER_NULL
         if not isinstance(current, Mapping) or key not in current:
             return _MISSING
         current = current[key]
@@ -134,6 +135,6 @@ def problems(value: Any, schema: str, prefix: str = "") -> list[str]:
         where = f"{prefix}{prop}"
         if item is _MISSING:
             found.append(f"{where}: missing ({schema})")
-        else:
+        elif item is not _UNDER_NULL:
             found += _type_problems(item, kind, where)
     return found

@@ -599,7 +599,7 @@ class Resources:
 
     def _form(self, app: AppSpec, request: Request) -> Form | Response:
         form = self.store.forms.get(str(request.path_params["form_token"]))
-        if form is None or form.app != app.name or form.outcome.cancelled():
+        if form is None or form.app != app.name:
             return not_found(_FORM_GONE)
         if form.submitted_by is not None:
             return error(
@@ -614,6 +614,8 @@ class Resources:
                 "human_input_form_expired",
                 f"This form has expired, form_id={form.spec.form_id}",
             )
+        if form.outcome.done():
+            return not_found(_FORM_GONE)  # the run was stopped while it waited
         return form
 
     async def api_form_get(self, request: Request) -> Response:
@@ -658,6 +660,8 @@ class Resources:
         user = body.get("user")
         form.submitted_by = user if isinstance(user, str) else ""
         form.outcome.set_result(Filled(str(action), inputs))
+        # From now on ``/events`` gives the resumed part, even before the run wakes up.
+        form.run.status, form.run.replay_from = "running", len(form.run.frames)
         return json_response({})
 
 
