@@ -24,7 +24,8 @@ name                              type       labels          what
 ``resumes_total``                 counter    ``outcome``     ``resume`` frames: replayed
                                                              (the replay ran), unknown,
                                                              error (NATS could not say or
-                                                             replay; nothing is left behind)
+                                                             replay: the request fails,
+                                                             retryable, nothing is left)
 ``refusals_total``                counter    ``kind``        refused before any work: auth,
                                                              origin, rate_limit,
                                                              connection_limit, inflight_limit,

@@ -23,7 +23,8 @@ gets each seq exactly once, in order; frames waiting behind a missing one for
 :data:`GAP_WAIT_S` (core NATS lost it) or a NATS reconnect make the session read the request
 back from the frames stream (:class:`StartReplay`). A ``resume`` replays a request's kept
 frames; a ``chat`` that JetStream already holds is answered the same way. A replay that cannot
-start leaves nothing behind: no request view, no count of a replay that never ran.
+start fails its request with the (retryable) error and leaves nothing behind: no request view,
+no count of a replay that never ran.
 
 The connection's own state is a transition table, as h11's ``_state.py`` has: each state lists
 the events it allows and where each leads (:data:`CONNECTION_TRANSITIONS`)::
@@ -787,13 +788,14 @@ class Session:
         return self._start_replay(view, ReplayPurpose.RESUME)
 
     def lookup_failed(self, request_id: str, exc: TokenwireError) -> list[Command]:
-        """The look-up failed (NATS): the resume is refused as a whole; the client may retry."""
+        """The look-up failed (NATS): the request fails with that retryable error, at the seq
+        the client expects next (it holds its frames up to ``after``; it may resume again)."""
         frame = self._resolving.pop(request_id, None)
         if frame is None:
             raise SessionError(f"no look-up was asked for {request_id!r}")
         if self.state is not ConnectionState.OPEN:
             return []
-        return [Tally(Metric.RESUME, "error"), self._error(exc)]
+        return [Tally(Metric.RESUME, "error"), self._error(exc, frame.id, frame.after + 1)]
 
     def stop_failed(self, exc: TokenwireError) -> list[Command]:
         """A ``stop`` could not reach NATS: say so (the client may send it again)."""
@@ -858,12 +860,13 @@ class Session:
             view.catch_up_delay = min(view.catch_up_delay * 2, CATCH_UP_MAX_DELAY_S)
             view.catch_up_always = True
             return [Log(logging.WARNING, "cannot catch up yet", (("error", str(exc)),))]
-        # Nothing of the request reached the client from here: leave nothing behind, so the
-        # idle timeout and a later resume of the same id work; the client may resume again.
+        # Nothing of the request reached the client from here: it fails with the retryable
+        # error at the seq the client expects next (exactly one error, never a hang), and
+        # nothing is left behind, so the idle timeout and a later resume of the id work.
         out = self._drop(view, now)
         if purpose is ReplayPurpose.RESUME:
             out.append(Tally(Metric.RESUME, "error"))
-        out.append(self._error(exc))
+        out.append(self._error(exc, view.id, view.reorderer.next_seq))
         return out
 
     def bus_reconnected(self) -> list[Command]:

@@ -350,7 +350,10 @@ def test_a_failed_duplicate_replay_leaves_no_request_behind() -> None:
     replay = one(chat(session, "r1", now=1.0, duplicate=True), StartReplay)
     assert session.next_deadline() is None, "a live request holds off the idle timeout"
     out = session.replay_failed(replay.serial, BUS_DOWN, 2.0)
-    assert [f["code"] for f in sent(out)] == ["bus_unavailable"]
+    # The request fails once, retryable, instead of hanging; nothing of it stays.
+    assert [(f["code"], f["id"], f["seq"], f["retryable"]) for f in sent(out)] == [
+        ("bus_unavailable", "r1", 1, True)
+    ]
     assert session.inflight == 0 and session.next_deadline() == 32.0
     # The same chat again is taken up again, not refused as a duplicate.
     again = session.receive_client(client({"type": "chat", "id": "r1", "query": "hi"}), 3.0)
@@ -386,7 +389,7 @@ def test_a_failed_resume_replay_leaves_no_request_and_counts_an_error() -> None:
     replay = resume(session, "r1", after=2, now=1.0)
     out = session.replay_failed(replay.serial, BUS_DOWN, 2.0)
     assert tallies(out) == [("resume", "error")], "never counted as replayed"
-    assert [f["code"] for f in sent(out)] == ["bus_unavailable"]
+    assert [(f["code"], f["id"], f["seq"]) for f in sent(out)] == [("bus_unavailable", "r1", 3)]
     assert session.inflight == 0 and session.next_deadline() == 32.0
     # A later resume of the same id is not a no-op: it looks the request up again.
     later = resume(session, "r1", after=2, now=3.0)
@@ -415,11 +418,12 @@ def test_resume_of_a_request_live_here_changes_nothing() -> None:
     ]
 
 
-def test_a_failed_look_up_refuses_the_resume_and_keeps_nothing() -> None:
+def test_a_failed_look_up_fails_the_resumed_request_and_keeps_nothing() -> None:
     session = opened()
     session.receive_client(client({"type": "resume", "id": "r1", "after": 0}), 0.0)
     out = session.lookup_failed("r1", BUS_DOWN)
     assert tallies(out) == [("resume", "error")] and session.inflight == 0
+    assert [(f["code"], f["id"], f["seq"]) for f in sent(out)] == [("bus_unavailable", "r1", 1)]
     with pytest.raises(SessionError):
         session.looked_up("r1", found=True)
 
