@@ -15,11 +15,18 @@ Every error a client can receive is one of these classes; its ``code`` is the st
     │   ├── Unauthorized                unauthorized (closes the socket with 4001)
     │   │   └── TokenExpired            token_expired (closes the socket with 4002)
     │   ├── Forbidden                   forbidden (closes the socket with 4003)
-    │   └── IdleTimeout                 idle_timeout (closes the socket with 4103)
+    │   ├── IdleTimeout                 idle_timeout (closes the socket with 4103)
+    │   ├── WrongAppKind                wrong_app_kind (a chat to a one-shot app, a run to a chat)
+    │   ├── UnknownMethod               unknown_method (a call of no such method)
+    │   ├── BadParams                   bad_params (a call's params, refused before Dify)
+    │   ├── NotFound                    not_found (no such id for this user, or not theirs)
+    │   ├── FormClosed                  form_expired, form_submitted (a human-input form)
+    │   └── FileRefused                 file_too_large, unsupported_file_type (an upload)
     ├── UpstreamError                   Dify failed or refused
     │   ├── DifyRejected                dify_bad_request, dify_unauthorized,
-    │   │                               conversation_not_found, dify_payload_too_large,
-    │   │                               unknown_app (fails at once)
+    │   │   │                           conversation_not_found, dify_payload_too_large,
+    │   │   │                           unknown_app (fails at once)
+    │   │   └── FeatureDisabled         feature_disabled: Dify says the feature is off
     │   ├── DifyUnavailable             upstream_unavailable, dify_rate_limited,
     │   │   │                           dify_server_error (retryable)
     │   │   └── CircuitOpen             upstream_unavailable: this worker does not ask Dify yet
@@ -49,6 +56,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Final
 
 __all__ = [
+    "BadParams",
     "BusRetryable",
     "BusUnavailable",
     "CircuitOpen",
@@ -60,19 +68,25 @@ __all__ = [
     "DifyUnavailable",
     "DuplicateRequest",
     "ErrorCode",
+    "FeatureDisabled",
+    "FileRefused",
     "Forbidden",
+    "FormClosed",
     "FrameError",
     "FrameTooLarge",
     "IdleTimeout",
     "InternalError",
     "LimitExceeded",
+    "NotFound",
     "RateLimited",
     "TokenExpired",
     "TokenwireError",
     "TooManyConnections",
     "Unauthorized",
+    "UnknownMethod",
     "UnknownRequest",
     "UpstreamError",
+    "WrongAppKind",
     "close_code_table",
     "close_codes_module",
     "close_policy",
@@ -107,6 +121,16 @@ class ErrorCode(StrEnum):
     UPSTREAM_CUT = "upstream_cut"
     INTERNAL_ERROR = "internal_error"
     BUS_UNAVAILABLE = "bus_unavailable"
+    # Protocol v1, second part: app kinds, human input, calls and files.
+    WRONG_APP_KIND = "wrong_app_kind"
+    UNKNOWN_METHOD = "unknown_method"
+    BAD_PARAMS = "bad_params"
+    NOT_FOUND = "not_found"
+    FORM_EXPIRED = "form_expired"
+    FORM_SUBMITTED = "form_submitted"
+    FILE_TOO_LARGE = "file_too_large"
+    UNSUPPORTED_FILE_TYPE = "unsupported_file_type"
+    FEATURE_DISABLED = "feature_disabled"
 
 
 class ClosePolicy(StrEnum):
@@ -323,6 +347,49 @@ class UnknownRequest(ClientError):
     default_code = ErrorCode.UNKNOWN_REQUEST
 
 
+class WrongAppKind(ClientError):
+    """A ``chat`` to a one-shot app (workflow, completion), or a ``run`` to a chat app."""
+
+    default_code = ErrorCode.WRONG_APP_KIND
+
+
+class UnknownMethod(ClientError):
+    """A ``call`` whose ``method`` is not in the catalogue (shared/calls.py)."""
+
+    default_code = ErrorCode.UNKNOWN_METHOD
+
+
+class BadParams(ClientError):
+    """A ``call``'s params are missing, unknown or out of range: refused before Dify."""
+
+    default_code = ErrorCode.BAD_PARAMS
+
+
+class NotFound(ClientError):
+    """No such id for this user: it never existed, expired, or belongs to another user (the
+    three look the same on purpose, so ids cannot be probed)."""
+
+    default_code = ErrorCode.NOT_FOUND
+
+
+class FormClosed(ClientError):
+    """A human-input form that can no longer be answered: ``form_expired`` or
+    ``form_submitted`` (Dify's 412 ``human_input_form_expired`` / ``_submitted``)."""
+
+    default_code = ErrorCode.FORM_EXPIRED
+
+
+class FileRefused(ClientError):
+    """An upload refused before it reached Dify: ``file_too_large`` (HTTP 413) or
+    ``unsupported_file_type`` (HTTP 415); ``status`` is the HTTP status to answer with."""
+
+    default_code = ErrorCode.FILE_TOO_LARGE
+
+    def __init__(self, message: str, *, code: ErrorCode | None = None) -> None:
+        super().__init__(message, code=code)
+        self.status = 415 if self.code is ErrorCode.UNSUPPORTED_FILE_TYPE else 413
+
+
 class LimitExceeded(ClientError):
     """Over a limit; the same frame may succeed later."""
 
@@ -408,6 +475,13 @@ class DifyRejected(UpstreamError):
     """Dify refused the request itself (400, 401, 403, 404, 413): retrying cannot help."""
 
     default_code = ErrorCode.DIFY_BAD_REQUEST
+
+
+class FeatureDisabled(DifyRejected):
+    """Dify refused a call because the feature is off for that app (suggested questions,
+    text to speech, speech to text)."""
+
+    default_code = ErrorCode.FEATURE_DISABLED
 
 
 class DifyUnavailable(UpstreamError):

@@ -22,6 +22,7 @@ CORE = [
     "dify_api",
     "metric_labels",
     "session",
+    "calls",
 ]
 FORBIDDEN = {
     "asyncio",
