@@ -1235,7 +1235,10 @@ def test_simulate_dify_serves_the_demo_apps() -> None:
         assert (
             httpx.get(f"{base}/v1/info", headers=key("app-workflow")).json()["mode"] == "workflow"
         )
-        assert httpx.get(f"{base}/v1/info", headers=key("app-simulator")).status_code == 401
+        assert httpx.get(f"{base}/v1/info", headers=key("app-simulator")).json()["mode"] == (
+            "advanced-chat"
+        ), "tokenwire dev's key keeps working"
+        assert httpx.get(f"{base}/v1/info", headers=key("app-other")).status_code == 401
     finally:
         proc.terminate()
         proc.wait(10)
@@ -1285,3 +1288,14 @@ def test_the_default_app_keeps_its_features_off() -> None:
         )
         detail = http.get(f"/workflows/run/{chatflow[0]['workflow_run_id']}").json()
         assert detail["status"] == "succeeded"
+
+
+def test_the_demo_set_keeps_the_classic_app_under_devs_key(api: httpx.Client, user: str) -> None:
+    events = chat(api, "app-simulator", "classic", user)
+    assert text_of(events) == expected_final_answer("classic", tokens=TOKENS)
+    agent = chat(api, "app-simulator", "/agent classic", user)
+    assert "agent_thought" in names(agent)
+    request = {"query": "/agent blocking", "inputs": {}, "user": user}
+    blocking = api.post("/chat-messages", json=request, headers=key("app-simulator")).json()
+    assert blocking["mode"] == "agent-chat", "as before: the mode follows the scenario"
+    body_conforms(blocking, "ChatCompletionResponse")

@@ -137,6 +137,7 @@ def test_iteration_and_loop_rounds(scenario: str, rounds: int) -> None:
         and s.event["data"]["node_id"] == "summarise"
     ]
     assert len(inner) == rounds
+    assert len({d["id"] for d in inner}) == rounds, "each round is its own node execution"
     assert {d[f"{scenario}_id"] for d in inner} == {scenario}
     outputs = expected_workflow_outputs(
         {"query": "hello"}, {"scenario": scenario, "iterations": rounds}, tokens=12

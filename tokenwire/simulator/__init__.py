@@ -18,6 +18,7 @@ newer Agent mode), ``completion``, ``workflow``. ``--apps demo`` is the built-in
 =====================  ==============  ============================================
 key                    mode            plays
 =====================  ==============  ============================================
+``app-simulator``      advanced-chat   the unconfigured simulator's app (any scenario)
 ``app-chat``           chat            message deltas, ``message_end``
 ``app-agent``          agent           ``agent_message`` deltas, one closing ``message``
 ``app-agent-chat``     agent-chat      agent thoughts, a tool file, ``agent_message``
@@ -28,7 +29,8 @@ key                    mode            plays
 ``app-human``          workflow        pauses at a Human Input node (``human``)
 =====================  ==============  ============================================
 
-Demo apps have every feature on (suggested questions, speech to text, text to speech).
+Demo apps but ``app-simulator`` (``tokenwire dev``'s key, so ``dev`` keeps answering) have
+every feature on: suggested questions, speech to text, text to speech.
 
 Routes
 ------

@@ -220,7 +220,7 @@ class _Simulator:
         if controls.fault in PRE_STREAM_FAULTS:
             assert controls.fault is not None
             return self._fail(controls.fault, app)
-        if app.mode in ("agent", "agent-chat") and not payload.streaming and app.key is not None:
+        if app.mode in ("agent", "agent-chat") and not payload.streaming and not app.classic:
             return bad_request("Agent App only supports streaming response mode.")
         if (problem := self._check_files(app, payload.user, payload.files)) is not None:
             return invalid(problem)
@@ -252,7 +252,7 @@ class _Simulator:
             "message_id": ids.message_id,
             "conversation_id": ids.conversation_id,
             "mode": generation.app.mode
-            if generation.app.key is not None
+            if not generation.app.classic
             else app_mode(generation.controls.scenario),
             "answer": message.answer,
             "metadata": generation.metadata,

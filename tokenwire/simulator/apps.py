@@ -16,6 +16,7 @@ An app's ``mode`` decides which routes it answers (Dify's own checks: ``not_chat
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -108,6 +109,9 @@ class AppSpec:
     user_input_form: tuple[Mapping[str, Any], ...] = ()
     app_id: str = field(default="")
     """A stable UUID of the app (derived from its name unless given)."""
+    classic: bool = False
+    """Behave as the unconfigured simulator always did: a blocking answer's ``mode`` follows
+    the scenario, agent scenarios may block, conversations have no introduction."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -141,7 +145,7 @@ class AppSpec:
         return self.mode in ("workflow", "advanced-chat")
 
 
-DEFAULT_APP: Final = AppSpec(scenario="chat")
+DEFAULT_APP: Final = AppSpec(scenario="chat", classic=True)
 """The one app of an unconfigured simulator: exactly what it always served."""
 
 
@@ -168,6 +172,7 @@ _WORKFLOW_FORM: Final = (
 DEMO_APPS: Final[Mapping[str, AppSpec]] = {
     spec.key or "": spec
     for spec in (
+        dataclasses.replace(DEFAULT_APP, key="app-simulator"),
         _demo("app-chat", "chat", "Demo chat", "A chat app that answers at once."),
         _demo("app-agent", "agent", "Demo agent", "Dify's newer Agent mode."),
         _demo("app-agent-chat", "agent-chat", "Demo agent chat", "An agent with a web tool."),
@@ -213,7 +218,8 @@ DEMO_APPS: Final[Mapping[str, AppSpec]] = {
         ),
     )
 }
-"""``--apps demo``: one app of every kind, for ``tokenwire dev`` and demos (see the package doc)."""
+"""``--apps demo``: one app of every kind, for ``tokenwire dev`` and demos (see the package doc);
+``app-simulator`` (``tokenwire dev``'s key) is the unconfigured simulator's app."""
 
 _SPEC_FIELDS: Final = frozenset(f.name for f in fields(AppSpec)) - {"key"}
 
@@ -315,7 +321,7 @@ def app_parameters(spec: AppSpec) -> dict[str, Any]:
 
 def app_meta(spec: AppSpec) -> dict[str, Any]:
     """``GET /meta`` (AppMetaResponse): icons of the tools an agent may call."""
-    if spec.mode not in ("agent-chat", "agent") and spec is not DEFAULT_APP:
+    if spec.mode not in ("agent-chat", "agent") and not spec.classic:
         return {"tool_icons": {}}
     return {
         "tool_icons": {

@@ -161,7 +161,7 @@ class Engine:
                 created_at=now,
                 updated_at=now,
                 order=next(self.store.order),
-                introduction=app.opening_statement if app.key is not None else "",
+                introduction="" if app.classic else app.opening_statement,
                 listed=listed,
                 variables=_default_variables(now),
             )

@@ -382,7 +382,10 @@ class _Flow:
                 next_data["pre_loop_output"] = results[-1] if results else None
             self.emit(self.frame(f"{prefix}_next", data=next_data))
             result = f"summary of {item}"
-            context = {f"{prefix}_id": head["node_id"]}
+            context = {
+                f"{prefix}_id": head["node_id"],
+                "id": self.ids.derive(f"node:{_INNER[0]}:{round_index}"),
+            }
             self.node(_INNER, {"result": result}, **context)
             results.append(result)
         self.emit(
