@@ -478,7 +478,9 @@ def test_a_workflow_survives_its_client_and_events_replay_it(api: httpx.Client, 
 # --------------------------------------------------------------------------- human input
 
 
-def test_human_input_pause_submit_and_continue(api: httpx.Client, user: str, other: str) -> None:
+def test_human_input_pause_submit_and_continue(
+    api: httpx.Client, control: httpx.Client, user: str, other: str
+) -> None:
     run_id, token, paused = pause_run(api, user)
     conforms("workflow", paused)
     required = paused[-2]["data"]
@@ -531,6 +533,9 @@ def test_human_input_pause_submit_and_continue(api: httpx.Client, user: str, oth
     )
     conforms("workflow", rest)
     assert names(events_of(api, "app-human", run_id, user)) == ["workflow_finished"]
+    control.post("/_sim/faults", json={"path": f"/v1/workflow/{run_id}", "fault": "500"})
+    r = api.get(f"/workflow/{run_id}/events", params={"user": user}, headers=key("app-human"))
+    assert_dify_error(r, 500, "internal_server_error")
     assert_dify_error(
         api.get(f"/workflow/{run_id}/events", params={"user": other}, headers=key("app-human")),
         404,
@@ -1093,6 +1098,12 @@ def test_outage_and_scripted_faults_reach_the_new_endpoints(
     api: httpx.Client, control: httpx.Client, user: str
 ) -> None:
     control.post("/_sim/outage", json={"mode": "500", "seconds": 30})
+    try:
+        r = api.get("/conversations", params={"user": user}, headers=key("app-chat"))
+        assert r.status_code == 200, "by default an outage fails sends only, as it always did"
+    finally:
+        control.delete("/_sim/outage")
+    control.post("/_sim/outage", json={"mode": "500", "seconds": 30, "calls": True})
     try:
         assert_dify_error(
             api.post(

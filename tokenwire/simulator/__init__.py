@@ -47,9 +47,9 @@ Controls (``inputs.tw_sim``)
 ``fault`` (refuse, 500, 429, 400, 413, error_event, cut, stall), ``cut_after``,
 ``fault_times``, and for workflows ``iterations`` and ``form_expiry_s`` (how long a human-input
 form stays open). ``/_sim/requests`` (sends), ``/_sim/calls`` (everything else),
-``/_sim/stops``, ``/_sim/apps`` (peak concurrency per app), ``/_sim/outage`` and
-``/_sim/faults`` (``{"path": "/v1/conversations", "fault": "500", "times": 2}``) are the test
-surface.
+``/_sim/stops``, ``/_sim/apps`` (peak concurrency per app), ``/_sim/outage`` (sends only,
+unless ``"calls": true``) and ``/_sim/faults`` (``{"path": "/v1/conversations", "fault":
+"500", "times": 2}``, for any ``/v1`` path) are the test surface.
 """
 
 from tokenwire.simulator.app import create_app

@@ -106,7 +106,8 @@ class _Simulator:
         self.config = store.config
         self.engine = Engine(store)
         self.fault_counts: dict[str, int] = {}
-        self.outage: tuple[OutageMode, float] | None = None
+        self.outage: tuple[OutageMode, float, bool] | None = None
+        """(mode, until, also every other call): ``/_sim/outage``."""
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
@@ -116,13 +117,19 @@ class _Simulator:
     # ----------------------------------------------------------------------- checks
 
     def _active_outage(self) -> OutageMode | None:
+        """The outage a send (chat, completion, workflow run) meets now, if any."""
         if self.outage is None:
             return None
-        mode, until = self.outage
+        mode, until, _ = self.outage
         if time.monotonic() >= until:
             self.outage = None
             return None
         return mode
+
+    def _call_outage(self) -> OutageMode | None:
+        """The outage any other call meets: only one started with ``"calls": true``."""
+        mode = self._active_outage()
+        return mode if mode is not None and self.outage and self.outage[2] else None
 
     def _fault_now(self, query: str, controls: SimControls) -> SimControls:
         """Apply ``fault_times``: only the first N requests with this query see the fault."""
@@ -363,6 +370,19 @@ class _Simulator:
     async def api_workflow_events(self, request: Request) -> Response:
         """``GET /v1/workflow/{run_id}/events``: the run's creator only (else 404)."""
         app = self.store.app_for(request)
+        self.store.calls.append(
+            {
+                "method": "GET",
+                "path": request.url.path,
+                "app": app.name if isinstance(app, AppSpec) else None,
+                "user": request.query_params.get("user", ""),
+                "query": dict(request.query_params),
+                "body": None,
+            }
+        )
+        fault = self._call_outage() or self.store.take_fault(request.url.path)
+        if fault is not None:
+            return self._fail(fault)
         if not isinstance(app, AppSpec):
             return app
         if not app.has_workflow:
@@ -426,15 +446,18 @@ class _Simulator:
         return json_response({"result": "success"})
 
     async def sim_outage(self, request: Request) -> Response:
-        """``{"mode": "refuse"|"500"|"429", "seconds": s}``: fail every send (chat,
-        completion, workflow run) and every other ``/v1`` call except app metadata."""
+        """``{"mode": "refuse"|"500"|"429", "seconds": s, "calls": false}``: fail every send
+        (chat, completion, workflow run); with ``calls``, every other ``/v1`` call too except
+        app metadata (history, conversations, uploads, …: off by default, as it always was)."""
         body = loads_object(await request.body()) or {}
-        mode, seconds = body.get("mode"), body.get("seconds")
+        mode, seconds, calls = body.get("mode"), body.get("seconds"), body.get("calls", False)
         if mode not in ("refuse", "500", "429"):
             return invalid('mode must be "refuse", "500" or "429"')
         if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0:
             return invalid("seconds must be a positive number")
-        self.outage = (mode, time.monotonic() + seconds)
+        if not isinstance(calls, bool):
+            return invalid("calls must be a boolean")
+        self.outage = (mode, time.monotonic() + seconds, calls)
         return json_response({"result": "success", "mode": mode, "seconds": seconds})
 
     async def sim_faults(self, request: Request) -> Response:
@@ -544,7 +567,7 @@ def create_app(config: SimConfig | None = None) -> Starlette:
     """A fresh simulator (its own empty store) as an ASGI app; serve it with uvicorn."""
     store = Store(config or SimConfig())
     sim = _Simulator(store)
-    res = Resources(store, outage=sim._active_outage, fail=sim._fail)
+    res = Resources(store, outage=sim._call_outage, fail=sim._fail)
     routes = [
         Route("/v1/chat-messages", sim.api_chat_messages, methods=["POST"]),
         Route("/v1/chat-messages/{task_id}/stop", sim.api_stop, methods=["POST"]),
