@@ -979,6 +979,13 @@ def test_upload_preview_and_use_by_the_uploader_only(
         headers=key("app-chat"),
     )
     assert assert_dify_error(foreign, 400, "invalid_param")["message"] == "Invalid upload file"
+    mine = upload(api, "app-workflow", user).json()
+    variable = {"type": "document", "transfer_method": "local_file", "upload_file_id": mine["id"]}
+    run = {"inputs": {"query": "with a file", "ticket": variable}, "user": other}
+    r = api.post("/workflows/run", json=run, headers=key("app-workflow"))
+    assert assert_dify_error(r, 400, "invalid_param")["message"] == "Invalid upload file"
+    run["user"] = user
+    assert api.post("/workflows/run", json=run, headers=key("app-workflow")).status_code == 200
     shared = upload(api, "app-chat", None).json()
     assert shared["created_by"] == "DEFAULT-USER"
 

@@ -474,3 +474,43 @@ def test_the_openapi_table_is_self_consistent() -> None:
             ref = kind.split("|")[0].removeprefix("array").removeprefix("@")
             if kind.split("|")[0].startswith(("@", "array@")):
                 assert ref in SCHEMAS, f"{schema} refers to unknown {ref}"
+
+
+@given(
+    scenario=st.sampled_from(sorted(WORKFLOW_SCENARIOS)),
+    query=st.text(max_size=30),
+    tokens=st.integers(min_value=1, max_value=30),
+    rounds=st.integers(min_value=1, max_value=6),
+    outcome=st.sampled_from(
+        [Filled("approve", {"comment": "c"}), Filled("reject", {}), TimedOut()]
+    ),
+)
+def test_any_workflow_run_streams_its_expected_text_and_outputs(
+    scenario: str, query: str, tokens: int, rounds: int, outcome: Any
+) -> None:
+    tw_sim = {"scenario": scenario, "tokens": tokens, "iterations": rounds}
+    inputs = {"query": query, "tw_sim": tw_sim}
+    steps = build_flow(IDS, "workflow", inputs, controls(**tw_sim), CONFIG, form_token="t", now=NOW)
+    action = None
+    if scenario == "human":
+        pause = steps[-1]
+        assert isinstance(pause, Pause)
+        steps = [*steps[:-1], *pause.resume(outcome)]
+        action = outcome.action if isinstance(outcome, Filled) else "timeout"
+    assert not any(isinstance(s, Pause) for s in steps)
+    text = "".join(
+        s.event["data"]["text"] for s in steps if isinstance(s, Emit) and s.name == "text_chunk"
+    )
+    assert text == text_of(steps) == expected_workflow_answer(inputs, tw_sim, action=action)
+    last = steps[-1]
+    assert isinstance(last, Emit) and last.name == "workflow_finished"
+    assert last.event["data"]["outputs"] == expected_workflow_outputs(inputs, tw_sim, action=action)
+    started = [
+        s.event["data"]["id"] for s in steps if isinstance(s, Emit) and s.name == "node_started"
+    ]
+    finished = [
+        s.event["data"]["id"] for s in steps if isinstance(s, Emit) and s.name == "node_finished"
+    ]
+    assert sorted(started) == sorted(finished), "every node that starts finishes"
+    assert {s.event["workflow_run_id"] for s in steps if isinstance(s, Emit)} == {run_id_of(IDS)}
+    assert_conforms("workflow", steps)

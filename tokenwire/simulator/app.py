@@ -229,7 +229,14 @@ class _Simulator:
             return self._fail(controls.fault, app)
         if app.mode in ("agent", "agent-chat") and not payload.streaming and not app.classic:
             return bad_request("Agent App only supports streaming response mode.")
-        if (problem := self._check_files(app, payload.user, payload.files)) is not None:
+        # A file variable of ``inputs`` takes a file object too (or a list of them).
+        in_inputs = [
+            item
+            for value in payload.inputs.values()
+            for item in (value if isinstance(value, list) else [value])
+        ]
+        files = [*payload.files, *in_inputs]
+        if (problem := self._check_files(app, payload.user, files)) is not None:
             return invalid(problem)
         limit = app.max_active_requests
         if limit and self.store.active.get(app.name, 0) >= limit:
