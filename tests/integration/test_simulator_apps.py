@@ -1171,8 +1171,11 @@ def test_workflow_faults(api: httpx.Client, user: str) -> None:
     ), "the retry succeeds"
     inputs = {"query": "err", "tw_sim": {"fault": "error_event", "cut_after": 2}}
     events = stream(api, "app-plain-flow", "/workflows/run", {"inputs": inputs, "user": user})
-    assert names(events)[-1] == "error" and names(events).count("text_chunk") == 2
+    assert names(events)[-2:] == ["workflow_finished", "error"]
+    assert names(events).count("text_chunk") == 2
     conforms("workflow", events)
+    failed = events_of(api, "app-plain-flow", events[0]["workflow_run_id"], user)
+    assert names(failed) == ["workflow_finished"] and failed[0]["data"]["status"] == "failed"
     detail = api.get(
         f"/workflows/run/{events[0]['workflow_run_id']}", headers=key("app-plain-flow")
     ).json()

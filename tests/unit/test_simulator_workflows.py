@@ -169,6 +169,10 @@ def test_workflow_faults_after_the_nth_chunk(fault: str) -> None:
         error = steps[-1]
         assert isinstance(error, Emit) and error.name == "error"
         assert set(error.event) == {*WF_ENVELOPE, "status", "code", "message"}
+        failed = steps[-2]
+        assert isinstance(failed, Emit) and failed.name == "workflow_finished"
+        assert failed.event["data"]["status"] == "failed"
+        assert failed.event["data"]["error"] == error.event["message"]
         assert_conforms("workflow", steps)
     elif fault == "stall":
         assert isinstance(steps[-1], Stall)

@@ -470,7 +470,7 @@ def _apply_to_run(run: Run, name: str, event: Event, frame: bytes) -> None:
         run.elapsed_time = data["elapsed_time"]
         run.finished_at = data["finished_at"]
         run.final = frame
-    elif name == "error" and not run.over:
+    elif name == "error" and not run.over:  # a chatflow's in-band error (no workflow_finished)
         run.status, run.error = "failed", str(event["message"])
         run.finished_at = run.created_at
         run.final = frame

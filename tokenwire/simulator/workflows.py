@@ -463,7 +463,24 @@ class _Flow:
         }
 
     def faulty(self, steps: list[Step]) -> list[Step]:
-        return apply_fault(steps, self.controls, self.script.delay_s, self.error_event())
+        """Splice the run's fault in; an ``error_event`` run first finishes as "failed"
+        (``workflow_finished`` then ``error``, as a failing Dify chatflow ends, NOTES §8)."""
+        error = self.error_event()
+        faulted = apply_fault(steps, self.controls, self.script.delay_s, error)
+        if self.controls.fault != "error_event":
+            return faulted
+        done = faulted[:-1]
+        tokens = sum(isinstance(s, Emit) and s.is_token for s in done)
+        data = finished_data(
+            self.ids,
+            status="failed",
+            outputs=None,
+            total_tokens=prompt_tokens(self.seed) + tokens,
+            total_steps=sum(isinstance(s, Emit) and s.name == "node_finished" for s in done),
+            elapsed_s=self.script.elapsed_s,
+            error=str(error["message"]),
+        )
+        return [*done, Emit(self.frame("workflow_finished", data=data)), faulted[-1]]
 
 
 def build_flow(
