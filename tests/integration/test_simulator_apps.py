@@ -1320,3 +1320,18 @@ def test_the_demo_set_keeps_the_classic_app_under_devs_key(api: httpx.Client, us
     blocking = api.post("/chat-messages", json=request, headers=key("app-simulator")).json()
     assert blocking["mode"] == "agent-chat", "as before: the mode follows the scenario"
     body_conforms(blocking, "ChatCompletionResponse")
+
+
+def test_unnamed_conversations_and_pinned_chatflow_versions(api: httpx.Client, user: str) -> None:
+    events = chat(api, "app-chat", "no name please", user, auto_generate_name=False)
+    listed = api.get("/conversations", params={"user": user}, headers=key("app-chat")).json()
+    assert [(c["id"], c["name"]) for c in listed["data"]] == [(events[0]["conversation_id"], "")]
+    flow = chat(api, "app-chatflow", "pinned", user)
+    pinned = chat(api, "app-chatflow", "pinned", user, workflow_id=flow[0]["data"]["workflow_id"])
+    assert text_of(pinned) == text_of(flow)
+    body = {"query": "q", "inputs": {}, "user": user, "response_mode": "streaming"}
+    unknown = {**body, "workflow_id": str(uuid.uuid4())}
+    r = api.post("/chat-messages", json=unknown, headers=key("app-chatflow"))
+    assert_dify_error(r, 404, "not_found")
+    r = api.post("/chat-messages", json={**body, "workflow_id": "v1"}, headers=key("app-chatflow"))
+    assert_dify_error(r, 400, "bad_request")

@@ -291,6 +291,11 @@ class _Simulator:
         if isinstance(admitted, Response):
             return admitted
         app, payload, controls, record = admitted
+        if payload.workflow_id is not None and app.mode == "advanced-chat":
+            if not is_uuid(payload.workflow_id):
+                return bad_request(f"Invalid workflow_id format: '{payload.workflow_id}'. ")
+            if payload.workflow_id != WORKFLOW_ID:
+                return not_found(f"Workflow not found with id: {payload.workflow_id}")
         conversation = None
         if payload.conversation_id is not None:
             if not is_uuid(payload.conversation_id):

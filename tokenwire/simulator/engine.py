@@ -74,6 +74,10 @@ class SendPayload:
     streaming: bool
     conversation_id: str | None
     files: list[Any]
+    auto_generate_name: bool = True
+    """False: a new conversation stays unnamed until renamed (chat only)."""
+    workflow_id: str | None = None
+    """A chatflow's pinned published version (chat only)."""
 
     @classmethod
     def parse(cls, body: Mapping[str, Any], route: Kind) -> SendPayload:
@@ -102,6 +106,14 @@ class SendPayload:
         files = body.get("files")
         if files is not None and not isinstance(files, list):
             problems.append("files\n  Input should be a valid list [type=list_type]")
+        auto_name = body.get("auto_generate_name", True) if route == "chat" else True
+        if not isinstance(auto_name, bool):
+            problems.append(
+                "auto_generate_name\n  Input should be a valid boolean [type=bool_type]"
+            )
+        workflow_id = body.get("workflow_id") if route == "chat" else None
+        if workflow_id is not None and not isinstance(workflow_id, str):
+            problems.append("workflow_id\n  Input should be a valid string [type=string_type]")
         if problems:
             model = {
                 "chat": "ChatRequestPayload",
@@ -117,6 +129,8 @@ class SendPayload:
             streaming=body.get("response_mode") == "streaming",
             conversation_id=conversation_id or None,
             files=files or [],
+            auto_generate_name=auto_name,
+            workflow_id=workflow_id or None,
         )
 
 
@@ -156,7 +170,9 @@ class Engine:
                 id=str(uuid.uuid4()),
                 app=app.name,
                 user=payload.user,
-                name=payload.query.strip()[:40] or "New conversation",
+                name=(payload.query.strip()[:40] or "New conversation")
+                if payload.auto_generate_name
+                else "",
                 inputs=payload.inputs,
                 created_at=now,
                 updated_at=now,
