@@ -281,7 +281,9 @@ def expected_workflow_outputs(
     action: str | None = None,
     query: str | None = None,
 ) -> dict[str, Any]:
-    """``workflow_finished.data.outputs`` of a run that succeeded."""
+    """``workflow_finished.data.outputs`` of a run that succeeded. Name the scenario in
+    ``controls`` when it is the app's default (``app-workflow`` plays "iteration", whose
+    outputs add ``items``); the text alone does not depend on it."""
     controls = _controls(controls)
     answer = expected_workflow_answer(inputs, controls, tokens=tokens, action=action, query=query)
     outputs: dict[str, Any] = {"answer": answer}
