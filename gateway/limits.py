@@ -36,13 +36,12 @@ from typing import Protocol
 
 from gateway.bus import GatewayBus
 from shared.exceptions import InternalError, RateLimited, TokenwireError, TooManyConnections
-from shared.ratelimit import BucketState, Rate, decode_state, encode_state, take
+from shared.ratelimit import Rate, decode_state, encode_state, take
 from shared.settings import Settings
 from shared.subjects import CONNECTIONS_BUCKET, RATES_BUCKET, connection_slot_key, rate_key
 
 __all__ = [
     "ConnectionSlots",
-    "FrameRate",
     "HasInflight",
     "LocalConnections",
     "RequestRate",
@@ -184,24 +183,6 @@ class RequestRate:
         raise RateLimited(
             "too many requests at once: retry shortly", retry_after_s=0.2, request_id=request_id
         )
-
-
-class FrameRate:
-    """Client frames per connection as a bucket read against the monotonic clock.
-
-    The gateway's connections do not use it: their session holds the same bucket and is
-    given the time (:class:`shared.session.Session`). Kept for callers outside a session.
-    """
-
-    def __init__(self, settings: Settings) -> None:
-        self.rate = Rate.parse(settings.frame_rate, settings.frame_burst)
-        self.state: BucketState | None = None
-
-    def take(self) -> float | None:
-        """None when the frame may pass, else the seconds until one may."""
-        decision = take(self.rate, self.state, time.monotonic())
-        self.state = decision.state
-        return None if decision.allowed else decision.retry_after_s
 
 
 class HasInflight(Protocol):

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from gateway.bus import KvEntry
-from gateway.limits import ConnectionSlots, FrameRate, LocalConnections, RequestRate
+from gateway.limits import ConnectionSlots, LocalConnections, RequestRate
 from shared.exceptions import ErrorCode, InternalError, RateLimited, TooManyConnections
 from shared.settings import Settings
 
@@ -137,10 +137,7 @@ async def test_the_rate_fails_open_when_nats_is_down() -> None:
     await rate.take("heidi", "r2")  # would be refused; NATS cannot say, so it passes
 
 
-def test_frame_rate_and_local_counts() -> None:
-    frames = FrameRate(settings(frame_rate="1/hour", frame_burst=3))
-    assert [frames.take() is None for _ in range(4)] == [True, True, True, False]
-
+def test_local_counts() -> None:
     class Conn:
         def __init__(self, inflight: int) -> None:
             self.inflight = inflight
