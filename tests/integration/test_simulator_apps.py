@@ -1141,6 +1141,9 @@ def test_outage_and_scripted_faults_reach_the_new_endpoints(
     assert (
         api.get("/conversations", params={"user": user}, headers=key("app-chat")).status_code == 200
     )
+    control.post("/_sim/faults", json={"path": "/v1/info", "fault": "500", "times": 1})
+    assert_dify_error(api.get("/info", headers=key("app-chat")), 500, "internal_server_error")
+    assert api.get("/info", headers=key("app-chat")).status_code == 200
     control.post("/_sim/faults", json={"path": "/v1/files/upload", "fault": "refuse", "times": 1})
     with pytest.raises(httpx.RemoteProtocolError):
         upload(api, "app-chat", user)

@@ -4,8 +4,8 @@ files, audio, app metadata, workflow run details and logs, human-input forms (NO
 How this works
 --------------
 Every endpoint goes through :meth:`Resources._enter`: record the call (``/_sim/calls``, never
-the key), apply an outage or a scripted fault (``/_sim/faults``; app metadata is never
-affected, as before), check the key and the app's mode, then answer from the
+the key), apply an outage (app metadata is spared, as before) or a scripted fault
+(``/_sim/faults``, any path), check the key and the app's mode, then answer from the
 :class:`~tokenwire.simulator.state.Store` with Dify's shapes and errors. Scoping is Dify's:
 conversations and messages by (app, user); files by app for previews but by uploader for use
 in a send; runs, logs and forms app-wide.
@@ -171,10 +171,10 @@ class Resources:
                 "body": body,
             }
         )
-        if not metadata:
-            fault = self._outage() or self.store.take_fault(request.url.path)
-            if fault is not None:
-                return self._fail(fault)
+        # An outage spares app metadata (as it always did); a scripted fault does not.
+        fault = (None if metadata else self._outage()) or self.store.take_fault(request.url.path)
+        if fault is not None:
+            return self._fail(fault)
         if not isinstance(app, AppSpec):
             return app
         if check is not None and (refused := check(app)) is not None:
