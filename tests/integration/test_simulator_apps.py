@@ -47,6 +47,9 @@ EXTRA = {
     "app-plain-flow": {"mode": "workflow", "name": "Plain flow", "scenario": "workflow"},
 }
 
+# Parametrized ids must be the same in every xdist worker: no random ids at collection.
+FIXED_ID = "7d0c5a52-4f1e-4b8e-9a59-2f0c3e1d6b11"
+
 
 @pytest.fixture(scope="module")
 def sim() -> Iterator[RunningSimulator]:
@@ -240,20 +243,20 @@ def test_conversations_belong_to_their_app(api: httpx.Client, user: str) -> None
         (
             "app-completion",
             "GET",
-            f"/messages?user=u&conversation_id={uuid.uuid4()}",
+            f"/messages?user=u&conversation_id={FIXED_ID}",
             None,
             "not_chat_app",
         ),
-        ("app-chat", "GET", f"/workflows/run/{uuid.uuid4()}", None, "not_workflow_app"),
+        ("app-chat", "GET", f"/workflows/run/{FIXED_ID}", None, "not_workflow_app"),
         ("app-chat", "GET", "/workflows/logs", None, "not_workflow_app"),
-        ("app-chat", "GET", f"/workflow/{uuid.uuid4()}/events?user=u", None, "not_workflow_app"),
+        ("app-chat", "GET", f"/workflow/{FIXED_ID}/events?user=u", None, "not_workflow_app"),
         ("app-chat", "POST", "/workflows/tasks/t/stop", {"user": "u"}, "not_workflow_app"),
         ("app-workflow", "POST", "/chat-messages/t/stop", {"user": "u"}, "not_chat_app"),
         ("app-chat", "POST", "/completion-messages/t/stop", {"user": "u"}, "app_unavailable"),
         (
             "app-agent",
             "GET",
-            f"/conversations/{uuid.uuid4()}/variables?user=u",
+            f"/conversations/{FIXED_ID}/variables?user=u",
             None,
             "not_chat_app",
         ),
