@@ -127,6 +127,9 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(default=64, ge=1)
     # Jobs a worker holds beyond the ones it streams: they wait in line, told their position.
     worker_prefetch: int = Field(default=16, ge=0)
+    # Adaptive coalescing of delta text (shared/coalesce.py): at most one delta per request
+    # every this many ms once tokens come faster; the first token always goes at once. 0: off.
+    coalesce_ms: float = Field(default=16.0, ge=0, le=1000)
     # Drain on SIGTERM (docs/operations.md): a worker stops pulling jobs, finishes its running
     # answers for up to this long, then hands the rest back (their clients get `reset`).
     # Keep the pod's terminationGracePeriodSeconds above it (deploy/k8s: 75 s).

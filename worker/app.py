@@ -36,6 +36,7 @@ from worker.dify import DifyClient
 from worker.queue_gauges import watch_queue
 from worker.readiness import Readiness
 from worker.runner import JobRunner
+from worker.waiting_line import job_intake
 
 __all__ = ["create_app"]
 
@@ -64,21 +65,25 @@ def create_app(settings: Settings) -> AsgiFastStream:
         lambda: broker.connection is not None and broker.connection.is_connected,
     )
     consumer = job_consumer_config(settings)
+    intake = job_intake(settings)
 
     @broker.subscriber(
         JOBS_ALL,
         stream=JStream(JOBS_STREAM, declare=False),
         durable=consumer["durable_name"],
         config=ConsumerConfig(**consumer),
-        pull_sub=PullSub(batch_size=1, timeout=5.0),
+        pull_sub=PullSub(batch_size=intake.batch, timeout=5.0),
         # Streams to Dify are capped at worker_concurrency inside the runner; the extra
         # deliveries wait in its line and their clients are told their position.
-        max_workers=settings.worker_concurrency + settings.worker_prefetch,
+        max_workers=intake.max_workers,
         ack_policy=AckPolicy.MANUAL,
         title="jobs",
         description="Chat jobs stored by gateways; answered by streaming from Dify.",
     )
-    async def on_job(msg: NatsMessage) -> None:
+    async def on_job() -> None:
+        # No parameters: a handler that asks for the message through FastStream's Context
+        # has it resolved in a thread (fast_depends runs sync dependencies in a pool).
+        msg: NatsMessage = broker.context.get_local("message")
         runner: JobRunner = holder["runner"]
         try:
             job = Job.from_bytes(msg.body)

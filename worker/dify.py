@@ -96,8 +96,9 @@ class DifyClient:
     @asynccontextmanager
     async def stream_chat(
         self, body: dict[str, Any], *, trace_id: str, app: str | None = None
-    ) -> AsyncIterator[AsyncIterator[SSEEvent]]:
-        """POST /chat-messages in streaming mode; yields the stream's SSE events.
+    ) -> AsyncIterator[AsyncIterator[list[SSEEvent]]]:
+        """POST /chat-messages in streaming mode; yields the stream's SSE events, one list
+        per read of the response (everything that arrived together stays together).
 
         Raises an :class:`UpstreamError` before yielding if Dify refuses, and from the
         iterator if the stream breaks.
@@ -203,14 +204,17 @@ async def _read_bounded(response: httpx.Response) -> bytes:
     return b"".join(chunks)[:_MAX_ERROR_BODY]
 
 
-async def _events(response: httpx.Response) -> AsyncIterator[SSEEvent]:
+async def _events(response: httpx.Response) -> AsyncIterator[list[SSEEvent]]:
+    """The stream's events, one list per read (what one chunk of bytes completed)."""
     parser = SSEParser()
     try:
         with map_httpx_errors(started=True):
             async for chunk in response.aiter_bytes():
-                for event in parser.feed(chunk):
-                    yield event
-        for event in parser.feed_eof():
-            yield event
+                events = parser.feed(chunk)
+                if events:
+                    yield events
+        events = parser.feed_eof()
+        if events:
+            yield events
     except SSEProtocolError as exc:
         raise DifyStreamError(f"Dify's stream is malformed: {exc}") from exc

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -231,6 +231,21 @@ DRAINING: Final = Gauge(
 )
 
 
+# Labelled children, looked up once per label value (``labels()`` costs a lock and a dict
+# walk; frame_published runs once per frame).
+_CHILDREN: dict[tuple[int, str], Any] = {}
+_DIFY_REQUESTS: dict[tuple[str, int | None], Any] = {}
+
+
+def _child(family: Any, value: str, allowed: frozenset[str]) -> Any:
+    """The child of a one-label ``family`` for ``value`` (bounded to ``allowed``)."""
+    key = (id(family), value)
+    child = _CHILDREN.get(key)
+    if child is None:
+        child = _CHILDREN[key] = family.labels(_bounded(value, allowed))
+    return child
+
+
 def job_received(delivered: int) -> None:
     """A job was pulled; ``delivered`` is JetStream's delivery count (1 the first time)."""
     JOBS_RECEIVED.inc()
@@ -240,12 +255,12 @@ def job_received(delivered: int) -> None:
 
 def job_finished(outcome: str) -> None:
     """This worker is done with a job: completed, stopped, error, handed_back, ... ."""
-    JOBS.labels(outcome=_bounded(outcome, JOB_OUTCOMES)).inc()
+    _child(JOBS, outcome, JOB_OUTCOMES).inc()
 
 
 def job_queued(reason: str) -> None:
     """A ``queued`` frame was sent; ``reason`` is the error code that caused the wait."""
-    JOBS_QUEUED.labels(reason=_bounded(reason, ERROR_CODES)).inc()
+    _child(JOBS_QUEUED, reason, ERROR_CODES).inc()
 
 
 def observe_queue_wait(seconds: float) -> None:
@@ -273,11 +288,14 @@ def running_stream() -> Iterator[None]:
 
 def dify_response(status: int | None, seconds: float, endpoint: str = "chat") -> None:
     """Dify answered a call with HTTP ``status`` after ``seconds`` (None: no response)."""
-    label = str(status) if status is not None and 100 <= status <= 599 else "none"
-    name = _bounded(endpoint, DIFY_ENDPOINTS)
-    DIFY_REQUESTS.labels(endpoint=name, status=label).inc()
+    requests = _DIFY_REQUESTS.get((endpoint, status))
+    if requests is None:
+        label = str(status) if status is not None and 100 <= status <= 599 else "none"
+        name = _bounded(endpoint, DIFY_ENDPOINTS)
+        requests = _DIFY_REQUESTS[(endpoint, status)] = DIFY_REQUESTS.labels(name, label)
+    requests.inc()
     if status is not None:
-        DIFY_LATENCY.labels(endpoint=name).observe(max(seconds, 0.0))
+        _child(DIFY_LATENCY, endpoint, DIFY_ENDPOINTS).observe(max(seconds, 0.0))
 
 
 def observe_dify_first_token(seconds: float) -> None:
@@ -287,7 +305,7 @@ def observe_dify_first_token(seconds: float) -> None:
 
 def dify_error(code: str) -> None:
     """A Dify call failed (for good or before a retry) with protocol error ``code``."""
-    DIFY_ERRORS.labels(code=_bounded(code, ERROR_CODES)).inc()
+    _child(DIFY_ERRORS, code, ERROR_CODES).inc()
 
 
 def set_breaker_open(is_open: bool) -> None:
@@ -296,7 +314,7 @@ def set_breaker_open(is_open: bool) -> None:
 
 def frame_published(kind: str) -> None:
     """A server frame of type ``kind`` was published to NATS."""
-    FRAMES_PUBLISHED.labels(type=_bounded(kind, SERVER_FRAME_TYPES)).inc()
+    _child(FRAMES_PUBLISHED, kind, SERVER_FRAME_TYPES).inc()
 
 
 def answer_tokens(count: int) -> None:

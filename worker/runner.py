@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 
 from shared.breaker import BreakerState, CircuitBreaker
+from shared.coalesce import Coalescer
 from shared.delivery import (
     ACK,
     HAND_BACK,
@@ -160,6 +161,7 @@ class JobRunner:
             if work.done():
                 settlement = work.result()
             else:
+                running.publisher.close()
                 work.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await work
@@ -170,6 +172,7 @@ class JobRunner:
                     log.info("draining: job handed back to another worker")
                     settlement = HAND_BACK
         finally:
+            running.publisher.close()  # not one more frame (and no timer) from this delivery
             lost.cancel()
             handback.cancel()
             holding.cancel()
@@ -205,18 +208,36 @@ class JobRunner:
         try:
             if redelivered:
                 await running.lease.take()
-            kept_frames = await self.bus.kept_frames(job.reply) if redelivered else []
-            kept = Kept.of(kept_frames)
-            ids = await self.bus.load_ids(job.key) if kept_frames else None
-            if (not kept.closed or job.replay) and await self.bus.stop_recorded(job.key):
+                # The reads a redelivery needs, at once (one round trip, not three).
+                kept_frames, ids, stop_recorded = await asyncio.gather(
+                    self.bus.kept_frames(job.reply),
+                    self.bus.load_ids(job.key),
+                    self.bus.stop_recorded(job.key),
+                )
+                kept = Kept.of(kept_frames)
+                ids = ids if kept_frames else None
+                stop_recorded = stop_recorded and (not kept.closed or bool(job.replay))
+            else:
+                # A first delivery: nothing kept yet; only a stop sent before it ran can matter
+                # (read before Dify is asked: a stopped chat never reaches Dify).
+                kept, ids = Kept(), None
+                stop_recorded = await self.bus.stop_recorded(job.key)
+            if stop_recorded:
                 running.stop.set()
             first = plan(kept, ids, replay=bool(job.replay), stop_requested=running.stop.is_set())
             if first.action is Action.CLOSED:
                 return ACK  # closed by an earlier delivery that died before its ack
-            await self.status.report(job, JobStatus.RUNNING, attempt)
+            # The operators' record goes alongside the answer, not before its first token.
+            report = asyncio.create_task(self.status.report(job, JobStatus.RUNNING, attempt))
             log.info("job started", extra={"attempt": attempt, "conn": job.conn})
             frames = RequestFrames(job.id, kept)
-            unavailable = await self._carry_out(first, running, frames, kept, ids)
+            running.publisher.coalescer = Coalescer(
+                kept.last_seq, interval_s=self.settings.coalesce_ms / 1000
+            )
+            try:
+                unavailable = await self._carry_out(first, running, frames, kept, ids)
+            finally:
+                await report  # never raises (best effort), and lands before the next status
             settlement = ACK
             if unavailable is not None:
                 settlement = await self._retry_or_dead_letter(running, frames, unavailable, attempt)

@@ -24,6 +24,7 @@ from opentelemetry import trace
 
 from shared.dify_api import DifyIds, dify_body
 from shared.exceptions import TokenwireError
+from shared.frames import ServerFrame
 from shared.jobs import Job
 from shared.mapping import DifyStreamMapper
 from worker import metrics
@@ -119,10 +120,16 @@ async def _pump(
     ):
         asked = time.monotonic()
         first_text = True
-        async with dify.stream_chat(dify_body(job), trace_id=job.trace_id, app=job.app) as events:
-            async for event in events:
+        async with dify.stream_chat(dify_body(job), trace_id=job.trace_id, app=job.app) as reads:
+            async for events in reads:
+                # Everything parsed from one read of Dify's stream is handed over at once:
+                # the coalescer sends its text as one delta.
                 was_started = mapper.started
-                frames = mapper.feed(event)
+                frames: list[ServerFrame] = []
+                for event in events:
+                    frames += mapper.feed(event)
+                    if mapper.machine.done:
+                        break
                 if not was_started and mapper.message_id is not None:
                     ids = DifyIds(mapper.task_id, mapper.message_id, mapper.conversation_id)
                     await _save_ids(records, job, ids)
@@ -137,7 +144,7 @@ async def _pump(
                     break
             else:
                 await publisher.publish(mapper.finish())
-        span.set_attribute("tokenwire.frames", mapper.seq.last)
+        span.set_attribute("tokenwire.frames", publisher.coalescer.seq.last)
 
 
 async def _save_ids(records: RequestRecords, job: Job, ids: DifyIds) -> None:

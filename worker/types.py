@@ -80,7 +80,9 @@ class DifyApi(Protocol):
 
     def stream_chat(
         self, body: dict[str, Any], *, trace_id: str, app: str | None = None
-    ) -> AbstractAsyncContextManager[AsyncIterator[SSEEvent]]: ...
+    ) -> AbstractAsyncContextManager[AsyncIterator[list[SSEEvent]]]:
+        """Dify's stream: its events, one list per read (what arrived together)."""
+        ...
 
     async def stop(
         self, task_id: str, user: str, *, trace_id: str, app: str | None = None

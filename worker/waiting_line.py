@@ -16,14 +16,42 @@ import asyncio
 import bisect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
 from typing import Final
 
 from shared.jobs import Job
+from shared.settings import Settings
 
-__all__ = ["BUSY_REFRESH_S", "WaitingLine"]
+__all__ = ["BUSY_REFRESH_S", "MAX_PULL_BATCH", "Intake", "WaitingLine", "job_intake"]
 
 #: A job waiting for one of the worker's Dify streams hears its place in line this often.
 BUSY_REFRESH_S: Final = 5.0
+#: At most this many jobs per pull round trip to JetStream.
+MAX_PULL_BATCH: Final = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Intake:
+    """How the worker's job subscriber pulls: ``batch`` jobs per JetStream round trip, and
+    ``max_workers`` deliveries handled at once (FastStream's ``max_workers``)."""
+
+    batch: int
+    max_workers: int
+
+
+def job_intake(settings: Settings) -> Intake:
+    """Pull in batches without holding more jobs than with single pulls.
+
+    FastStream's concurrent pull subscriber handles ``max_workers`` deliveries at once and
+    holds up to ``batch`` more, fetched but waiting for a free handler (no in-progress acks
+    there, not in the line yet). So the batch comes out of the prefetch: a worker still holds
+    at most ``worker_concurrency + worker_prefetch + 1`` jobs, at least half of its prefetch
+    waits in the line told its position, and a burst of chats is taken in a few round trips
+    to JetStream instead of one per chat.
+    """
+    batch = max(1, min(MAX_PULL_BATCH, settings.worker_prefetch // 2))
+    held = settings.worker_concurrency + settings.worker_prefetch + 1
+    return Intake(batch=batch, max_workers=max(2, held - batch))
 
 
 class _Place:

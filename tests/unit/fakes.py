@@ -111,6 +111,7 @@ def event(name: str, **fields: Any) -> SSEEvent:
 class FakeDify:
     """Plays a script: a list of events, or an exception to raise before/after some events.
 
+    ``per_read`` events arrive together, as from one read of the socket (default: one).
     With ``hold_at`` set, the stream stops before event number ``hold_at`` until the test sets
     :attr:`release`: the test knows the answer is mid-way, instead of hoping a delay is long
     enough. :attr:`open_streams` counts streams not closed yet.
@@ -124,8 +125,10 @@ class FakeDify:
         after: Exception | None = None,
         delay: float = 0.0,
         hold_at: int | None = None,
+        per_read: int = 1,
     ) -> None:
         self.events, self.before, self.after, self.delay = events, before, after, delay
+        self.per_read = per_read
         self.hold_at = hold_at
         self.release = asyncio.Event()
         self.open_streams = 0
@@ -137,17 +140,22 @@ class FakeDify:
     @asynccontextmanager
     async def stream_chat(
         self, body: dict[str, Any], *, trace_id: str, app: str | None = None
-    ) -> AsyncIterator[AsyncIterator[SSEEvent]]:
+    ) -> AsyncIterator[AsyncIterator[list[SSEEvent]]]:
         self.calls += 1
         if self.before is not None:
             raise self.before
 
-        async def gen() -> AsyncIterator[SSEEvent]:
-            for i, e in enumerate(self.events):
+        async def gen() -> AsyncIterator[list[SSEEvent]]:
+            i = 0
+            while i < len(self.events):
                 if i == self.hold_at:
                     await self.release.wait()
                 await asyncio.sleep(self.delay)
-                yield e
+                size = self.per_read
+                if self.hold_at is not None and i < self.hold_at:
+                    size = min(size, self.hold_at - i)
+                yield self.events[i : i + size]
+                i += size
             if self.after is not None:
                 raise self.after
 

@@ -23,6 +23,7 @@ CORE = [
     "metric_labels",
     "session",
     "calls",
+    "coalesce",
 ]
 FORBIDDEN = {
     "asyncio",

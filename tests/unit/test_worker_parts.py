@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
+from shared.coalesce import Coalescer
 from shared.dify_api import DifyIds, HistoryMessage
 from shared.exceptions import BusUnavailable
 from shared.frames import Delta, End
 from shared.jobs import Job
+from shared.settings import Settings
 from tests.unit.fakes import FakeBus, FakeDify, Msg
 from worker.lease import Lease
 from worker.publishing import Publisher
 from worker.recovery import HistoryReader
-from worker.waiting_line import WaitingLine
+from worker.waiting_line import MAX_PULL_BATCH, WaitingLine, job_intake
 
 
 def job(key: str, created_ms: int = 0) -> Job:
@@ -167,3 +171,80 @@ async def test_history_without_a_conversation_is_not_read() -> None:
     reader = HistoryReader(dify, timeout_s=5, poll_s=0.005)
     assert await reader.wait(job("k1"), DifyIds("t1", "m1", None), asyncio.Event()) is None
     assert dify.history_calls == 0
+
+
+# --- job intake ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("concurrency", "prefetch"), [(64, 16), (4, 0), (1, 1), (8, 100)])
+def test_batched_pulls_hold_no_more_jobs_than_single_pulls(concurrency: int, prefetch: int) -> None:
+    settings = Settings(worker_concurrency=concurrency, worker_prefetch=prefetch)
+    intake = job_intake(settings)
+    assert 1 <= intake.batch <= MAX_PULL_BATCH
+    # Handled at once plus fetched and waiting: what one pull at a time held.
+    assert intake.max_workers + intake.batch <= max(concurrency + prefetch + 1, 2 + 1)
+    assert intake.max_workers >= concurrency  # every stream slot can be used
+    assert intake.max_workers - concurrency >= prefetch // 2  # half the prefetch in the line
+
+
+# --- publishing with coalescing -------------------------------------------------------------
+
+
+async def test_the_publisher_sends_waiting_text_when_its_timer_fires() -> None:
+    bus = FakeBus()
+    publisher = Publisher(bus, "s", Coalescer(1, interval_s=0.02))
+    await publisher.publish([Delta(id="r1", seq=2, text="a")])  # the first: at once
+    await publisher.publish([Delta(id="r1", seq=3, text="b")])
+    await publisher.publish([Delta(id="r1", seq=4, text="c")])
+    assert [f["text"] for f in bus.frames] == ["a"]
+    await asyncio.sleep(0.05)
+    assert [(f["seq"], f["text"]) for f in bus.frames] == [(2, "a"), (3, "bc")]
+    assert sorted(publisher.published) == [2, 3]
+
+
+async def test_a_closed_publisher_sends_nothing_more() -> None:
+    bus = FakeBus()
+    publisher = Publisher(bus, "s", Coalescer(1, interval_s=0.02))
+    await publisher.publish([Delta(id="r1", seq=2, text="a"), Delta(id="r1", seq=3, text="b")])
+    await publisher.publish([Delta(id="r1", seq=4, text="c")])
+    publisher.close()
+    await asyncio.sleep(0.05)
+    assert [f["text"] for f in bus.frames] == ["ab"]
+
+
+class _StallingBus(FakeBus):
+    """Its publish of ``stall_seq`` waits forever (a cancelled publish in flight)."""
+
+    def __init__(self, stall_seq: int) -> None:
+        super().__init__()
+        self.stall_seq = stall_seq
+
+    async def publish(self, subject: str, data: bytes) -> None:
+        if b'"seq":%d,' % self.stall_seq in data and self.stall_seq:
+            self.stall_seq = 0
+            await asyncio.Event().wait()
+        await super().publish(subject, data)
+
+
+async def test_a_publish_cancelled_mid_way_skips_no_seq() -> None:
+    bus = _StallingBus(stall_seq=3)
+    publisher = Publisher(bus, "s")
+    task = asyncio.create_task(
+        publisher.publish([Delta(id="r1", seq=2, text="a"), Delta(id="r1", seq=3, text="b")])
+    )
+    await asyncio.sleep(0.01)
+    task.cancel()  # a stop cancels the pump while seq 3 is on its way
+    await publisher.publish(
+        [
+            End(
+                id="r1",
+                seq=4,
+                conversation_id=None,
+                message_id=None,
+                usage=None,
+                retriever_resources=[],
+                stopped=True,
+            )
+        ]
+    )
+    assert [f["seq"] for f in bus.frames] == [2, 3, 4]
