@@ -51,6 +51,7 @@ def create_app(settings: Settings) -> Starlette:
         auth=authenticator_for(settings),
         rates=RequestRate(bus, settings),
         local=LocalConnections(settings),
+        call_rates=RequestRate.for_calls(bus, settings),
     )
     slots = ConnectionSlots(bus, settings, owner=secrets.token_hex(6))
     admission = Admission(bus, settings, edge, slots)

@@ -24,11 +24,12 @@ from opentelemetry import propagate
 
 from gateway import metrics
 from shared import natsedge
-from shared.exceptions import BusRetryable
+from shared.exceptions import BusRetryable, BusUnavailable, TokenwireError
 from shared.jobs import Job
 from shared.natsedge import KvEntry, map_nats_errors
 from shared.settings import Settings
 from shared.subjects import (
+    CALLS_SUBJECT,
     FRAMES_STREAM,
     JOB_CHAT,
     connection_frames,
@@ -158,6 +159,33 @@ class GatewayBus:
         assert self.nc is not None
         with map_nats_errors("keep the frame"):
             await self.nc.publish(subject, data)
+
+    async def request(self, subject: str, data: bytes, timeout_s: float, what: str) -> bytes:
+        """One NATS request to the workers' queue group; its answer's bytes.
+
+        With no worker subscribed at all NATS says so at once ("no responders"); with workers
+        that do not answer in ``timeout_s`` the call times out. Both are retryable
+        ``bus_unavailable`` errors with a retry hint, never a hang.
+        """
+        if self.nc is None or not self.nc.is_connected:
+            exc: TokenwireError = BusUnavailable(f"cannot {what}: NATS is not connected")
+            exc.retry_after_s = 1.0
+            raise exc
+        try:
+            with map_nats_errors(what):
+                msg = await self.nc.request(subject, data, timeout=timeout_s)
+        except BusRetryable as exc:
+            if exc.maybe_done:
+                err = BusRetryable(f"cannot {what}: no worker answered in {timeout_s:g} s")
+            else:
+                err = BusRetryable(f"cannot {what}: no worker is running")
+            err.retry_after_s = 1.0
+            raise err from exc
+        return bytes(msg.data)
+
+    async def call(self, data: bytes, timeout_s: float) -> bytes:
+        """Send an encoded call (shared/calls.py) to one worker; the reply's bytes."""
+        return await self.request(CALLS_SUBJECT, data, timeout_s, "call a worker")
 
     async def subscribe_connection(self, conn: str, handler: FrameHandler) -> Subscription:
         assert self.nc is not None

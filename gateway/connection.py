@@ -13,6 +13,9 @@ which code, what to count) is the session's; this module only moves bytes and aw
 * **The outbox** (``gateway/outbox.py``): a bounded send queue and its one writer. A full
   queue is reported to the session, which closes with ``SLOW_CONSUMER`` (4101): the client
   can reconnect and resume without losing anything, while a full queue never blocks NATS.
+* **Calls** (``call`` frames): the session checks them and their rate; the pump sends each to
+  a worker over NATS request/reply in the background (a slow call never holds the reader up)
+  and feeds back its answer or its error.
 * **A timer** feeds the clock at the session's next deadline (token expiry, idleness, a
   request to read back from the stream).
 * **Closing** follows the session's states: while ``draining`` the outbox gets up to
@@ -40,9 +43,12 @@ from gateway.auth import Authenticator, Identity
 from gateway.bus import GatewayBus
 from gateway.limits import LocalConnections, RequestRate
 from gateway.outbox import Outbox
+from shared.calls import CallRequest, decode_reply, encode_call
 from shared.exceptions import CloseCode, TokenwireError
 from shared.logs import trace_id_var
 from shared.session import (
+    CallWorker,
+    CheckCallRate,
     CheckRate,
     Close,
     Command,
@@ -85,6 +91,8 @@ class Edge:
     auth: Authenticator
     rates: RequestRate
     local: LocalConnections
+    #: The per-user rate of ``call`` frames (None: calls are not rate-limited).
+    call_rates: RequestRate | None = None
 
 
 def _now() -> float:
@@ -117,6 +125,7 @@ class Connection:
             now=_now(),
         )
         self.outbox = Outbox(ws, settings.send_queue_frames)
+        self.call_timeout_s = settings.call_timeout_s
         self._closing = asyncio.Event()
         self._rearm = asyncio.Event()  # the session's next deadline moved earlier
         self._armed: float | None = None
@@ -298,6 +307,16 @@ class Connection:
             except TokenwireError as exc:
                 error = exc
             await self._carry_out(session.rate_checked(command.request_id, _now(), error))
+        elif isinstance(command, CheckCallRate):
+            refused: TokenwireError | None = None
+            if self.edge.call_rates is not None:
+                try:
+                    await self.edge.call_rates.take(self.user, command.request_id)
+                except TokenwireError as exc:
+                    refused = exc
+            await self._carry_out(session.call_rate_checked(command.request_id, refused))
+        elif isinstance(command, CallWorker):
+            self._spawn(self._call(command))
         elif isinstance(command, StoreJob):
             await self._store(command)
         elif isinstance(command, PublishFrame):
@@ -352,6 +371,17 @@ class Connection:
             await self._carry_out(self.session.job_stored(job.id, _now(), duplicate=duplicate))
         finally:
             trace_id_var.reset(token)
+
+    async def _call(self, command: CallWorker) -> None:
+        """One call to a worker; its answer (or why there is none) goes back to the session."""
+        request = CallRequest(command.method, command.params, self.user, secrets.token_hex(8))
+        try:
+            reply = await self.bus.call(encode_call(request), self.call_timeout_s)
+            data = decode_reply(reply)
+        except TokenwireError as exc:
+            self._dispatch(self.session.call_failed(command.request_id, exc, _now()))
+            return
+        self._dispatch(self.session.call_answered(command.request_id, data, _now()))
 
     def _check_deadline(self) -> None:
         """Wake the timer when the session's next deadline came earlier than it sleeps for."""

@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -38,7 +38,13 @@ from gateway.bus import GatewayBus
 from shared.exceptions import InternalError, RateLimited, TokenwireError, TooManyConnections
 from shared.ratelimit import Rate, decode_state, encode_state, take
 from shared.settings import Settings
-from shared.subjects import CONNECTIONS_BUCKET, RATES_BUCKET, connection_slot_key, rate_key
+from shared.subjects import (
+    CONNECTIONS_BUCKET,
+    RATES_BUCKET,
+    call_rate_key,
+    connection_slot_key,
+    rate_key,
+)
 
 __all__ = [
     "ConnectionSlots",
@@ -148,11 +154,26 @@ class ConnectionSlots:
 
 
 class RequestRate:
-    """The per-user chat rate, shared by every gateway through NATS KV."""
+    """The per-user chat rate, shared by every gateway through NATS KV; :meth:`for_calls`
+    is the same rule for ``call`` frames, with its own rate and its own key."""
 
-    def __init__(self, bus: GatewayBus, settings: Settings) -> None:
+    def __init__(
+        self,
+        bus: GatewayBus,
+        settings: Settings,
+        *,
+        rate: Rate | None = None,
+        key: Callable[[str], str] = rate_key,
+    ) -> None:
         self.bus = bus
-        self.rate = Rate.parse(settings.rate_per_user, settings.rate_burst)
+        self.rate = rate or Rate.parse(settings.rate_per_user, settings.rate_burst)
+        self.key = key
+
+    @classmethod
+    def for_calls(cls, bus: GatewayBus, settings: Settings) -> RequestRate:
+        """``TOKENWIRE_CALL_RATE_PER_USER`` (``TOKENWIRE_CALL_RATE_BURST`` at once)."""
+        rate = Rate.parse(settings.call_rate_per_user, settings.call_rate_burst)
+        return cls(bus, settings, rate=rate, key=call_rate_key)
 
     async def take(self, user: str, request_id: str) -> None:
         """Spend one of ``user``'s tokens or raise :class:`RateLimited` (nothing is spent)."""
@@ -162,7 +183,7 @@ class RequestRate:
             log.warning("request rate unavailable: allowing", extra={"error": str(exc)})
 
     async def _take(self, user: str, request_id: str) -> None:
-        key = rate_key(user)
+        key = self.key(user)
         for _ in range(_CAS_ATTEMPTS):
             entry = await self.bus.kv_get(RATES_BUCKET, key)
             state = decode_state(entry.value) if entry is not None else None

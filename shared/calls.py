@@ -10,15 +10,26 @@ params (``bad_params``) before anything reaches Dify. The ``user`` is always the
 a ``user`` in params is refused, never forwarded. Path ids are checked against a strict id
 pattern so a client cannot walk Dify's URL space (``../``). :func:`call_error` maps Dify's
 non-2xx answers to the protocol's codes (404 ``not_found``, a feature that is off
-``feature_disabled``, 429 and 5xx retryable with ``retry_after_ms``).
+``feature_disabled``, 429 and 5xx retryable with ``retry_after_ms``); :func:`call_result`
+turns a 2xx answer into the ``result`` frame's ``data`` (an empty 204 is
+``{"result": "success"}``; ``text.to_audio``'s audio bytes become ``{"mime_type", "audio"}``
+in base64), bounded so one answer fits one NATS message and one WebSocket frame.
+
+On the bus a call is a NATS request (:func:`encode_call` / :func:`decode_call`) answered by
+one worker of the queue group with :func:`encode_reply` or :func:`encode_reply_error`; the
+gateway reads it back with :func:`decode_reply`, which gives the data or raises the error
+the worker sent (its code, message, retryability and retry hint, unchanged).
 """
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
+
+import orjson
 
 from shared.exceptions import (
     BadParams,
@@ -26,19 +37,32 @@ from shared.exceptions import (
     DifyUnavailable,
     ErrorCode,
     FeatureDisabled,
+    InternalError,
     NotFound,
     TokenwireError,
     UnknownMethod,
+    WrongAppKind,
 )
 
 __all__ = [
+    "APP_METADATA_TTL_S",
     "CONVERSATIONAL",
+    "MAX_AUDIO_BYTES",
+    "MAX_RESULT_BYTES",
     "METHODS",
+    "CallRequest",
     "DifyRequest",
     "Method",
     "Param",
     "build_request",
     "call_error",
+    "call_result",
+    "decode_call",
+    "decode_reply",
+    "dify_error_fields",
+    "encode_call",
+    "encode_reply",
+    "encode_reply_error",
 ]
 
 Where = Literal["path", "query", "body"]
@@ -50,6 +74,11 @@ _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 _MAX_TEXT = 10_000
 #: How long app metadata may be served from a worker's cache.
 APP_METADATA_TTL_S: Final = 60.0
+#: The largest Dify body a ``result`` carries: one NATS message (1 MiB by default) and one
+#: WebSocket frame must hold it with room to spare.
+MAX_RESULT_BYTES: Final = 512 * 1024
+#: The largest audio ``text.to_audio`` returns (base64 makes it 4/3 larger).
+MAX_AUDIO_BYTES: Final = 384 * 1024
 
 
 def _id(value: object) -> str | None:
@@ -354,4 +383,127 @@ def call_error(
         )
     if status == 400 and upstream_code == "invalid_param":
         return BadParams(f"{method.name}: {message}")
+    if status == 400 and upstream_code in ("not_chat_app", "not_workflow_app"):
+        return WrongAppKind(f"{method.name}: this app's kind does not serve it ({message})")
     return DifyRejected(text, status=status, upstream_code=upstream_code)
+
+
+def dify_error_fields(body: bytes) -> tuple[str | None, str]:
+    """Dify's ``code`` and first line of ``message`` from an error body (JSON or not)."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None, ""
+    if not isinstance(obj, dict):
+        return None, ""
+    code, message = obj.get("code"), obj.get("message")
+    text = message.strip().splitlines() if isinstance(message, str) else []
+    return (code if isinstance(code, str) else None), (text or [""])[0][:500]
+
+
+def call_result(method: Method, status: int, content_type: str, body: bytes) -> dict[str, Any]:
+    """The ``result`` data for Dify's 2xx answer ``body``; raises when it cannot be one."""
+    if method.name == "text.to_audio":
+        if len(body) > MAX_AUDIO_BYTES:
+            raise DifyRejected(
+                f"text.to_audio: the audio is over {MAX_AUDIO_BYTES} bytes; ask for less text",
+                code=ErrorCode.DIFY_PAYLOAD_TOO_LARGE,
+                status=status,
+            )
+        mime = content_type.split(";", maxsplit=1)[0].strip() or "audio/mpeg"
+        return {"mime_type": mime, "audio": base64.b64encode(body).decode("ascii")}
+    if len(body) > MAX_RESULT_BYTES:
+        raise DifyRejected(
+            f"{method.name}: Dify's answer is over {MAX_RESULT_BYTES} bytes; ask for less",
+            code=ErrorCode.DIFY_PAYLOAD_TOO_LARGE,
+            status=status,
+        )
+    if not body.strip():
+        return {"result": "success"}  # 204: Dify's newer "no content"
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise DifyRejected(
+            f"{method.name}: Dify answered {status} with a body that is not JSON", status=status
+        ) from None
+    return data if isinstance(data, dict) else {"data": data}
+
+
+# --- on the bus ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CallRequest:
+    """A call as a gateway sends it to the workers: the user is the connection's."""
+
+    method: str
+    params: dict[str, Any]
+    user: str
+    trace_id: str = ""
+
+
+def encode_call(call: CallRequest) -> bytes:
+    return orjson.dumps(
+        {"method": call.method, "params": call.params, "user": call.user, "trace": call.trace_id}
+    )
+
+
+def decode_call(data: bytes) -> CallRequest:
+    """The call in a NATS request; a malformed one is an :class:`InternalError` (a bug)."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise InternalError("a call on the bus is not JSON") from None
+    ok = (
+        isinstance(obj, dict)
+        and isinstance(obj.get("method"), str)
+        and isinstance(obj.get("params"), dict)
+        and isinstance(obj.get("user"), str)
+        and obj["user"]
+    )
+    if not ok:
+        raise InternalError("a call on the bus lacks method, params or user")
+    trace = obj.get("trace")
+    return CallRequest(
+        obj["method"], obj["params"], obj["user"], trace if isinstance(trace, str) else ""
+    )
+
+
+def encode_reply(data: dict[str, Any]) -> bytes:
+    return orjson.dumps({"data": data})
+
+
+def encode_reply_error(exc: TokenwireError) -> bytes:
+    error: dict[str, Any] = {
+        "code": exc.code.value,
+        "message": exc.message,
+        "retryable": exc.retryable,
+    }
+    if exc.retry_after_ms is not None:
+        error["retry_after_ms"] = exc.retry_after_ms
+    return orjson.dumps({"error": error})
+
+
+def decode_reply(data: bytes) -> dict[str, Any]:
+    """The data a worker answered, or raise the error it sent (code and hint unchanged)."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise InternalError("a worker's answer to a call is not JSON") from None
+    if isinstance(obj, dict) and isinstance(obj.get("data"), dict):
+        answer: dict[str, Any] = obj["data"]
+        return answer
+    error = obj.get("error") if isinstance(obj, dict) else None
+    if not isinstance(error, dict):
+        raise InternalError("a worker's answer to a call has neither data nor error")
+    try:
+        code = ErrorCode(str(error.get("code")))
+    except ValueError:
+        code = ErrorCode.INTERNAL_ERROR
+    exc = TokenwireError(
+        str(error.get("message") or code.value), code=code, retryable=bool(error.get("retryable"))
+    )
+    hint = error.get("retry_after_ms")
+    if isinstance(hint, int) and not isinstance(hint, bool) and hint > 0:
+        exc.retry_after_s = hint / 1000
+    raise exc

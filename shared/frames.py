@@ -25,6 +25,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Accepted",
     "AuthFrame",
+    "CallFrame",
     "ChatFrame",
     "ClientFrame",
     "ClientLimits",
@@ -39,6 +40,7 @@ __all__ = [
     "Queued",
     "Replace",
     "Reset",
+    "Result",
     "ResumeFrame",
     "ServerFrame",
     "Start",
@@ -58,13 +60,16 @@ PROTOCOL_VERSION: Final = 1
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Hello:
     """``limits`` are the gateway's input limits a client checks before sending (today
-    ``max_frame_bytes``): a frame over them is refused, so a client fails it locally."""
+    ``max_frame_bytes``): a frame over them is refused, so a client fails it locally.
+    ``features`` names the parts of protocol v1's second part this gateway serves
+    (``call``, ``files``, ``run``, ``input``)."""
 
     session: str
     user: str
     server: str
     protocol: int = PROTOCOL_VERSION
     limits: dict[str, int] = field(default_factory=dict)
+    features: list[str] = field(default_factory=list)
     type: Literal["hello"] = "hello"
 
 
@@ -160,8 +165,28 @@ class Pong:
     type: Literal["pong"] = "pong"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Result:
+    """The answer to a ``call``: Dify's response body as Dify returns it (no ``seq``)."""
+
+    id: str
+    data: dict[str, Any]
+    type: Literal["result"] = "result"
+
+
 ServerFrame = (
-    Hello | Accepted | Queued | Start | Delta | Replace | Event | Reset | End | ErrorFrame | Pong
+    Hello
+    | Accepted
+    | Queued
+    | Start
+    | Delta
+    | Replace
+    | Event
+    | Reset
+    | End
+    | ErrorFrame
+    | Pong
+    | Result
 )
 
 _SERVER_TYPES: dict[str, type[Any]] = {
@@ -176,6 +201,7 @@ _SERVER_TYPES: dict[str, type[Any]] = {
     "end": End,
     "error": ErrorFrame,
     "pong": Pong,
+    "result": Result,
 }
 
 
@@ -190,7 +216,8 @@ def encode(frame: ServerFrame) -> bytes:
         }
         if frame.id is not None:
             obj["id"] = frame.id
-            obj["seq"] = frame.seq
+            if frame.seq is not None:  # a call's error has an id and no seq
+                obj["seq"] = frame.seq
         if frame.retry_after_ms is not None:
             obj["retry_after_ms"] = frame.retry_after_ms
         return orjson.dumps(obj)
@@ -281,11 +308,25 @@ class AuthFrame(_Frame):
     token: Annotated[str, StringConstraints(min_length=1, max_length=16384)]
 
 
-ClientFrame = ChatFrame | StopFrame | ResumeFrame | PingFrame | AuthFrame
+class CallFrame(_Frame):
+    """One request/response call to Dify's Service API (shared/calls.py has the methods)."""
+
+    type: Literal["call"]
+    id: RequestId
+    method: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+ClientFrame = ChatFrame | StopFrame | ResumeFrame | PingFrame | AuthFrame | CallFrame
 _CLIENT_TYPES: Final[
     dict[
         str,
-        type[ChatFrame] | type[StopFrame] | type[ResumeFrame] | type[PingFrame] | type[AuthFrame],
+        type[ChatFrame]
+        | type[StopFrame]
+        | type[ResumeFrame]
+        | type[PingFrame]
+        | type[AuthFrame]
+        | type[CallFrame],
     ]
 ] = {
     "chat": ChatFrame,
@@ -293,6 +334,7 @@ _CLIENT_TYPES: Final[
     "resume": ResumeFrame,
     "ping": PingFrame,
     "auth": AuthFrame,
+    "call": CallFrame,
 }
 
 
@@ -354,6 +396,10 @@ def decode_client_frame(data: bytes | str, limits: ClientLimits) -> ClientFrame:
         frame: ClientFrame = model.model_validate(obj)
         if isinstance(frame, ChatFrame):
             _check_chat(frame, limits)
+        elif isinstance(frame, CallFrame) and (
+            _depth(frame.params, limits.max_inputs_depth) > limits.max_inputs_depth
+        ):
+            raise FrameError(f"params: nested deeper than {limits.max_inputs_depth} levels")
     except ValidationError as exc:
         raise FrameError(_describe(exc), request_id=request_id) from None
     except FrameError as err:

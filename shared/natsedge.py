@@ -49,6 +49,7 @@ __all__ = [
     "declare_streams",
     "delivered_upto",
     "ensure_bucket",
+    "ensure_stream",
     "ensure_topology",
     "get_message",
     "has_message",
@@ -60,7 +61,10 @@ __all__ = [
     "map_nats_errors",
     "nats_servers",
     "open_bucket",
+    "publish_acked",
+    "purge_subject",
     "read_subject",
+    "respond",
     "stream_state",
     "subject_count",
 ]
@@ -116,6 +120,16 @@ async def declare_streams(js: JetStreamContext, settings: Settings) -> None:
                 await js.add_stream(config=config)
             except nats.js.errors.BadRequestError:
                 await js.update_stream(config=config)
+
+
+async def ensure_stream(js: JetStreamContext, spec: dict[str, Any]) -> None:
+    """Create one stream of ``shared/topology.py`` (or update it to ``spec``)."""
+    config = StreamConfig(**spec)
+    with map_nats_errors("declare a stream"):
+        try:
+            await js.add_stream(config=config)
+        except nats.js.errors.BadRequestError:
+            await js.update_stream(config=config)
 
 
 async def ensure_topology(js: JetStreamContext, settings: Settings) -> KeyValue:
@@ -296,3 +310,22 @@ async def get_message(
             return await js.get_msg(stream, seq=seq, subject=subject, next=next)
         except nats.js.errors.NotFoundError:
             return None
+
+
+async def publish_acked(js: JetStreamContext, subject: str, data: bytes, stream: str) -> int:
+    """Publish into ``stream`` and wait for its acknowledgement; the message's sequence."""
+    with map_nats_errors("store a message"):
+        ack = await js.publish(subject, data, stream=stream, timeout=5.0)
+    return int(ack.seq)
+
+
+async def purge_subject(js: JetStreamContext, stream: str, subject: str) -> None:
+    """Delete every message ``stream`` keeps on ``subject``."""
+    with map_nats_errors("purge messages"):
+        await js.purge_stream(stream, subject=subject)
+
+
+async def respond(msg: Msg, data: bytes) -> None:
+    """Answer a core NATS request."""
+    with map_nats_errors("answer a request"):
+        await msg.respond(data)

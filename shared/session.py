@@ -12,8 +12,16 @@ happened, and carries out the commands each call returns, in order:
 * **commands** (:data:`Command`): :class:`Send` bytes to the client, :class:`CheckRate`,
   :class:`StoreJob`, :class:`PublishFrame`, :class:`RequestStop`, :class:`LookUp`,
   :class:`StartReplay` / :class:`StopReplay`, :class:`VerifyToken`,
-  :class:`SubscribeConnection` / :class:`Unsubscribe`, :class:`Close`, plus :class:`Tally`
-  (a metric) and :class:`Log` (a log line) so that what is counted is decided here too.
+  :class:`SubscribeConnection` / :class:`Unsubscribe`, :class:`CheckCallRate`,
+  :class:`CallWorker`, :class:`Close`, plus :class:`Tally` (a metric) and :class:`Log` (a
+  log line) so that what is counted is decided here too.
+
+A ``call`` is checked here first (its method and params, :func:`shared.calls.build_request`:
+``unknown_method`` and ``bad_params`` cost no rate and reach no worker), then spends one of
+the user's call tokens (:class:`CheckCallRate`, its own rate in the same family as chats),
+then goes to a worker (:class:`CallWorker`: the pump sends it in the background and feeds
+back :meth:`Session.call_answered` or :meth:`~Session.call_failed`). It is answered by exactly
+one ``result`` or ``error`` with its ``id`` and no ``seq``; nothing of it is kept.
 
 A ``chat`` takes one token from the connection's frame bucket (like every frame), must fit the
 in-flight caps (per connection here, per user as the pump reports it) and the user's rate
@@ -51,10 +59,11 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
+from shared.calls import build_request
 from shared.exceptions import (
     ClientError,
     CloseCode,
@@ -73,11 +82,13 @@ from shared.exceptions import (
 from shared.frames import (
     Accepted,
     AuthFrame,
+    CallFrame,
     ChatFrame,
     ClientLimits,
     Hello,
     PingFrame,
     Pong,
+    Result,
     ResumeFrame,
     StopFrame,
     decode_client_frame,
@@ -95,8 +106,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONNECTION_TRANSITIONS",
+    "FEATURES",
     "GAP_WAIT_S",
     "SERVER_NAME",
+    "CallWorker",
+    "CheckCallRate",
     "CheckRate",
     "Close",
     "Command",
@@ -126,6 +140,9 @@ __all__ = [
 ]
 
 SERVER_NAME: Final = "tokenwire/0.1"
+#: What ``hello.features`` announces: the parts of protocol v1's second part this gateway
+#: serves. Add "run" and "input" here when their frames are served.
+FEATURES: Final[tuple[str, ...]] = ("call", "files")
 # How long frames may wait behind a missing one before the request is read from the stream.
 GAP_WAIT_S: Final = 1.0
 # The longest pause between attempts to read a request back while JetStream cannot answer.
@@ -210,6 +227,23 @@ class CheckRate:
     """Spend one of the user's chat tokens; answer :meth:`Session.rate_checked`."""
 
     request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CheckCallRate:
+    """Spend one of the user's call tokens; answer :meth:`Session.call_rate_checked`."""
+
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallWorker:
+    """Send the call to a worker (in the background: a call never holds the reader up);
+    answer :meth:`Session.call_answered` or :meth:`Session.call_failed`."""
+
+    request_id: str
+    method: str
+    params: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,6 +339,8 @@ Command = (
     | SubscribeConnection
     | Unsubscribe
     | CheckRate
+    | CheckCallRate
+    | CallWorker
     | StoreJob
     | PublishFrame
     | RequestStop
@@ -333,6 +369,8 @@ class SessionConfig:
     reorder_window: int = 1024
     # With TOKENWIRE_AUTH=none there is no token to refresh: `auth` frames are ignored.
     requires_token: bool = True
+    # hello.features (see FEATURES).
+    features: tuple[str, ...] = FEATURES
 
     @classmethod
     def from_settings(cls, settings: Settings, *, requires_token: bool) -> SessionConfig:
@@ -475,6 +513,7 @@ class Session:
         self._rate = Rate.parse(config.frame_rate, config.frame_burst)
         self._bucket: BucketState | None = None
         self._admitting: dict[str, ChatFrame] = {}  # chats waiting for their rate check
+        self._calls: dict[str, CallFrame] = {}  # calls waiting for their rate check or answer
         self._resolving: dict[str, ResumeFrame] = {}  # resumes waiting for their look-up
         self._replays: dict[int, tuple[str, ReplayPurpose]] = {}  # serial -> (id, purpose)
         self._serials = itertools.count(1)
@@ -493,7 +532,7 @@ class Session:
             return None
         # Called after every input (the pump re-arms its timer): no allocation on the way.
         due = self.expires_at
-        if not self.requests:
+        if not self.requests and not self._calls:
             idle = self.last_activity + self.config.idle_timeout_s
             due = idle if due is None else min(due, idle)
         if self._catch_ups:
@@ -517,6 +556,7 @@ class Session:
             user=self.user,
             server=SERVER_NAME,
             limits=self.config.limits.announced(),
+            features=list(self.config.features),
         )
         return [Tally(Metric.OPENED), Send(encode(hello), "hello")]
 
@@ -584,7 +624,7 @@ class Session:
             return self.close(CloseCode.TOKEN_EXPIRED, exc)  # refresh the token, then resume
         idle = self.config.idle_timeout_s
         # Not idle while an answer streams; its end counts as activity.
-        if not self.requests and now - self.last_activity >= idle:
+        if not self.requests and not self._calls and now - self.last_activity >= idle:
             return self.close(
                 CloseCode.IDLE_TIMEOUT,
                 IdleTimeout(f"no activity for {idle:g} s: reconnect when needed"),
@@ -634,7 +674,60 @@ class Session:
             out.append(Send(encode(Pong()), "pong"))
         elif isinstance(frame, AuthFrame) and self.config.requires_token:
             out.append(VerifyToken(frame.token))
+        elif isinstance(frame, CallFrame):
+            out += self._call(frame)
         return out
+
+    # --- calls --------------------------------------------------------------------------
+
+    def _call(self, frame: CallFrame) -> list[Command]:
+        if frame.id in self._calls:
+            dup = DuplicateRequest(f"call {frame.id!r} is already waiting for its answer")
+            return [self._error(dup, frame.id)]
+        try:
+            build_request(frame.method, frame.params, self.user)  # refused here, before NATS
+        except ClientError as refused:
+            return [Tally(Metric.REFUSAL, "call"), self._error(refused, frame.id)]
+        cap = self.config.max_inflight_per_connection
+        if len(self._calls) >= cap:
+            over = LimitExceeded(f"at most {cap} calls may wait for their answer at once")
+            return [Tally(Metric.REFUSAL, "inflight_limit"), self._error(over, frame.id)]
+        self._calls[frame.id] = frame
+        return [CheckCallRate(frame.id)]
+
+    def call_rate_checked(
+        self, request_id: str, error: TokenwireError | None = None
+    ) -> list[Command]:
+        """The user's call rate said yes (``error`` None) or no."""
+        frame = self._calls.get(request_id)
+        if frame is None:
+            raise SessionError(f"no call rate check was asked for {request_id!r}")
+        if self.state is not ConnectionState.OPEN:
+            self._calls.pop(request_id, None)
+            return []
+        if error is not None:
+            del self._calls[request_id]
+            tally = [Tally(Metric.REFUSAL, "rate_limit")] if isinstance(error, RateLimited) else []
+            return [*tally, self._error(error, request_id)]
+        return [CallWorker(request_id, frame.method, dict(frame.params))]
+
+    def call_answered(self, request_id: str, data: dict[str, Any], now: float) -> list[Command]:
+        """A worker answered the call: its one ``result``."""
+        if self._calls.pop(request_id, None) is None:
+            raise SessionError(f"no call {request_id!r} was sent")
+        self.last_activity = now
+        if self.state is not ConnectionState.OPEN:
+            return []
+        return [Send(encode(Result(id=request_id, data=data)), "result")]
+
+    def call_failed(self, request_id: str, exc: TokenwireError, now: float) -> list[Command]:
+        """The call failed (Dify refused it, no worker answered, …): its one ``error``."""
+        if self._calls.pop(request_id, None) is None:
+            raise SessionError(f"no call {request_id!r} was sent")
+        self.last_activity = now
+        if self.state is not ConnectionState.OPEN:
+            return []
+        return [self._error(exc, request_id)]
 
     def _holds(self, request_id: str) -> bool:
         return (

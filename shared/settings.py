@@ -110,6 +110,19 @@ class Settings(BaseSettings):
     frame_burst: int = Field(default=200, ge=1)
     # Requests in flight for one user on one gateway (per connection: max_inflight_per_connection).
     max_inflight_per_user: int = Field(default=64, ge=1)
+    # `call` frames per user across all gateways (the same token-bucket family as chats, its own
+    # rate; at most call_rate_burst at once), and how long a gateway waits for a worker's
+    # answer to one before it fails retryable (no worker at all fails at once).
+    call_rate_per_user: str = "300/min"
+    call_rate_burst: int = Field(default=60, ge=1)
+    call_timeout_s: float = Field(default=15.0, gt=0)
+    # POST /v1/files and /v1/audio-to-text: the largest upload, whatever the app allows (each
+    # app's own limits from Dify's /parameters apply too); how long a staged upload may wait
+    # in NATS for a worker; how long tokenwire remembers who owns a file, run, task or form
+    # (Dify keeps them until deleted: keep it at least as long as users reuse their ids).
+    max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
+    upload_stage_ttl_s: float = Field(default=600.0, gt=0)
+    ownership_ttl_s: float = Field(default=30 * 24 * 3600.0, gt=0)
     # Liveness: close a connection with no client frame and no request for this long (4103);
     # WebSocket pings every ping_interval_s (keep it under proxies' idle timeouts, 60 s in
     # nginx), closing with 1011 when no pong comes within pong_timeout_s.
@@ -181,7 +194,7 @@ class Settings(BaseSettings):
                 data = {**data, "rate_burst": max(1, int(rate_count(rate)))}
         return data
 
-    @field_validator("rate_per_user", "frame_rate")
+    @field_validator("rate_per_user", "frame_rate", "call_rate_per_user")
     @classmethod
     def _check_rate(cls, value: str) -> str:
         parse_rate(value)

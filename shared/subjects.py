@@ -8,10 +8,17 @@ Layout::
                                      reads them live with one core subscription per connection)
     tw.ctl.stop.<key>                stop request <key> (every worker listens; the owner acts)
     tw.dead.chat                     jobs that exhausted their attempts (stream TW_DEAD)
+    tw.calls                         ``call`` requests (core request/reply, queue group
+                                     ``tw-calls``: one worker answers each)
+    tw.uploads                       "upload this staged file to Dify" (request/reply, the same
+                                     queue group)
+    tw.upload.<upload id>            a staged upload's chunks (stream TW_UPLOADS, short-lived)
 
 KV buckets: ``tw_requests`` (per-request facts, keys below), ``tw_connections`` (who holds
 which of a user's connection slots, cluster-wide: key ``<user hash>.<slot>``) and ``tw_rates``
-(each user's request token bucket: key ``<user hash>``). Keys of ``tw_requests``::
+(each user's request token bucket: key ``<user hash>``; calls: ``<user hash>.call``) and
+``tw_owners`` (who owns each run, task, form and file tokenwire created, where Dify does not
+scope them: key ``<kind>.<id>``). Keys of ``tw_requests``::
 
     <key>.stop                       a gateway recorded that the request must stop
     <key>.dify                       the ids Dify gave the request (task, message, conversation)
@@ -29,6 +36,8 @@ import hashlib
 import secrets
 
 __all__ = [
+    "CALLS_QUEUE",
+    "CALLS_SUBJECT",
     "CONNECTIONS_BUCKET",
     "CONTROL_STOP_ALL",
     "DEAD_ALL",
@@ -40,13 +49,19 @@ __all__ = [
     "JOBS_STREAM",
     "JOB_CHAT",
     "JOB_CONSUMER",
+    "OWNERS_BUCKET",
     "RATES_BUCKET",
     "REQUESTS_BUCKET",
+    "UPLOADS_ALL",
+    "UPLOADS_STREAM",
+    "UPLOADS_SUBJECT",
+    "call_rate_key",
     "connection_frames",
     "connection_slot_key",
     "ids_key",
     "lease_key",
     "new_connection_id",
+    "owner_key",
     "rate_key",
     "request_frames",
     "request_frames_any_connection",
@@ -54,6 +69,7 @@ __all__ = [
     "status_key",
     "stop_flag_key",
     "stop_subject",
+    "upload_chunks",
 ]
 
 JOBS_STREAM = "TW_JOBS"
@@ -73,6 +89,13 @@ CONTROL_STOP_ALL = "tw.ctl.stop.*"
 REQUESTS_BUCKET = "tw_requests"
 CONNECTIONS_BUCKET = "tw_connections"
 RATES_BUCKET = "tw_rates"
+OWNERS_BUCKET = "tw_owners"
+
+CALLS_SUBJECT = "tw.calls"
+CALLS_QUEUE = "tw-calls"
+UPLOADS_SUBJECT = "tw.uploads"
+UPLOADS_STREAM = "TW_UPLOADS"
+UPLOADS_ALL = "tw.upload.>"
 
 
 def request_key(user: str, request_id: str) -> str:
@@ -118,6 +141,22 @@ def connection_slot_key(user: str, slot: int) -> str:
 def rate_key(user: str) -> str:
     """KV key of ``user``'s request token bucket."""
     return _user_hash(user)
+
+
+def call_rate_key(user: str) -> str:
+    """KV key of ``user``'s call token bucket (its own rate, the same bucket)."""
+    return f"{_user_hash(user)}.call"
+
+
+def owner_key(kind: str, id: str) -> str:
+    """KV key of the owner of ``id`` of ``kind`` (run, task, form, file). ``id`` is one of
+    Dify's ids (uuid-like) or checked by the caller to be letters, digits, ``-`` and ``_``."""
+    return f"{kind}.{id}"
+
+
+def upload_chunks(upload_id: str) -> str:
+    """Where a gateway stages the chunks of one upload (``upload_id``: hex, its own)."""
+    return f"tw.upload.{upload_id}"
 
 
 def stop_flag_key(key: str) -> str:

@@ -18,6 +18,12 @@ chosen here, once, and explained in docs/operations.md:
   killed gateway's connections stop counting at most ttl after it died.
 * ``tw_rates`` — each user's token bucket; ``ttl`` = the time an empty bucket takes to fill
   (an entry that expired is a full bucket), at least one second.
+* ``tw_owners`` — who owns each run, task, form and file tokenwire created (Dify does not
+  scope them to a user), ``ttl`` = ``TOKENWIRE_OWNERSHIP_TTL_S``: as long as Dify keeps them
+  usable, so an id outlives neither its record nor Dify's.
+* ``TW_UPLOADS`` — an upload's chunks while it is staged between the gateway that received it
+  and the worker that sends it to Dify: ``max_age`` ``TOKENWIRE_UPLOAD_STAGE_TTL_S``, deleted
+  as soon as the worker is done.
 * job consumer — durable, explicit ack, ``ack_wait`` short (a dead worker's job comes back
   fast) because live workers send in-progress acks; ``max_ack_pending`` caps answers streaming
   at once across the whole cluster.
@@ -38,16 +44,21 @@ from shared.subjects import (
     JOB_CONSUMER,
     JOBS_ALL,
     JOBS_STREAM,
+    OWNERS_BUCKET,
     RATES_BUCKET,
     REQUESTS_BUCKET,
+    UPLOADS_ALL,
+    UPLOADS_STREAM,
 )
 
 __all__ = [
     "connection_bucket_config",
     "job_consumer_config",
+    "owner_bucket_config",
     "rate_bucket_config",
     "request_bucket_config",
     "stream_configs",
+    "upload_stream_config",
 ]
 
 
@@ -125,10 +136,37 @@ def connection_bucket_config(settings: Settings) -> dict[str, Any]:
 def rate_bucket_config(settings: Settings) -> dict[str, Any]:
     """The KV bucket of per-user token buckets (request rate across gateways)."""
     rate = Rate.parse(settings.rate_per_user, settings.rate_burst)
+    calls = Rate.parse(settings.call_rate_per_user, settings.call_rate_burst)
     return {
         "bucket": RATES_BUCKET,
-        "ttl": max(1.0, rate.refill_s),
+        # Both families share it: an entry that expired must be a full bucket for either.
+        "ttl": max(1.0, rate.refill_s, calls.refill_s),
         "storage": "file",
         "replicas": settings.stream_replicas,
         "history": 1,
+    }
+
+
+def owner_bucket_config(settings: Settings) -> dict[str, Any]:
+    """The KV bucket of owners (runs, tasks, forms, files tokenwire created)."""
+    return {
+        "bucket": OWNERS_BUCKET,
+        "ttl": settings.ownership_ttl_s,
+        "storage": "file",
+        "replicas": settings.stream_replicas,
+        "history": 1,
+    }
+
+
+def upload_stream_config(settings: Settings) -> dict[str, Any]:
+    """The stream that stages uploads between a gateway and a worker (``StreamConfig``)."""
+    return {
+        "name": UPLOADS_STREAM,
+        "subjects": [UPLOADS_ALL],
+        "retention": "limits",
+        "storage": "file",
+        "num_replicas": settings.stream_replicas,
+        "max_age": settings.upload_stage_ttl_s,
+        "discard": "old",
+        "allow_direct": True,
     }

@@ -11,13 +11,14 @@ the mapper). What those bytes mean is decided in the core (``shared/dify_api.py`
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import httpx
 import orjson
 
+from shared.calls import MAX_RESULT_BYTES, DifyRequest
 from shared.dify_api import HistoryMessage, find_history_message, rejection
 from shared.exceptions import (
     DifyRejected,
@@ -30,7 +31,7 @@ from shared.settings import Settings
 from shared.sse import SSEEvent, SSEParser, SSEProtocolError
 from worker import metrics
 
-__all__ = ["DifyClient", "map_httpx_errors"]
+__all__ = ["DifyAnswer", "DifyClient", "map_httpx_errors"]
 
 _MAX_ERROR_BODY = 16 * 1024
 
@@ -191,6 +192,92 @@ class DifyClient:
             headers={"X-Request-Id": trace_id, **self._auth(app)},
         )
         return find_history_message(orjson.loads(response.content), message_id)
+
+    # --- calls and uploads (shared/calls.py, worker/calls.py, worker/uploads.py) -------------
+
+    async def send(self, request: DifyRequest, *, trace_id: str) -> DifyAnswer:
+        """Send one ``call`` (a :class:`~shared.calls.DifyRequest`) with its app's key; any
+        status comes back, judged by :func:`shared.calls.call_result` / ``call_error``."""
+        app = None if request.app == "default" else request.app
+        headers = {"X-Request-Id": trace_id, **self._auth(app)}
+        content: bytes | None = None
+        if request.body is not None:
+            content = orjson.dumps(request.body)
+            headers["Content-Type"] = "application/json"
+        sent = time.monotonic()
+        try:
+            with map_httpx_errors(started=False):
+                async with self._http.stream(
+                    request.http,
+                    request.path,
+                    params=request.query or None,
+                    content=content,
+                    headers=headers,
+                    timeout=self._stop_timeout,
+                ) as response:
+                    body = await _read_limited(response, MAX_RESULT_BYTES + 1)
+        except DifyUnavailable:
+            metrics.dify_response(None, time.monotonic() - sent, "call")
+            raise
+        metrics.dify_response(response.status_code, time.monotonic() - sent, "call")
+        return DifyAnswer(response, body)
+
+    async def upload(
+        self,
+        path: str,
+        *,
+        app: str,
+        content_type: str,
+        length: int,
+        body: AsyncIterable[bytes],
+        trace_id: str,
+    ) -> DifyAnswer:
+        """``POST /files/upload`` or ``/audio-to-text``: a multipart body streamed as it comes
+        (``content_type`` names its boundary, ``length`` is exact), never whole in memory."""
+        headers = {
+            "X-Request-Id": trace_id,
+            "Content-Type": content_type,
+            "Content-Length": str(length),
+            **self._auth(None if app == "default" else app),
+        }
+        sent = time.monotonic()
+        try:
+            with map_httpx_errors(started=False):
+                request = self._http.build_request("POST", path, content=body, headers=headers)
+                response = await self._http.send(request, stream=True)
+                try:
+                    data = await _read_limited(response, MAX_RESULT_BYTES + 1)
+                finally:
+                    await response.aclose()
+        except DifyUnavailable:
+            metrics.dify_response(None, time.monotonic() - sent, "upload")
+            raise
+        metrics.dify_response(response.status_code, time.monotonic() - sent, "upload")
+        return DifyAnswer(response, data)
+
+
+class DifyAnswer:
+    """A call's answer as Dify gave it: status, content type, body (bounded), Retry-After."""
+
+    __slots__ = ("body", "content_type", "retry_after_s", "status")
+
+    def __init__(self, response: httpx.Response, body: bytes) -> None:
+        self.status = response.status_code
+        self.content_type = response.headers.get("content-type", "")
+        self.body = body
+        retry = response.headers.get("retry-after", "")
+        self.retry_after_s: float | None = float(retry) if retry.isdigit() else None
+
+
+async def _read_limited(response: httpx.Response, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= limit:
+            break
+    return b"".join(chunks)[:limit]
 
 
 async def _read_bounded(response: httpx.Response) -> bytes:

@@ -29,6 +29,12 @@ open ``stable_after_s``: a ``hello`` followed at once by the same close does not
 ``hello.limits.max_frame_bytes`` is the largest frame the gateway reads: a ``chat`` over it
 fails locally with ``frame_too_large`` and is never sent.
 
+A ``call`` (:meth:`Connection.call` and the typed methods of
+:class:`~tokenwire.client.calls.ServiceApi`: ``conversations()``, ``messages()``,
+``feedback()``, ``suggested()``, ``parameters()``, ``upload()``, …) waits for its one
+``result`` or ``error``; one whose socket closed before its answer is sent again after the
+reconnect (calls are not resumable: the gateway keeps nothing of them).
+
 A ``ping`` goes out every ``ping_interval_s``; a socket that then stays silent for
 ``pong_timeout_s`` is dropped and replaced. This mirrors the browser SDK (web/sdk/tokenwire.js).
 """
@@ -65,9 +71,11 @@ from shared.frames import (
     Queued,
     Replace,
     Reset,
+    Result,
     Start,
     decode_server_frame,
 )
+from tokenwire.client.calls import CallError, ServiceApi
 
 __all__ = [
     "CONNECTION_CLOSED",
@@ -266,7 +274,14 @@ class ChatStream:
         return frame
 
 
-class Connection:
+@dataclass(eq=False)
+class _PendingCall:
+    frame: dict[str, Any]
+    future: asyncio.Future[dict[str, Any]]
+    sent_on: int = 0
+
+
+class Connection(ServiceApi):
     """One logical connection to a gateway that survives socket drops. Use as
     ``async with Connection(url) as conn:`` or call :meth:`connect` and :meth:`close`."""
 
@@ -300,6 +315,7 @@ class Connection:
         self.hello: Hello | None = None
         self.last_close: tuple[int | None, str] | None = None
         self.requests: dict[str, ChatStream] = {}
+        self.calls: dict[str, _PendingCall] = {}
         #: Called on every state change (from the connection's task; keep it quick).
         self.on_state: list[Callable[[StateChange], None]] = []
         #: Called with connection-level ``error`` frames (a client frame was refused).
@@ -380,6 +396,39 @@ class Connection:
         if self.state is ConnectionState.OPEN:
             await self._send_request(stream)
         return stream
+
+    async def call(
+        self, method: str, params: Mapping[str, Any] | None = None, *, timeout_s: float = 60.0
+    ) -> dict[str, Any]:
+        """One ``call`` to Dify's Service API as this connection's user: Dify's body, or raise
+        :class:`~tokenwire.client.calls.CallError` (``not_found``, ``bad_params``, …)."""
+        call_id = f"call-{uuid.uuid4()}"
+        frame = {"type": "call", "id": call_id, "method": method, "params": dict(params or {})}
+        pending = _PendingCall(frame, asyncio.get_running_loop().create_future())
+        self.calls[call_id] = pending
+        self._closing = False
+        self._ensure_running()
+        try:
+            if self.state is ConnectionState.OPEN:
+                await self._send_call(pending)
+            async with asyncio.timeout(timeout_s):
+                return await pending.future
+        finally:
+            self.calls.pop(call_id, None)
+
+    async def _bearer(self) -> str | None:
+        if self.token_provider is None:
+            return None
+        token = self.token_provider()
+        if inspect.isawaitable(token):
+            token = await token
+        return token or None
+
+    async def _send_call(self, pending: _PendingCall) -> None:
+        if pending.future.done():
+            return
+        pending.sent_on = self._generation
+        await self._send(pending.frame)
 
     async def stop(self, id: str) -> None:
         """Stop a request (sent now, or right after the next reconnect)."""
@@ -543,6 +592,21 @@ class Connection:
             self._on_hello(frame)
         elif isinstance(frame, Pong):
             return
+        elif isinstance(frame, Result):
+            pending = self.calls.pop(frame.id, None)
+            if pending is not None and not pending.future.done():
+                pending.future.set_result(frame.data)
+        elif isinstance(frame, ErrorFrame) and frame.seq is None and frame.id in self.calls:
+            pending = self.calls.pop(frame.id)
+            if not pending.future.done():
+                pending.future.set_exception(
+                    CallError(
+                        frame.code,
+                        frame.message,
+                        retryable=frame.retryable,
+                        retry_after_ms=frame.retry_after_ms,
+                    )
+                )
         elif frame.id is not None and frame.seq is not None:
             stream = self.requests.get(frame.id)
             if stream is not None and stream._apply(frame):
@@ -572,6 +636,9 @@ class Connection:
         for stream in list(self.requests.values()):
             if stream._sent_on != generation:
                 await self._send_request(stream)
+        for pending in list(self.calls.values()):
+            if pending.sent_on != generation:
+                await self._send_call(pending)  # its answer was lost with the old socket
 
     async def _send_request(self, stream: ChatStream) -> None:
         if stream.finished or self._refuse_oversize(stream):
@@ -635,6 +702,10 @@ class Connection:
         for stream in list(self.requests.values()):
             stream._fail(CONNECTION_CLOSED, message)
         self.requests.clear()
+        for pending in list(self.calls.values()):
+            if not pending.future.done():
+                pending.future.set_exception(CallError(CONNECTION_CLOSED, message))
+        self.calls.clear()
 
     def _set_state(
         self,
