@@ -4,7 +4,8 @@ One durable pull consumer (``tw-workers``) is shared by every worker, so JetStre
 jobs across them; each worker runs up to ``TOKENWIRE_WORKER_CONCURRENCY`` answers at once and
 the consumer's ``max_ack_pending`` caps the whole cluster. Stops arrive on a core subject that
 every worker hears; the one running the request acts. ``/metrics`` and ``/healthz`` are served
-on the worker's own port through FastStream's ASGI wrapper.
+on the worker's own port through FastStream's ASGI wrapper. Calls (``worker/calls.py``) come
+as core NATS requests to a queue group, so each is answered by exactly one worker.
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ from prometheus_client import make_asgi_app
 from pydantic import ValidationError
 
 from shared.jobs import Job
-from shared.natsedge import RECONNECT_FOREVER, ensure_topology, nats_servers
+from shared.natsedge import RECONNECT_FOREVER, ensure_bucket, ensure_topology, nats_servers, respond
 from shared.settings import Settings
-from shared.subjects import CONTROL_STOP_ALL, JOBS_ALL, JOBS_STREAM
-from shared.topology import job_consumer_config
+from shared.subjects import CALLS_QUEUE, CALLS_SUBJECT, CONTROL_STOP_ALL, JOBS_ALL, JOBS_STREAM
+from shared.topology import job_consumer_config, owner_bucket_config
 from shared.tracing import nats_middlewares
 from worker.bus import NatsBus
+from worker.calls import Calls
 from worker.dify import DifyClient
+from worker.ownership import Ownership
 from worker.queue_gauges import watch_queue
 from worker.readiness import Readiness
 from worker.runner import JobRunner
@@ -41,6 +44,15 @@ from worker.waiting_line import job_intake
 __all__ = ["create_app"]
 
 log = logging.getLogger("tokenwire.worker")
+
+
+#: Calls one worker answers at once (each is one short Dify request).
+CALL_CONCURRENCY = 32
+
+
+def app_names(settings: Settings) -> list[str]:
+    """The configured app names, ``default`` first (what ``apps.list`` shows)."""
+    return ["default", *sorted(name for name in settings.dify_apps if name != "default")]
 
 
 def create_app(settings: Settings) -> AsgiFastStream:
@@ -101,6 +113,22 @@ def create_app(settings: Settings) -> AsgiFastStream:
         if runner.request_stop(key):
             log.info("stop requested", extra={"key": key})
 
+    @broker.subscriber(
+        CALLS_SUBJECT,
+        queue=CALLS_QUEUE,
+        max_workers=CALL_CONCURRENCY,
+        no_reply=True,  # the handler answers, through the NATS edge
+        title="calls",
+        description="Calls to Dify's Service API (request/reply, one worker of the group).",
+    )
+    async def on_call() -> None:
+        msg: NatsMessage = broker.context.get_local("message")
+        calls: Calls | None = holder.get("calls")
+        if calls is None or not msg.raw_message.reply:
+            return
+        reply = await calls.handle(msg.body)
+        await respond(msg.raw_message, reply)
+
     async def startup() -> None:
         await broker.connect()
         nc = broker.connection
@@ -112,6 +140,11 @@ def create_app(settings: Settings) -> AsgiFastStream:
             NatsBus(nc, js, kv), dify, settings, worker_id=f"{socket.gethostname()}:{os.getpid()}"
         )
         holder["lag"] = asyncio.create_task(watch_queue(js))
+        owners_kv, _ = await ensure_bucket(js, owner_bucket_config(settings))
+        owners = Ownership(owners_kv)
+        holder["owners"] = owners
+        runner = holder["runner"]
+        holder["calls"] = Calls(dify, owners, app_names(settings), lambda app: runner.breaker)
         # The startup heap (FastStream, pydantic, httpx) never dies: keep full collections
         # from walking it, which stalled token delivery by tens of ms under load (bench/).
         gc.freeze()
