@@ -25,12 +25,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Iterator
 from typing import Any, Final, NamedTuple
 
 import nats
 import nats.errors
 import nats.js.errors
+from faststream.nats.security import (
+    NatsCredentials,
+    NatsNKey,
+    NatsSecurity,
+    NatsToken,
+    NatsUserPassword,
+)
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy, KeyValueConfig, RawStreamMsg, StreamConfig, StreamState
@@ -44,8 +52,10 @@ from shared.topology import request_bucket_config, stream_configs
 __all__ = [
     "RECONNECT_FOREVER",
     "KvEntry",
+    "broker_security",
     "connect",
     "consumer_lag",
+    "credentials",
     "declare_streams",
     "delivered_upto",
     "ensure_bucket",
@@ -67,6 +77,7 @@ __all__ = [
     "respond",
     "stream_state",
     "subject_count",
+    "tls_context",
 ]
 
 #: How the long-lived processes reconnect: forever, once a second.
@@ -101,10 +112,62 @@ def nats_servers(settings: Settings) -> list[str]:
     return [url.strip() for url in settings.nats_url.split(",") if url.strip()]
 
 
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context for NATS: the system's CAs or ``TOKENWIRE_NATS_TLS_CA_FILE``, plus the
+    client certificate when one is set. None when nothing asks for TLS (a ``tls://`` URL
+    alone gets nats-py's default context)."""
+    if settings.nats_tls_ca_file is None and settings.nats_tls_cert_file is None:
+        return None
+    context = ssl.create_default_context(
+        cafile=str(settings.nats_tls_ca_file) if settings.nats_tls_ca_file else None
+    )
+    if settings.nats_tls_cert_file is not None and settings.nats_tls_key_file is not None:
+        context.load_cert_chain(str(settings.nats_tls_cert_file), str(settings.nats_tls_key_file))
+    return context
+
+
+def credentials(settings: Settings) -> dict[str, Any]:
+    """nats-py's ``connect`` options for the one credential the settings give (and TLS)."""
+    options: dict[str, Any] = {}
+    if settings.nats_user is not None and settings.nats_password is not None:
+        options["user"] = settings.nats_user
+        options["password"] = settings.nats_password.get_secret_value()
+    if settings.nats_token is not None:
+        options["token"] = settings.nats_token.get_secret_value()
+    if settings.nats_nkey_seed_file is not None:
+        options["nkeys_seed"] = str(settings.nats_nkey_seed_file)
+    if settings.nats_creds_file is not None:
+        options["user_credentials"] = str(settings.nats_creds_file)
+    context = tls_context(settings)
+    if context is not None:
+        options["tls"] = context
+    return options
+
+
+def broker_security(settings: Settings) -> NatsSecurity | None:
+    """The same credentials and TLS for FastStream's broker (the worker), which takes them
+    as one ``security`` object."""
+    tls = tls_context(settings)
+    if settings.nats_user is not None and settings.nats_password is not None:
+        return NatsUserPassword(
+            settings.nats_user, settings.nats_password.get_secret_value(), ssl_context=tls
+        )
+    if settings.nats_token is not None:
+        return NatsToken(settings.nats_token.get_secret_value(), ssl_context=tls)
+    if settings.nats_nkey_seed_file is not None:
+        return NatsNKey(settings.nats_nkey_seed_file, ssl_context=tls)
+    if settings.nats_creds_file is not None:
+        return NatsCredentials(str(settings.nats_creds_file), ssl_context=tls)
+    return NatsSecurity(ssl_context=tls) if tls is not None else None
+
+
 async def connect(settings: Settings, *, name: str, **options: Any) -> Client:
-    """One NATS connection named ``name`` (callbacks and reconnect options as nats-py's)."""
+    """One NATS connection named ``name`` (callbacks and reconnect options as nats-py's),
+    with the credentials and TLS of the settings."""
     with map_nats_errors("connect to NATS"):
-        client: Client = await nats.connect(nats_servers(settings), name=name, **options)
+        client: Client = await nats.connect(
+            nats_servers(settings), name=name, **credentials(settings), **options
+        )
     return client
 
 

@@ -42,6 +42,17 @@ class Settings(BaseSettings):
 
     # --- NATS --------------------------------------------------------------------------
     nats_url: str = "nats://127.0.0.1:4222"
+    # Credentials (docs/operations.md, "NATS locked down"): at most one of user and password,
+    # a token, an NKey seed file or a .creds file (JWT + NKey); TLS with your own CA, and a
+    # client certificate when the server verifies clients. Secrets are never logged.
+    nats_user: str | None = None
+    nats_password: SecretStr | None = None
+    nats_token: SecretStr | None = None
+    nats_nkey_seed_file: Path | None = None
+    nats_creds_file: Path | None = None
+    nats_tls_ca_file: Path | None = None
+    nats_tls_cert_file: Path | None = None
+    nats_tls_key_file: Path | None = None
     stream_replicas: int = Field(default=1, ge=1, le=5)
     # Retention of each request's frames for `resume` (seconds).
     frame_ttl_s: float = 15 * 60
@@ -199,6 +210,26 @@ class Settings(BaseSettings):
     def _check_rate(cls, value: str) -> str:
         parse_rate(value)
         return value
+
+    @model_validator(mode="after")
+    def _one_nats_credential(self) -> Settings:
+        if (self.nats_user is None) != (self.nats_password is None):
+            raise ValueError("TOKENWIRE_NATS_USER and TOKENWIRE_NATS_PASSWORD go together")
+        given = [
+            name
+            for name, value in (
+                ("TOKENWIRE_NATS_USER", self.nats_user),
+                ("TOKENWIRE_NATS_TOKEN", self.nats_token),
+                ("TOKENWIRE_NATS_NKEY_SEED_FILE", self.nats_nkey_seed_file),
+                ("TOKENWIRE_NATS_CREDS_FILE", self.nats_creds_file),
+            )
+            if value is not None
+        ]
+        if len(given) > 1:
+            raise ValueError(f"give one NATS credential, not {' and '.join(given)}")
+        if (self.nats_tls_cert_file is None) != (self.nats_tls_key_file is None):
+            raise ValueError("TOKENWIRE_NATS_TLS_CERT_FILE and _KEY_FILE go together")
+        return self
 
     @field_validator("dify_api_url")
     @classmethod

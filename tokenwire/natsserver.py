@@ -149,8 +149,12 @@ class NatsServer:
         ready_timeout: float = 15.0,
         stop_grace: float = 10.0,
         binary: Path | None = None,
+        extra_config: str = "",
     ) -> None:
         self.store_dir = Path(store_dir).absolute()
+        # Appended to the generated config as is: authorization, accounts, tls (tests of a
+        # locked-down NATS use it).
+        self.extra_config = extra_config
         self.host = host
         self.cluster = cluster
         self.jetstream = jetstream
@@ -422,6 +426,8 @@ class NatsServer:
                 f"  routes: [{routes}]",
                 "}",
             ]
+        if self.extra_config:
+            lines.append(self.extra_config.strip())
         return "\n".join(lines) + "\n"
 
     def _rotate_log(self) -> None:

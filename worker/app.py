@@ -27,7 +27,14 @@ from prometheus_client import make_asgi_app
 from pydantic import ValidationError
 
 from shared.jobs import Job
-from shared.natsedge import RECONNECT_FOREVER, ensure_bucket, ensure_topology, nats_servers, respond
+from shared.natsedge import (
+    RECONNECT_FOREVER,
+    broker_security,
+    ensure_bucket,
+    ensure_topology,
+    nats_servers,
+    respond,
+)
 from shared.settings import Settings
 from shared.subjects import CALLS_QUEUE, CALLS_SUBJECT, CONTROL_STOP_ALL, JOBS_ALL, JOBS_STREAM
 from shared.topology import job_consumer_config, owner_bucket_config
@@ -61,6 +68,7 @@ def create_app(settings: Settings) -> AsgiFastStream:
         nats_servers(settings),
         name="tokenwire-worker",
         **RECONNECT_FOREVER,
+        security=broker_security(settings),
         logger=None,
         middlewares=nats_middlewares(settings.otel_endpoint),
     )
