@@ -31,6 +31,7 @@ from shared.settings import Settings
 from shared.subjects import (
     CALLS_SUBJECT,
     FRAMES_STREAM,
+    INPUT_SUBJECT,
     JOB_CHAT,
     connection_frames,
     request_frames_any_connection,
@@ -194,6 +195,18 @@ class GatewayBus:
                 connection_frames(conn), cb=handler, pending_msgs_limit=65536
             )
         return sub
+
+    async def submit_input(self, data: bytes, timeout_s: float) -> bytes:
+        """Hand an answer to a form (shared/human_input.py ``InputRequest``) to one worker;
+        the reply's bytes (shared/calls.py's reply shape)."""
+        if self.nc is None or not self.nc.is_connected:
+            raise BusUnavailable("cannot answer the form: NATS is not connected")
+        try:
+            with map_nats_errors("answer the form"):
+                msg = await self.nc.request(INPUT_SUBJECT, data, timeout=timeout_s)
+        except BusRetryable as exc:
+            raise BusRetryable(f"cannot answer the form: no worker answered ({exc})") from exc
+        return bytes(msg.data)
 
     async def request_stop(self, key: str) -> None:
         """Record the stop (for a job still queued) and tell the worker running it."""

@@ -45,6 +45,7 @@ from gateway.limits import LocalConnections, RequestRate
 from gateway.outbox import Outbox
 from shared.calls import CallRequest, decode_reply, encode_call
 from shared.exceptions import CloseCode, TokenwireError
+from shared.human_input import InputRequest, decode_input_reply
 from shared.logs import trace_id_var
 from shared.session import (
     CallWorker,
@@ -63,6 +64,7 @@ from shared.session import (
     StartReplay,
     StopReplay,
     StoreJob,
+    SubmitInput,
     SubscribeConnection,
     Tally,
     Unsubscribe,
@@ -82,6 +84,8 @@ CLOSE_TIMEOUT_S = 10.0
 _MIN_WAKE_S = 0.005
 
 _SYNC = (Send, Tally, Log, Close)
+# How long an answer to a form may take a worker (one KV read and one Dify call).
+_INPUT_TIMEOUT_S = 20.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,6 +323,8 @@ class Connection:
             self._spawn(self._call(command))
         elif isinstance(command, StoreJob):
             await self._store(command)
+        elif isinstance(command, SubmitInput):
+            self._spawn(self._submit_input(command))
         elif isinstance(command, PublishFrame):
             with contextlib.suppress(TokenwireError):
                 await self.bus.publish_frame(command.subject, command.data)
@@ -382,6 +388,24 @@ class Connection:
             self._dispatch(self.session.call_failed(command.request_id, exc, _now()))
             return
         self._dispatch(self.session.call_answered(command.request_id, data, _now()))
+
+    async def _submit_input(self, command: SubmitInput) -> None:
+        """An answer to a form, to one worker; what it said goes back to the session."""
+        request = InputRequest(
+            key=command.key,
+            form_id=command.form_id,
+            action=command.action,
+            inputs=command.inputs,
+            trace_id=secrets.token_hex(8),
+        )
+        error: TokenwireError | None
+        try:
+            error = decode_input_reply(
+                await self.bus.submit_input(request.to_bytes(), _INPUT_TIMEOUT_S)
+            )
+        except TokenwireError as exc:
+            error = exc
+        self._dispatch(self.session.input_answered(command.request_id, _now(), error))
 
     def _check_deadline(self) -> None:
         """Wake the timer when the session's next deadline came earlier than it sleeps for."""

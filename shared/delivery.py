@@ -11,6 +11,8 @@ so each delivery first finds out where the request stands and then asks this mod
 
        closed already (not replayed) ─────────────► CLOSED   ack, publish nothing
        stop recorded ─────────────────────────────► STOP     end (stopped), never ask Dify
+       a run waits for a human (not put back) ────► WAIT     ack: the pause record holds it
+       Dify runs a workflow for it (run id kept) ─► FOLLOW   read the run's events again
        Dify began it (ids + start kept) ──────────► RECOVER  finish from Dify's history
        Dify began it, no start kept ──────────────► ASK after reset "recovery_failed"
        the client holds part of an older answer ──► ASK after reset "retry" / "replayed"
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from typing import Any, Final
 
@@ -95,6 +97,12 @@ class Kept:
     state: RequestState = RequestState.ACCEPTED
     last_seq: int = 1  # the gateway's ``accepted`` is seq 1
     answer: str = ""
+    #: The last kept frame is the run's ``workflow_paused``: it waits for a human.
+    waiting: bool = field(default=False, compare=False)
+    #: What the client holds of the run's current part (since its last pause): ``event``
+    #: frames and characters of text. Dify's ``/workflow/{id}/events`` replays that part.
+    part_events: int = field(default=0, compare=False)
+    part_text: int = field(default=0, compare=False)
 
     @classmethod
     def of(cls, frames: Iterable[Mapping[str, Any]]) -> Kept:
@@ -107,11 +115,37 @@ class Kept:
                 by_seq.setdefault(seq, frame)
         ordered = [by_seq[seq] for seq in sorted(by_seq)]
         machine = rebuild(str(f.get("type")) for f in ordered)
-        return cls(machine.state, max(by_seq, default=1), _answer_of(ordered))
+        waiting, events, text = _part_of(ordered)
+        return cls(
+            machine.state, max(by_seq, default=1), _answer_of(ordered), waiting, events, text
+        )
 
     @property
     def closed(self) -> bool:
         return self.state in TERMINAL
+
+
+def _part_of(frames: list[Mapping[str, Any]]) -> tuple[bool, int, int]:
+    """(waiting, events, text) of the run's current part, the one Dify's
+    ``/workflow/{id}/events`` replays: from the run's start, or from the event that resumed it
+    after its last pause (``human_input_form_filled`` or ``_timeout``)."""
+    waiting = False
+    events = text = 0
+    for frame in frames:
+        kind = frame.get("type")
+        if kind == "event" and frame.get("event") in _RESUMING_EVENTS:
+            events = text = 0
+        if kind == "event":
+            events += 1
+        elif kind == "delta":
+            text += len(str(frame.get("text", "")))
+        elif kind in ("replace", "reset"):
+            events = text = 0  # answered again from the start (never within a run's part)
+        waiting = kind == "event" and frame.get("event") == "workflow_paused"
+    return waiting, events, text
+
+
+_RESUMING_EVENTS: Final = frozenset({"human_input_form_filled", "human_input_form_timeout"})
 
 
 def _answer_of(frames: Iterable[Mapping[str, Any]]) -> str:
@@ -133,6 +167,8 @@ def _answer_of(frames: Iterable[Mapping[str, Any]]) -> str:
 class Action(Enum):
     CLOSED = "closed"  # an earlier delivery closed the request and died before its ack
     STOP = "stop"  # the client stopped it before this delivery ran
+    WAIT = "wait"  # the run waits for a human: nothing to do until the form is answered
+    FOLLOW = "follow"  # Dify runs a workflow for it: read the run's events (continue it)
     RECOVER = "recover"  # Dify is answering it already: read the answer from its history
     ASK = "ask"  # ask Dify (after ``Plan.reset``, when set)
 
@@ -146,14 +182,27 @@ class Plan:
     reopen: bool = False
 
 
-def plan(kept: Kept, ids: DifyIds | None, *, replay: bool, stop_requested: bool) -> Plan:
+def plan(
+    kept: Kept,
+    ids: DifyIds | None,
+    *,
+    replay: bool,
+    stop_requested: bool,
+    waiting: bool = False,
+) -> Plan:
     """The first move of a delivery. ``ids``: what Dify named the request in an earlier
     delivery (None if it never began); ``replay``: an operator put the job back after it was
-    dead-lettered, so its earlier end does not count."""
+    dead-lettered, so its earlier end does not count; ``waiting``: this copy of the job paused
+    the run for a human, and nobody answered yet."""
     if kept.closed and not replay:
         return Plan(Action.CLOSED)
     if stop_requested:
         return Plan(Action.STOP)
+    if waiting and not replay:
+        return Plan(Action.WAIT)  # the worker that paused it died before its ack
+    if ids is not None and ids.workflow_run_id and not replay:
+        # Dify runs it and keeps every event of the run: follow it instead of running it twice.
+        return Plan(Action.FOLLOW)
     if ids is not None and ids.message_id and not replay:
         # Dify began this answer and keeps generating without its client: asking again would
         # bill twice and put two answers in the conversation.
@@ -392,6 +441,7 @@ class JobStatus(StrEnum):
 
     RUNNING = "running"
     QUEUED = "queued"
+    WAITING = "waiting"  # a run waiting for a human: no worker holds it
     DONE = "done"
     DEAD = "dead"
 

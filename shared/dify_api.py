@@ -3,7 +3,9 @@
 The stream itself is mapped in :mod:`shared.mapping`; this module holds the rest of the Dify
 mapping, so that ``worker/dify.py`` only moves bytes:
 
-* :func:`dify_body` — the JSON body of ``POST /chat-messages`` for a job;
+* :func:`dify_body` — the JSON body of ``POST /chat-messages`` for a job, and
+  :func:`request_body` the body for any app kind (completion, workflow);
+* :func:`form_body` and :func:`form_rejection` — answering a human-input form;
 * :func:`rejection` — the tokenwire error for a non-200 answer (Dify's first error path, before
   the stream: a JSON ``{code, message, status}``; NOTES.md describes both paths);
 * :class:`HistoryMessage` and :func:`find_history_message` — one message of
@@ -19,10 +21,28 @@ from typing import Any
 
 import orjson
 
-from shared.exceptions import DifyRejected, DifyUnavailable, ErrorCode, UpstreamError
+from shared.apps import AppKind
+from shared.exceptions import (
+    DifyRejected,
+    DifyUnavailable,
+    ErrorCode,
+    FormClosed,
+    NotFound,
+    TokenwireError,
+    UpstreamError,
+)
 from shared.jobs import Job
 
-__all__ = ["DifyIds", "HistoryMessage", "dify_body", "find_history_message", "rejection"]
+__all__ = [
+    "DifyIds",
+    "HistoryMessage",
+    "dify_body",
+    "find_history_message",
+    "form_body",
+    "form_rejection",
+    "rejection",
+    "request_body",
+]
 
 
 def dify_body(job: Job) -> dict[str, Any]:
@@ -39,6 +59,39 @@ def dify_body(job: Job) -> dict[str, Any]:
     if job.files:
         body["files"] = job.files
     return body
+
+
+def request_body(job: Job, kind: AppKind) -> dict[str, Any]:
+    """The body for ``job`` at the endpoint of an app of ``kind`` (streaming mode): a chat's
+    as :func:`dify_body`; a completion's ``inputs``, ``query``, ``files``; a workflow's
+    ``inputs`` and ``files`` (Dify's ``WorkflowRunPayload``)."""
+    if kind not in (AppKind.COMPLETION, AppKind.WORKFLOW):
+        return dify_body(job)
+    body: dict[str, Any] = {"inputs": job.inputs, "response_mode": "streaming", "user": job.user}
+    if kind is AppKind.COMPLETION:
+        body["query"] = job.query
+    if job.files:
+        body["files"] = job.files
+    return body
+
+
+def form_body(inputs: dict[str, Any], action: str, user: str) -> dict[str, Any]:
+    """The body of ``POST /form/human_input/{form_token}``, as the request's own user."""
+    return {"inputs": inputs, "action": action, "user": user}
+
+
+def form_rejection(status: int, body: bytes) -> TokenwireError:
+    """A refused form: Dify's 412 ``human_input_form_submitted``/``_expired`` become
+    ``form_submitted``/``form_expired``; a form Dify does not know is ``not_found``."""
+    error = rejection(status, body)
+    code = error.upstream_code if isinstance(error, UpstreamError) else None
+    if code == "human_input_form_submitted":
+        return FormClosed("the form was already answered", code=ErrorCode.FORM_SUBMITTED)
+    if code == "human_input_form_expired":
+        return FormClosed("the form has expired", code=ErrorCode.FORM_EXPIRED)
+    if status == 404:
+        return NotFound("no such form")
+    return error
 
 
 def rejection(status: int, body: bytes) -> UpstreamError:
@@ -116,12 +169,20 @@ class DifyIds:
     task_id: str | None
     message_id: str | None
     conversation_id: str | None
+    #: Workflow apps and chatflows: the run Dify started (its events can be read again).
+    workflow_run_id: str | None = None
+
+    @property
+    def began(self) -> bool:
+        """Dify named the answer (a message or a workflow run): it is generating it."""
+        return bool(self.message_id or self.workflow_run_id)
 
     def to_record(self) -> dict[str, str | None]:
         return {
             "task_id": self.task_id,
             "message_id": self.message_id,
             "conversation_id": self.conversation_id,
+            "workflow_run_id": self.workflow_run_id,
         }
 
     @classmethod
@@ -134,4 +195,6 @@ class DifyIds:
             item = value.get(name)
             return item if isinstance(item, str) and item else None
 
-        return cls(text("task_id"), text("message_id"), text("conversation_id"))
+        return cls(
+            text("task_id"), text("message_id"), text("conversation_id"), text("workflow_run_id")
+        )

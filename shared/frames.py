@@ -35,6 +35,7 @@ __all__ = [
     "Event",
     "FileRef",
     "Hello",
+    "InputFrame",
     "PingFrame",
     "Pong",
     "Queued",
@@ -42,6 +43,7 @@ __all__ = [
     "Reset",
     "Result",
     "ResumeFrame",
+    "RunFrame",
     "ServerFrame",
     "Start",
     "StopFrame",
@@ -143,6 +145,10 @@ class End:
     usage: dict[str, Any] | None = None
     retriever_resources: list[Any] = field(default_factory=list)
     stopped: bool = False
+    # A workflow run's end (``run``): Dify's workflow_finished outputs, status and run id.
+    outputs: dict[str, Any] | None = None
+    status: str | None = None
+    workflow_run_id: str | None = None
     type: Literal["end"] = "end"
 
 
@@ -288,6 +294,27 @@ class ChatFrame(_Frame):
     app: Annotated[str, StringConstraints(pattern=_APP_RE)] | None = None
 
 
+class RunFrame(_Frame):
+    """A one-shot app (workflow, completion): answered by the same frames as a ``chat``."""
+
+    type: Literal["run"]
+    id: RequestId
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    query: str = ""  # completion apps
+    files: list[FileRef] = Field(default_factory=list)
+    app: Annotated[str, StringConstraints(pattern=_APP_RE)] | None = None
+
+
+class InputFrame(_Frame):
+    """The answer to the human-input form that request ``id`` waits on."""
+
+    type: Literal["input"]
+    id: RequestId
+    form_id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    action: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    inputs: dict[str, Any] = Field(default_factory=dict)
+
+
 class StopFrame(_Frame):
     type: Literal["stop"]
     id: RequestId
@@ -317,7 +344,9 @@ class CallFrame(_Frame):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-ClientFrame = ChatFrame | StopFrame | ResumeFrame | PingFrame | AuthFrame | CallFrame
+ClientFrame = (
+    ChatFrame | StopFrame | ResumeFrame | PingFrame | AuthFrame | CallFrame | RunFrame | InputFrame
+)
 _CLIENT_TYPES: Final[
     dict[
         str,
@@ -326,7 +355,9 @@ _CLIENT_TYPES: Final[
         | type[ResumeFrame]
         | type[PingFrame]
         | type[AuthFrame]
-        | type[CallFrame],
+        | type[CallFrame]
+        | type[RunFrame]
+        | type[InputFrame],
     ]
 ] = {
     "chat": ChatFrame,
@@ -335,6 +366,8 @@ _CLIENT_TYPES: Final[
     "ping": PingFrame,
     "auth": AuthFrame,
     "call": CallFrame,
+    "run": RunFrame,
+    "input": InputFrame,
 }
 
 
@@ -396,6 +429,8 @@ def decode_client_frame(data: bytes | str, limits: ClientLimits) -> ClientFrame:
         frame: ClientFrame = model.model_validate(obj)
         if isinstance(frame, ChatFrame):
             _check_chat(frame, limits)
+        elif isinstance(frame, RunFrame | InputFrame):
+            _check_run(frame, limits)
         elif isinstance(frame, CallFrame) and (
             _depth(frame.params, limits.max_inputs_depth) > limits.max_inputs_depth
         ):
@@ -423,3 +458,16 @@ def _check_chat(frame: ChatFrame, limits: ClientLimits) -> None:
             raise FrameError(f"inputs: nested deeper than {limits.max_inputs_depth} levels")
     if len(frame.files) > limits.max_files:
         raise FrameError(f"files: more than {limits.max_files} files")
+
+
+def _check_run(frame: RunFrame | InputFrame, limits: ClientLimits) -> None:
+    if isinstance(frame, RunFrame):
+        if len(frame.query) > limits.max_query_chars:
+            raise FrameError(f"query: longer than {limits.max_query_chars} characters")
+        if len(frame.files) > limits.max_files:
+            raise FrameError(f"files: more than {limits.max_files} files")
+    if frame.inputs:
+        if len(orjson.dumps(frame.inputs)) > limits.max_inputs_bytes:
+            raise FrameError(f"inputs: larger than {limits.max_inputs_bytes} bytes")
+        if _depth(frame.inputs, limits.max_inputs_depth) > limits.max_inputs_depth:
+            raise FrameError(f"inputs: nested deeper than {limits.max_inputs_depth} levels")

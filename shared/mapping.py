@@ -10,7 +10,19 @@ How this works: the worker feeds every SSE event of Dify's stream into a
   ``message_replace``/``text_replace`` into ``replace``, and an in-band ``error`` into ``error``;
 * passes every other event on as ``event`` with its fields, including ones Dify adds later;
 * remembers ``message_end``'s usage and resources but sends ``end`` only from :meth:`finish`,
-  at EOF, because TTS events may follow ``message_end``.
+  at EOF, because TTS events may follow ``message_end``;
+* for a workflow app (``workflow=True``), keeps ``workflow_finished``'s ``outputs``, ``status``
+  and ``workflow_run_id`` for that ``end`` instead of passing the event on;
+* strips every ``form_token`` from what it passes on (``human_input_required``, the
+  ``reasons`` of ``workflow_paused``) and keeps the forms in :attr:`forms` for the worker, which
+  stores them server-side; after ``workflow_paused`` the stream's end is no cut: the request
+  stays open (:attr:`paused`) until a human answers;
+* does not double the newer Agent mode's answer: after ``agent_message`` deltas, a closing
+  ``message`` carrying the whole answer sends only what is missing (or a ``replace``);
+* when following a run whose current part the client already partly holds (``skip_events``
+  events and ``skip_text`` characters of text, counted from the kept frames), drops that much
+  of the replayed part first; following a run that paused (``skip_pause``), drops the replayed
+  announcement of the pause, through its ``workflow_paused`` (or until the run resumes).
 
 A :class:`~shared.state.RequestMachine` guards the output: nothing follows ``end``/``error``.
 """
@@ -21,19 +33,54 @@ from typing import Any, Final
 
 import orjson
 
+from shared.dify_api import DifyIds
 from shared.exceptions import DifyStreamCut, DifyStreamError, TokenwireError
 from shared.frames import Delta, End, ErrorFrame, Event, Replace, ServerFrame, Start, error_frame
 from shared.sequencing import SeqCounter
 from shared.sse import SSEEvent
 from shared.state import RequestMachine, RequestState
 
-__all__ = ["DELTA_EVENTS", "REPLACE_EVENTS", "DifyStreamMapper"]
+__all__ = ["DELTA_EVENTS", "REPLACE_EVENTS", "DifyStreamMapper", "PendingForm", "scrub_tokens"]
 
 DELTA_EVENTS: Final = frozenset({"message", "agent_message"})
 REPLACE_EVENTS: Final = frozenset({"message_replace"})
 # Events after which the answer is complete (chat apps / workflow apps).
 COMPLETING_EVENTS: Final = frozenset({"message_end", "workflow_finished"})
 _ENVELOPE: Final = ("event",)
+_SECRET_FIELDS: Final = frozenset({"form_token"})
+_RESUMING: Final = frozenset({"human_input_form_filled", "human_input_form_timeout"})
+
+
+def scrub_tokens(value: Any) -> Any:
+    """``value`` without any ``form_token``, however deep: a form's token never leaves the
+    worker (whoever holds it can answer the form at Dify)."""
+    if isinstance(value, dict):
+        return {k: scrub_tokens(v) for k, v in value.items() if k not in _SECRET_FIELDS}
+    if isinstance(value, list):
+        return [scrub_tokens(v) for v in value]
+    return value
+
+
+class PendingForm:
+    """A human-input form Dify is waiting on: what the worker keeps server-side."""
+
+    __slots__ = ("expiration_time", "form_id", "form_token", "node_id")
+
+    def __init__(
+        self, form_id: str, form_token: str, node_id: str | None, expiration_time: int | None
+    ) -> None:
+        self.form_id = form_id
+        self.form_token = form_token
+        self.node_id = node_id
+        self.expiration_time = expiration_time
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "form_id": self.form_id,
+            "form_token": self.form_token,
+            "node_id": self.node_id,
+            "expiration_time": self.expiration_time,
+        }
 
 
 class DifyStreamMapper:
@@ -44,17 +91,34 @@ class DifyStreamMapper:
         request_id: str,
         seq: SeqCounter,
         machine: RequestMachine | None = None,
+        *,
+        workflow: bool = False,
+        ids: DifyIds | None = None,
+        skip_events: int = 0,
+        skip_text: int = 0,
+        skip_pause: bool = False,
     ) -> None:
         self.request_id = request_id
         self.seq = seq
         self.machine = machine or RequestMachine(RequestState.ACCEPTED)
-        self.conversation_id: str | None = None
-        self.message_id: str | None = None
-        self.task_id: str | None = None
+        self.workflow = workflow
+        self.conversation_id: str | None = ids.conversation_id if ids else None
+        self.message_id: str | None = ids.message_id if ids else None
+        self.task_id: str | None = ids.task_id if ids else None
+        self.workflow_run_id: str | None = ids.workflow_run_id if ids else None
         self.usage: dict[str, Any] | None = None
         self.retriever_resources: list[Any] = []
+        self.outputs: dict[str, Any] | None = None
+        self.status: str | None = None
         self.completed = False
+        self.paused = False
+        #: Forms Dify sent since the caller last took them (:meth:`take_forms`).
+        self.forms: list[PendingForm] = []
         self._parts: list[str] = []
+        self._agent_text = False  # agent_message deltas came: a closing `message` is whole
+        self._skip_events = skip_events
+        self._skip_text = skip_text
+        self._skip_pause = skip_pause
 
     # --- what a caller may ask ----------------------------------------------------------
 
@@ -67,6 +131,18 @@ class DifyStreamMapper:
     def answer(self) -> str:
         """The answer so far, with replacements applied."""
         return "".join(self._parts)
+
+    @property
+    def began(self) -> bool:
+        """Dify named the answer (message or workflow run): record the ids before ``start``."""
+        return self.message_id is not None or self.workflow_run_id is not None
+
+    def ids(self) -> DifyIds:
+        return DifyIds(self.task_id, self.message_id, self.conversation_id, self.workflow_run_id)
+
+    def take_forms(self) -> list[PendingForm]:
+        forms, self.forms = self.forms, []
+        return forms
 
     # --- input ---------------------------------------------------------------------------
 
@@ -93,16 +169,25 @@ class DifyStreamMapper:
             return [self._error(obj)]
         out: list[ServerFrame] = []
         self._learn_ids(obj)
+        if self._skip_pause:
+            if name not in _RESUMING:
+                if name == "workflow_paused":
+                    self._skip_pause = False
+                return out  # the client holds the pause's announcement already
+            self._skip_pause = False
         if self.machine.state is not RequestState.STARTED:
             out.append(self._stamp_start())
-        if name in DELTA_EVENTS:
+        if name == "message" and self._agent_text:
+            out += self._whole_answer(obj.get("answer"))
+        elif name in DELTA_EVENTS:
             text = obj.get("answer")
             if isinstance(text, str) and text:
-                out.append(self._delta(text))
+                self._agent_text = self._agent_text or name == "agent_message"
+                out += self._text(text)
         elif name == "text_chunk":
             text = _data(obj).get("text")
             if isinstance(text, str) and text:
-                out.append(self._delta(text))
+                out += self._text(text)
         elif name in REPLACE_EVENTS or name == "text_replace":
             text = obj.get("answer") if name in REPLACE_EVENTS else _data(obj).get("text")
             out.append(self._replace(text if isinstance(text, str) else ""))
@@ -114,17 +199,34 @@ class DifyStreamMapper:
                 resources = metadata.get("retriever_resources")
                 self.retriever_resources = resources if isinstance(resources, list) else []
             self.completed = True
+        elif name == "workflow_finished" and self.workflow:
+            data = _data(obj)
+            outputs = data.get("outputs")
+            self.outputs = outputs if isinstance(outputs, dict) else {}
+            status = data.get("status")
+            self.status = status if isinstance(status, str) else None
+            self.completed = True
         else:
             if name in COMPLETING_EVENTS:
                 self.completed = True
-            out.append(self._event(name, obj))
+            if self._skip_events > 0:
+                self._skip_events -= 1  # the client holds it from before: replayed by Dify
+                return out
+            if name == "human_input_required":
+                self._learn_form(_data(obj))
+            elif name == "workflow_paused":
+                self.paused = True
+            elif name in ("human_input_form_filled", "human_input_form_timeout"):
+                self.paused = False
+            out.append(self._event(name, scrub_tokens(obj)))
         return out
 
     # --- endings -------------------------------------------------------------------------
 
     def finish(self) -> list[ServerFrame]:
-        """Dify's stream reached EOF: ``end`` if the answer completed, else raise DifyStreamCut."""
-        if self.machine.done:
+        """Dify's stream reached EOF: ``end`` if the answer completed, else raise DifyStreamCut
+        (nothing when the run paused for a human: the request stays open)."""
+        if self.machine.done or (self.paused and not self.completed):
             return []
         if not self.completed:
             raise DifyStreamCut("Dify's stream ended before the answer was complete")
@@ -146,10 +248,44 @@ class DifyStreamMapper:
     # --- helpers -------------------------------------------------------------------------
 
     def _learn_ids(self, obj: dict[str, Any]) -> None:
-        for attr in ("conversation_id", "message_id", "task_id"):
+        for attr in ("conversation_id", "message_id", "task_id", "workflow_run_id"):
             value = obj.get(attr)
             if isinstance(value, str) and value and getattr(self, attr) is None:
                 setattr(self, attr, value)
+
+    def _learn_form(self, data: dict[str, Any]) -> None:
+        form_id, token = data.get("form_id"), data.get("form_token")
+        if isinstance(form_id, str) and isinstance(token, str) and token:
+            node = data.get("node_id")
+            expiry = data.get("expiration_time")
+            self.forms.append(
+                PendingForm(
+                    form_id,
+                    token,
+                    node if isinstance(node, str) else None,
+                    expiry if isinstance(expiry, int) and not isinstance(expiry, bool) else None,
+                )
+            )
+
+    def _text(self, text: str) -> list[ServerFrame]:
+        """A delta, less what the client already holds of a replayed part."""
+        if self._skip_text:
+            dropped = min(self._skip_text, len(text))
+            self._skip_text -= dropped
+            text = text[dropped:]
+            if not text:
+                return []
+        return [self._delta(text)]
+
+    def _whole_answer(self, answer: Any) -> list[ServerFrame]:
+        """The newer Agent mode's closing ``message``: the whole answer, not a delta."""
+        text = answer if isinstance(answer, str) else ""
+        held = self.answer
+        if text == held or not text:
+            return []
+        if text.startswith(held):
+            return [self._delta(text[len(held) :])]
+        return [self._replace(text)]
 
     def _stamp_start(self) -> Start:
         self.machine.emit("start")
@@ -182,8 +318,19 @@ class DifyStreamMapper:
             message_id=self.message_id,
             usage=self.usage,
             retriever_resources=self.retriever_resources,
-            stopped=stopped,
+            stopped=stopped or self.status == "stopped",
+            **self._run_fields(),
         )
+
+    def _run_fields(self) -> dict[str, Any]:
+        """A workflow run's ``end`` fields (none for a chat: its ``end`` keeps its shape)."""
+        if not self.workflow:
+            return {}
+        return {
+            "outputs": self.outputs or {},
+            "status": self.status or ("stopped" if self.outputs is None else None),
+            "workflow_run_id": self.workflow_run_id,
+        }
 
     def _error(self, obj: dict[str, Any]) -> ErrorFrame:
         self._learn_ids(obj)

@@ -86,10 +86,12 @@ from shared.frames import (
     ChatFrame,
     ClientLimits,
     Hello,
+    InputFrame,
     PingFrame,
     Pong,
     Result,
     ResumeFrame,
+    RunFrame,
     StopFrame,
     decode_client_frame,
     encode,
@@ -131,6 +133,7 @@ __all__ = [
     "StartReplay",
     "StopReplay",
     "StoreJob",
+    "SubmitInput",
     "SubscribeConnection",
     "Tally",
     "Unsubscribe",
@@ -142,7 +145,7 @@ __all__ = [
 SERVER_NAME: Final = "tokenwire/0.1"
 #: What ``hello.features`` announces: the parts of protocol v1's second part this gateway
 #: serves. Add "run" and "input" here when their frames are served.
-FEATURES: Final[tuple[str, ...]] = ("call", "files")
+FEATURES: Final[tuple[str, ...]] = ("call", "files", "run", "input")
 # How long frames may wait behind a missing one before the request is read from the stream.
 GAP_WAIT_S: Final = 1.0
 # The longest pause between attempts to read a request back while JetStream cannot answer.
@@ -247,6 +250,18 @@ class CallWorker:
 
 
 @dataclass(frozen=True, slots=True)
+class SubmitInput:
+    """Hand a human's answer to the form request ``key`` waits on to a worker; answer
+    :meth:`Session.input_answered` (``error`` None: the run continues on the request)."""
+
+    request_id: str
+    key: str
+    form_id: str
+    action: str
+    inputs: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class StoreJob:
     """Store the job durably; answer :meth:`Session.job_stored` or ``store_failed``."""
 
@@ -342,6 +357,7 @@ Command = (
     | CheckCallRate
     | CallWorker
     | StoreJob
+    | SubmitInput
     | PublishFrame
     | RequestStop
     | LookUp
@@ -512,7 +528,9 @@ class Session:
         self._new_trace_id = new_trace_id
         self._rate = Rate.parse(config.frame_rate, config.frame_burst)
         self._bucket: BucketState | None = None
-        self._admitting: dict[str, ChatFrame] = {}  # chats waiting for their rate check
+        # chats and runs waiting for their rate check
+        self._admitting: dict[str, ChatFrame | RunFrame] = {}
+        self._inputs: set[str] = set()  # request ids whose form answer a worker is handling
         self._calls: dict[str, CallFrame] = {}  # calls waiting for their rate check or answer
         self._resolving: dict[str, ResumeFrame] = {}  # resumes waiting for their look-up
         self._replays: dict[int, tuple[str, ReplayPurpose]] = {}  # serial -> (id, purpose)
@@ -664,8 +682,10 @@ class Session:
         except ClientError as exc:
             return self._refuse_frame(data, exc)
         out: list[Command] = [Tally(Metric.FRAME_IN, frame.type)]
-        if isinstance(frame, ChatFrame):
+        if isinstance(frame, ChatFrame | RunFrame):
             out += self._chat(frame, user_inflight)
+        elif isinstance(frame, InputFrame):
+            out += self._input(frame)
         elif isinstance(frame, StopFrame):
             out.append(RequestStop(request_key(self.user, frame.id)))
         elif isinstance(frame, ResumeFrame):
@@ -746,7 +766,7 @@ class Session:
         except ClientError:
             frame = None
         out: list[Command] = [Tally(Metric.REFUSAL, "rate_limit")]
-        if isinstance(frame, ChatFrame) and not self._holds(frame.id):
+        if isinstance(frame, ChatFrame | RunFrame) and not self._holds(frame.id):
             out.append(self._error(exc, frame.id, 1))
         else:
             out.append(self._error(exc))
@@ -767,7 +787,33 @@ class Session:
             out.append(self._error(exc))
         return out
 
-    def _chat(self, frame: ChatFrame, user_inflight: int) -> list[Command]:
+    # --- human input ----------------------------------------------------------------------
+
+    def _input(self, frame: InputFrame) -> list[Command]:
+        """An answer to a form: the request key is the user's own, so another user's id names
+        no request at all (``not_found`` from the worker, nothing reaches Dify)."""
+        if frame.id in self._inputs:
+            exc = DuplicateRequest(f"an answer to request {frame.id!r} is already on its way")
+            return [self._error(exc, frame.id)]
+        self._inputs.add(frame.id)
+        key = request_key(self.user, frame.id)
+        return [SubmitInput(frame.id, key, frame.form_id, frame.action, dict(frame.inputs))]
+
+    def input_answered(
+        self, request_id: str, now: float, error: TokenwireError | None = None
+    ) -> list[Command]:
+        """The worker submitted the answer (the run goes on in the request's own frames), or
+        refused it: an ``error`` with the request's ``id`` and no ``seq`` (it does not end the
+        request: a form that expired or was answered elsewhere leaves the run to Dify)."""
+        self._inputs.discard(request_id)
+        self.last_activity = now
+        if self.state is not ConnectionState.OPEN:
+            return []
+        if error is None:
+            return [Log(logging.INFO, "form answered")]
+        return [self._error(error, request_id)]
+
+    def _chat(self, frame: ChatFrame | RunFrame, user_inflight: int) -> list[Command]:
         if self._holds(frame.id):
             return [
                 self._error(
@@ -811,8 +857,11 @@ class Session:
             user=self.user,
             conn=self.conn_id,
             reply=request_frames(self.conn_id, key),
+            kind=frame.type,
             query=frame.query,
-            conversation_id=frame.conversation_id or None,
+            conversation_id=(
+                (frame.conversation_id or None) if isinstance(frame, ChatFrame) else None
+            ),
             inputs=frame.inputs,
             files=[f.model_dump(exclude_none=True) for f in frame.files],
             app=frame.app,

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from shared.apps import AppSpec, parse_apps_json
 from shared.ratelimit import parse_rate, rate_count
 
 __all__ = ["Settings", "get_settings"]
@@ -159,8 +160,16 @@ class Settings(BaseSettings):
     # Keep the pod's terminationGracePeriodSeconds above it (deploy/k8s: 75 s).
     worker_drain_s: float = Field(default=60.0, ge=0)
     worker_metrics_port: int = 9100
-    # Optional extra Dify apps, chosen by a chat's `app` field: {"sales": "app-..."}.
-    dify_apps: dict[str, SecretStr] = Field(default_factory=dict)
+    # Dify apps by name, chosen by a frame's `app` field (shared/apps.py): {"sales": "app-..."}
+    # or {"sales": {"url": ".../v1", "key": "app-...", "max_active": 4}}; or the same JSON in
+    # the file TOKENWIRE_DIFY_APPS_FILE (a mounted Secret; the environment's entries win).
+    dify_apps: dict[str, AppSpec | SecretStr] = Field(default_factory=dict)
+    dify_apps_file: Path | None = None
+    # An app's cluster-wide stream slots (max_active) expire this long after their holder
+    # last refreshed them: a killed worker's slots free themselves.
+    app_slot_ttl_s: float = Field(default=15.0, ge=1)
+    # How often a request waiting for one of its app's slots tries again.
+    app_slot_poll_s: float = Field(default=0.25, gt=0)
     # Retrying while Dify is down (refused, timeouts before the first byte, 429, 5xx).
     job_max_attempts: int = Field(default=30, ge=1)
     job_max_age_s: float = Field(default=3600.0, gt=0)
@@ -204,6 +213,19 @@ class Settings(BaseSettings):
             with contextlib.suppress(ValueError, TypeError, AttributeError):
                 data = {**data, "rate_burst": max(1, int(rate_count(rate)))}
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apps_from_file(cls, data: Any) -> Any:
+        """``TOKENWIRE_DIFY_APPS_FILE``: the apps table in a file; the environment's own
+        ``TOKENWIRE_DIFY_APPS`` entries are laid over it."""
+        if not isinstance(data, dict) or not data.get("dify_apps_file"):
+            return data
+        table = parse_apps_json(Path(str(data["dify_apps_file"])).read_bytes())
+        inline = data.get("dify_apps")
+        if isinstance(inline, str):
+            inline = parse_apps_json(inline)
+        return {**data, "dify_apps": {**table, **(inline or {})}}
 
     @field_validator("rate_per_user", "frame_rate", "call_rate_per_user")
     @classmethod

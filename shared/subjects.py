@@ -7,6 +7,10 @@ Layout::
                                      (stream TW_FRAMES keeps them for resume; the owning gateway
                                      reads them live with one core subscription per connection)
     tw.ctl.stop.<key>                stop request <key> (every worker listens; the owner acts)
+    tw.ctl.input                     a human's answer to the form a request waits on
+                                     (request/reply, queue group ``tw-input``)
+    tw.jobs.continue                 a run put back after its form was answered (or stopped
+                                     while it waited): follow what Dify continues
     tw.dead.chat                     jobs that exhausted their attempts (stream TW_DEAD)
     tw.calls                         ``call`` requests (core request/reply, queue group
                                      ``tw-calls``: one worker answers each)
@@ -24,6 +28,10 @@ scope them: key ``<kind>.<id>``). Keys of ``tw_requests``::
     <key>.dify                       the ids Dify gave the request (task, message, conversation)
     <key>.lease                      the delivery that owns the request (set on redelivery)
     <key>.job                        the job's state for operators (``tokenwire jobs``)
+    <key>.pause                      a run waiting for a human: its form (and form token,
+                                     never sent to a client), the job, how often it continued
+
+``tw_app_slots``: an app's cluster-wide stream slots (``max_active``), key ``<app>.<slot>``.
 
 ``<key>`` is :func:`request_key`: a hash of (user, client id), so ids chosen by clients never
 reach a subject, two users' ids never collide, and only the same user can name a request again
@@ -36,6 +44,7 @@ import hashlib
 import secrets
 
 __all__ = [
+    "APP_SLOTS_BUCKET",
     "CALLS_QUEUE",
     "CALLS_SUBJECT",
     "CONNECTIONS_BUCKET",
@@ -45,16 +54,20 @@ __all__ = [
     "DEAD_STREAM",
     "FRAMES_ALL",
     "FRAMES_STREAM",
+    "INPUT_QUEUE",
+    "INPUT_SUBJECT",
     "JOBS_ALL",
     "JOBS_STREAM",
     "JOB_CHAT",
     "JOB_CONSUMER",
+    "JOB_CONTINUE",
     "OWNERS_BUCKET",
     "RATES_BUCKET",
     "REQUESTS_BUCKET",
     "UPLOADS_ALL",
     "UPLOADS_STREAM",
     "UPLOADS_SUBJECT",
+    "app_slot_key",
     "call_rate_key",
     "connection_frames",
     "connection_slot_key",
@@ -62,6 +75,7 @@ __all__ = [
     "lease_key",
     "new_connection_id",
     "owner_key",
+    "pause_key",
     "rate_key",
     "request_frames",
     "request_frames_any_connection",
@@ -85,6 +99,10 @@ FRAMES_STREAM = "TW_FRAMES"
 FRAMES_ALL = "tw.frames.>"
 
 CONTROL_STOP_ALL = "tw.ctl.stop.*"
+INPUT_SUBJECT = "tw.ctl.input"
+INPUT_QUEUE = "tw-input"
+JOB_CONTINUE = "tw.jobs.continue"
+APP_SLOTS_BUCKET = "tw_app_slots"
 
 REQUESTS_BUCKET = "tw_requests"
 CONNECTIONS_BUCKET = "tw_connections"
@@ -177,3 +195,13 @@ def lease_key(key: str) -> str:
 def status_key(key: str) -> str:
     """The request-bucket key holding the job's state for operators (``tokenwire jobs``)."""
     return f"{key}.job"
+
+
+def pause_key(key: str) -> str:
+    """The request-bucket key of a run waiting for a human (its form token stays here)."""
+    return f"{key}.pause"
+
+
+def app_slot_key(app: str, slot: int) -> str:
+    """KV key of one of ``app``'s cluster-wide stream slots (app names are ``[A-Za-z0-9_-]``)."""
+    return f"{app}.{slot}"

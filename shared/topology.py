@@ -52,6 +52,7 @@ from shared.subjects import (
 )
 
 __all__ = [
+    "app_slots_bucket_config",
     "connection_bucket_config",
     "job_consumer_config",
     "owner_bucket_config",
@@ -169,4 +170,16 @@ def upload_stream_config(settings: Settings) -> dict[str, Any]:
         "max_age": settings.upload_stage_ttl_s,
         "discard": "old",
         "allow_direct": True,
+    }
+
+
+def app_slots_bucket_config(settings: Settings) -> dict[str, Any]:
+    """The KV bucket of apps' cluster-wide stream slots (``max_active``): ``ttl`` =
+    ``TOKENWIRE_APP_SLOT_TTL_S``, so a killed worker's slots free themselves."""
+    return {
+        "bucket": "tw_app_slots",
+        "ttl": settings.app_slot_ttl_s,
+        "storage": "file",
+        "replicas": settings.stream_replicas,
+        "history": 1,
     }

@@ -11,6 +11,7 @@ as core NATS requests to a queue group, so each is answered by exactly one worke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -26,6 +27,7 @@ from opentelemetry import trace
 from prometheus_client import make_asgi_app
 from pydantic import ValidationError
 
+from shared.exceptions import TokenwireError
 from shared.jobs import Job
 from shared.natsedge import (
     RECONNECT_FOREVER,
@@ -36,12 +38,21 @@ from shared.natsedge import (
     respond,
 )
 from shared.settings import Settings
-from shared.subjects import CALLS_QUEUE, CALLS_SUBJECT, CONTROL_STOP_ALL, JOBS_ALL, JOBS_STREAM
+from shared.subjects import (
+    CALLS_QUEUE,
+    CALLS_SUBJECT,
+    CONTROL_STOP_ALL,
+    INPUT_QUEUE,
+    INPUT_SUBJECT,
+    JOBS_ALL,
+    JOBS_STREAM,
+)
 from shared.topology import job_consumer_config, owner_bucket_config
 from shared.tracing import nats_middlewares
-from worker.bus import NatsBus
+from worker.assembly import assemble
 from worker.calls import Calls
 from worker.dify import DifyClient
+from worker.human_input import answer_input
 from worker.ownership import Ownership
 from worker.queue_gauges import watch_queue
 from worker.readiness import Readiness
@@ -120,6 +131,21 @@ def create_app(settings: Settings) -> AsgiFastStream:
         runner: JobRunner = holder["runner"]
         if runner.request_stop(key):
             log.info("stop requested", extra={"key": key})
+        elif runner.human is not None:
+            # No worker runs it: it may be a run waiting for a human (one worker wins).
+            with contextlib.suppress(TokenwireError):
+                await runner.human.stop(key)
+
+    @broker.subscriber(
+        INPUT_SUBJECT,
+        queue=INPUT_QUEUE,
+        title="input",
+        description="A human's answer to the form a run waits on (request/reply).",
+    )
+    async def on_input() -> bytes:
+        msg: NatsMessage = broker.context.get_local("message")
+        runner: JobRunner = holder["runner"]
+        return await answer_input(runner.human, msg.body)
 
     @broker.subscriber(
         CALLS_SUBJECT,
@@ -144,8 +170,8 @@ def create_app(settings: Settings) -> AsgiFastStream:
         kv = await ensure_topology(js, settings)
         dify = DifyClient(settings)
         holder["dify"] = dify
-        holder["runner"] = JobRunner(
-            NatsBus(nc, js, kv), dify, settings, worker_id=f"{socket.gethostname()}:{os.getpid()}"
+        holder["runner"] = await assemble(
+            nc, js, kv, dify, settings, worker_id=f"{socket.gethostname()}:{os.getpid()}"
         )
         holder["lag"] = asyncio.create_task(watch_queue(js))
         owners_kv, _ = await ensure_bucket(js, owner_bucket_config(settings))

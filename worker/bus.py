@@ -20,7 +20,16 @@ from shared.dify_api import DifyIds
 from shared.exceptions import TokenwireError
 from shared.jobs import Job
 from shared.natsedge import map_nats_errors
-from shared.subjects import DEAD_CHAT, FRAMES_STREAM, ids_key, lease_key, status_key, stop_flag_key
+from shared.subjects import (
+    DEAD_CHAT,
+    FRAMES_STREAM,
+    JOB_CONTINUE,
+    ids_key,
+    lease_key,
+    pause_key,
+    status_key,
+    stop_flag_key,
+)
 
 __all__ = ["NatsBus"]
 
@@ -82,6 +91,25 @@ class NatsBus:
         }
         with map_nats_errors("dead-letter the job"):
             await self.js.publish(DEAD_CHAT, job.to_bytes(), timeout=5.0, headers=headers)
+
+    # --- runs waiting for a human (worker.types.PausedRuns) ---------------------------------
+
+    async def load_pause(self, key: str) -> tuple[bytes, int] | None:
+        entry = await natsedge.kv_get(self.kv, pause_key(key))
+        return (entry.value, entry.revision) if entry is not None and entry.value else None
+
+    async def save_pause(self, key: str, data: bytes) -> None:
+        await natsedge.kv_put(self.kv, pause_key(key), data)
+
+    async def update_pause(self, key: str, data: bytes, revision: int) -> bool:
+        return await natsedge.kv_update(self.kv, pause_key(key), data, revision) is not None
+
+    async def put_back(self, job: Job, msg_id: str) -> None:
+        """Store a copy of ``job`` that follows its run; ``msg_id`` makes a second copy a
+        duplicate."""
+        headers = {"Nats-Msg-Id": msg_id, "Tw-Trace-Id": job.trace_id}
+        with map_nats_errors("put the job back"):
+            await self.js.publish(JOB_CONTINUE, job.to_bytes(), timeout=5.0, headers=headers)
 
     async def take_lease(self, key: str, lease: str) -> None:
         await self._put(lease_key(key), {"lease": lease})

@@ -19,14 +19,13 @@ import httpx
 import orjson
 from httpx_aiohttp import AiohttpTransport
 
+from shared.apps import DEFAULT_APP, Route, app_table, unknown_app
 from shared.calls import MAX_RESULT_BYTES, DifyRequest
-from shared.dify_api import HistoryMessage, find_history_message, rejection
+from shared.dify_api import HistoryMessage, find_history_message, form_rejection, rejection
 from shared.exceptions import (
-    DifyRejected,
     DifyStreamCut,
     DifyStreamError,
     DifyUnavailable,
-    ErrorCode,
 )
 from shared.settings import Settings
 from shared.sse import SSEEvent, SSEParser, SSEProtocolError
@@ -58,9 +57,9 @@ class DifyClient:
 
     def __init__(self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None):
         key = settings.dify_api_key.get_secret_value() if settings.dify_api_key else ""
-        self._app_keys = {
-            name: secret.get_secret_value() for name, secret in settings.dify_apps.items()
-        }
+        # Every app by name (shared/apps.py): its URL and key; keys stay SecretStr until the
+        # header is written.
+        self._apps = app_table(settings)
         pool = settings.worker_concurrency
         # Room for every concurrent stream plus their stop calls; few idle keep-alives.
         limits = httpx.Limits(max_connections=pool * 2, max_keepalive_connections=min(pool, 32))
@@ -89,19 +88,31 @@ class DifyClient:
         """The Authorization header for ``app`` (None: the default app)."""
         if app is None:
             return {}
-        key = self._app_keys.get(app)
-        if key is None:
-            raise DifyRejected(
-                f"no Dify app named {app!r} is configured", code=ErrorCode.UNKNOWN_APP
-            )
-        return {"Authorization": f"Bearer {key}"}
+        spec = self._apps.get(app)
+        if spec is None:
+            raise unknown_app(app)
+        return {"Authorization": f"Bearer {spec.key.get_secret_value()}"}
+
+    def _url(self, app: str | None, path: str) -> str:
+        """``path`` at ``app``'s own base URL (each app may live on its own Dify)."""
+        spec = self._apps.get(app or DEFAULT_APP)
+        return f"{spec.url}{path}" if spec is not None else path
+
+    def has_app(self, app: str | None) -> bool:
+        return app is None or app in self._apps
 
     @asynccontextmanager
     async def stream_chat(
-        self, body: dict[str, Any], *, trace_id: str, app: str | None = None
+        self,
+        body: dict[str, Any],
+        *,
+        trace_id: str,
+        app: str | None = None,
+        route: Route | None = None,
     ) -> AsyncIterator[AsyncIterator[list[SSEEvent]]]:
-        """POST /chat-messages in streaming mode; yields the stream's SSE events, one list
-        per read of the response (everything that arrived together stays together).
+        """POST /chat-messages (or ``route``'s endpoint: completion, workflow) in streaming
+        mode; yields the stream's SSE events, one list per read of the response (everything
+        that arrived together stays together).
 
         Raises an :class:`UpstreamError` before yielding if Dify refuses, and from the
         iterator if the stream breaks.
@@ -115,18 +126,44 @@ class DifyClient:
         payload = orjson.dumps(body)
         request = self._http.build_request(
             "POST",
-            "/chat-messages",
+            self._url(app, route.path if route is not None else "/chat-messages"),
             content=payload,
             headers=headers | {"Content-Type": "application/json"},
         )
+        async with self._stream(request, route.endpoint if route else "chat") as events:
+            yield events
+
+    @asynccontextmanager
+    async def stream_run_events(
+        self, workflow_run_id: str, user: str, *, trace_id: str, app: str | None = None
+    ) -> AsyncIterator[AsyncIterator[list[SSEEvent]]]:
+        """``GET /workflow/{run_id}/events?continue_on_pause=true``: the events of a run Dify
+        already started (after a human answered its form, or when its reader died)."""
+        request = self._http.build_request(
+            "GET",
+            self._url(app, f"/workflow/{workflow_run_id}/events"),
+            params={"user": user, "continue_on_pause": "true"},
+            headers={
+                "X-Request-Id": trace_id,
+                "Accept": "text/event-stream",
+                **self._auth(app),
+            },
+        )
+        async with self._stream(request, "workflow_events") as events:
+            yield events
+
+    @asynccontextmanager
+    async def _stream(
+        self, request: httpx.Request, endpoint: str
+    ) -> AsyncIterator[AsyncIterator[list[SSEEvent]]]:
         sent = time.monotonic()
         try:
             with map_httpx_errors(started=False):
                 response = await self._http.send(request, stream=True)
         except DifyUnavailable:
-            metrics.dify_response(None, time.monotonic() - sent, "chat")
+            metrics.dify_response(None, time.monotonic() - sent, endpoint)
             raise
-        metrics.dify_response(response.status_code, time.monotonic() - sent, "chat")
+        metrics.dify_response(response.status_code, time.monotonic() - sent, endpoint)
         try:
             if response.status_code != 200:
                 with map_httpx_errors(started=False):
@@ -155,12 +192,22 @@ class DifyClient:
             raise rejection(response.status_code, response.content[:_MAX_ERROR_BODY])
         return response
 
-    async def stop(self, task_id: str, user: str, *, trace_id: str, app: str | None = None) -> None:
-        """POST /chat-messages/{task_id}/stop with the same ``user`` (best effort at Dify)."""
+    async def stop(
+        self,
+        task_id: str,
+        user: str,
+        *,
+        trace_id: str,
+        app: str | None = None,
+        route: Route | None = None,
+    ) -> None:
+        """POST /chat-messages/{task_id}/stop (or ``route``'s: the workflow or completion
+        stop) with the same ``user`` (best effort at Dify)."""
+        path = route.stop_path(task_id) if route is not None else f"/chat-messages/{task_id}/stop"
         await self._call(
             "stop",
             "POST",
-            f"/chat-messages/{task_id}/stop",
+            self._url(app, path),
             content=orjson.dumps({"user": user}),
             headers={
                 "Content-Type": "application/json",
@@ -172,7 +219,7 @@ class DifyClient:
     async def info(self, *, app: str | None = None) -> dict[str, Any]:
         """``GET /info``: the app's name and mode. Cheap, and it checks the URL and the key,
         so readiness (``/readyz``) asks it before saying a question can be answered."""
-        response = await self._call("info", "GET", "/info", headers=self._auth(app))
+        response = await self._call("info", "GET", self._url(app, "/info"), headers=self._auth(app))
         payload = orjson.loads(response.content)
         return payload if isinstance(payload, dict) else {}
 
@@ -189,7 +236,7 @@ class DifyClient:
         response = await self._call(
             "messages",
             "GET",
-            "/messages",
+            self._url(app, "/messages"),
             params={"conversation_id": conversation_id, "user": user, "limit": 20},
             headers={"X-Request-Id": trace_id, **self._auth(app)},
         )
@@ -256,6 +303,54 @@ class DifyClient:
             raise
         metrics.dify_response(response.status_code, time.monotonic() - sent, "upload")
         return DifyAnswer(response, data)
+
+    async def submit_form(
+        self,
+        form_token: str,
+        body: dict[str, Any],
+        *,
+        trace_id: str,
+        app: str | None = None,
+    ) -> None:
+        """``POST /form/human_input/{form_token}`` (``inputs``, ``action``, ``user``); a form
+        that is closed raises :class:`~shared.exceptions.FormClosed`."""
+        sent = time.monotonic()
+        try:
+            with map_httpx_errors(started=False):
+                response = await self._http.post(
+                    self._url(app, f"/form/human_input/{form_token}"),
+                    content=orjson.dumps(body),
+                    timeout=self._stop_timeout,
+                    headers={
+                        "Content-Type": "application/json",
+                        "X-Request-Id": trace_id,
+                        **self._auth(app),
+                    },
+                )
+        except DifyUnavailable:
+            metrics.dify_response(None, time.monotonic() - sent, "form")
+            raise
+        metrics.dify_response(response.status_code, time.monotonic() - sent, "form")
+        if response.status_code not in (200, 201, 204):
+            raise form_rejection(response.status_code, response.content[:_MAX_ERROR_BODY])
+
+    async def check_form(self, form_token: str, *, trace_id: str, app: str | None = None) -> None:
+        """``GET /form/human_input/{form_token}``: raises if the form is closed (expired,
+        submitted: :class:`~shared.exceptions.FormClosed`; unknown: ``not_found``)."""
+        sent = time.monotonic()
+        try:
+            with map_httpx_errors(started=False):
+                response = await self._http.get(
+                    self._url(app, f"/form/human_input/{form_token}"),
+                    timeout=self._stop_timeout,
+                    headers={"X-Request-Id": trace_id, **self._auth(app)},
+                )
+        except DifyUnavailable:
+            metrics.dify_response(None, time.monotonic() - sent, "form")
+            raise
+        metrics.dify_response(response.status_code, time.monotonic() - sent, "form")
+        if response.status_code != 200:
+            raise form_rejection(response.status_code, response.content[:_MAX_ERROR_BODY])
 
 
 class DifyAnswer:

@@ -18,6 +18,16 @@ the request's state table. The delivery ends in a :class:`~shared.delivery.Settl
   history (``worker/recovery.py``) instead of asking twice; only if that fails is the request
   ``reset`` and asked again.
 * **handed back** (draining) or **left alone** (another delivery took the lease).
+* **waiting for a human** — a workflow run paused at a Human Input node: its form (with the
+  token) is kept in the request bucket before the client sees it (``worker/human_input.py``)
+  and the job is acked; answering the form puts a copy of the job back (``continued``), whose
+  delivery *follows* the run (``GET /workflow/{run_id}/events``) on the same request.
+
+Which endpoint a job goes to is its app's kind (``worker/apps.py``: Dify's ``/info``, cached):
+``wrong_app_kind`` and ``unknown_app`` close the request before Dify is asked; an app with
+``max_active`` has its own line first (:class:`~worker.waiting_line.AppLine`). A delivery
+that finds a workflow run id recorded follows that run instead of starting it again (a dead
+worker's run, or one a human answered); a stream cut mid-run is sent back to be followed.
 
 The rest lives next door: asking Dify and racing the stop in ``worker/streaming.py``, the
 stream slots and the waiting line in ``worker/waiting_line.py``, publishing and making sure the
@@ -30,8 +40,11 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
+from shared.apps import DEFAULT_APP, AppKind, Route
 from shared.breaker import BreakerState, CircuitBreaker
 from shared.coalesce import Coalescer
 from shared.delivery import (
@@ -57,19 +70,29 @@ from shared.delivery import (
     settlement_after_failure,
 )
 from shared.dify_api import DifyIds
-from shared.exceptions import CircuitOpen, DifyUnavailable, InternalError
+from shared.exceptions import (
+    CircuitOpen,
+    DifyStreamCut,
+    DifyUnavailable,
+    InternalError,
+    TokenwireError,
+)
+from shared.human_input import Pause, PauseState
 from shared.jobs import Job
 from shared.logs import trace_id_var
-from shared.mapping import DifyStreamMapper
+from shared.mapping import DifyStreamMapper, PendingForm
 from shared.settings import Settings
+from shared.sse import SSEEvent
 from worker import metrics
+from worker.apps import AppKinds
+from worker.human_input import HumanInput
 from worker.lease import Lease
 from worker.publishing import Publisher
 from worker.recovery import HistoryReader
 from worker.status import StatusBoard
-from worker.streaming import stream_answer
-from worker.types import Bus, DifyApi, JobMessage
-from worker.waiting_line import BUSY_REFRESH_S, WaitingLine
+from worker.streaming import StreamOpener, stream_answer
+from worker.types import Bus, DifyApi, JobMessage, RunEventsApi
+from worker.waiting_line import BUSY_REFRESH_S, AppLine, WaitingLine
 
 __all__ = ["JobRunner", "Running"]
 
@@ -85,6 +108,15 @@ class Running:
     publisher: Publisher
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     handback: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Where the job goes at Dify (None: a chat at ``/chat-messages``, as before apps).
+    route: Route | None = None
+    #: The run paused for a human: the request stays open, the job is acked.
+    waiting: bool = False
+
+
+class _FollowLater(InternalError):
+    """A workflow run's stream broke mid-run: send the job back, its next delivery follows the
+    run (``/workflow/{id}/events``) after the frames kept so far."""
 
 
 class JobRunner:
@@ -96,10 +128,20 @@ class JobRunner:
         *,
         worker_id: str = "worker",
         breaker: CircuitBreaker | None = None,
+        kinds: AppKinds | None = None,
+        human: HumanInput | None = None,
+        events: RunEventsApi | None = None,
+        app_lines: dict[str, AppLine] | None = None,
     ) -> None:
         self.bus = bus
         self.dify = dify
         self.settings = settings
+        # Apps (worker/apps.py) and runs waiting for a human (worker/human_input.py); without
+        # them (unit tests of chats) every job is a chat of the default app.
+        self.kinds = kinds
+        self.human = human
+        self.events = events
+        self.app_lines = app_lines or {}
         self.heartbeat_s = max(settings.job_ack_wait_s / 3, 0.5)
         self.breaker = breaker or CircuitBreaker(
             threshold=settings.breaker_threshold,
@@ -204,8 +246,11 @@ class JobRunner:
         """One delivery's work, to its settlement. Never raises."""
         job = running.job
         attempt = delivered + job.replay
-        redelivered = delivered > 1 or bool(job.replay)
+        redelivered = delivered > 1 or bool(job.replay) or bool(job.continued)
         try:
+            waiting = False
+            if redelivered and job.kind == "run":
+                waiting = await self._still_waiting(job)
             if redelivered:
                 await running.lease.take()
                 # The reads a redelivery needs, at once (one round trip, not three).
@@ -224,9 +269,15 @@ class JobRunner:
                 stop_recorded = await self.bus.stop_recorded(job.key)
             if stop_recorded:
                 running.stop.set()
-            first = plan(kept, ids, replay=bool(job.replay), stop_requested=running.stop.is_set())
-            if first.action is Action.CLOSED:
-                return ACK  # closed by an earlier delivery that died before its ack
+            first = plan(
+                kept,
+                ids,
+                replay=bool(job.replay),
+                stop_requested=running.stop.is_set(),
+                waiting=waiting and kept.waiting,
+            )
+            if first.action in (Action.CLOSED, Action.WAIT):
+                return ACK  # closed (or paused) by an earlier delivery that died before its ack
             # The operators' record goes alongside the answer, not before its first token.
             report = asyncio.create_task(self.status.report(job, JobStatus.RUNNING, attempt))
             log.info("job started", extra={"attempt": attempt, "conn": job.conn})
@@ -243,7 +294,8 @@ class JobRunner:
                 settlement = await self._retry_or_dead_letter(running, frames, unavailable, attempt)
             await running.publisher.ensure_kept()
             if settlement.settle is Settle.ACK and unavailable is None:
-                await self.status.report(job, JobStatus.DONE, attempt)  # dead stays dead
+                done = JobStatus.WAITING if running.waiting else JobStatus.DONE
+                await self.status.report(job, done, attempt)  # dead stays dead
             return settlement
         except InternalError as exc:
             # NATS blinked (restart, leader change): nothing is lost if the job goes back;
@@ -264,10 +316,33 @@ class JobRunner:
     ) -> DifyUnavailable | None:
         """Carry out the plan; returns why Dify was unavailable, if it was, for a retry."""
         job, publish = running.job, running.publisher.publish
-        mapper = DifyStreamMapper(job.id, frames.seq, frames.machine)
         if first.action is Action.STOP:
+            running.route = self.kinds.cached(job) if self.kinds is not None else None
+            await self._stop_at_dify(running, ids)
+            mapper = DifyStreamMapper(
+                job.id, frames.seq, frames.machine, workflow=_is_workflow(running.route), ids=ids
+            )
             await publish(mapper.stopped())
             return None
+        try:
+            running.route = await self._route(job)
+        except DifyUnavailable as exc:
+            return exc
+        except TokenwireError as exc:  # unknown_app, wrong_app_kind, a key Dify refuses
+            log.info("request refused", extra={"code": exc.code.value, "error": str(exc)})
+            await publish([frames.error(exc)])
+            return None
+        follow = first.action is Action.FOLLOW and ids is not None and self.events is not None
+        mapper = DifyStreamMapper(
+            job.id,
+            frames.seq,
+            frames.machine,
+            workflow=_is_workflow(running.route),
+            ids=ids if follow else None,
+            skip_events=kept.part_events if follow and not kept.waiting else 0,
+            skip_text=kept.part_text if follow and not kept.waiting else 0,
+            skip_pause=follow and kept.waiting,
+        )
         reset = first.reset
         if first.action is Action.RECOVER:
             assert ids is not None, "plan() recovers only with recorded ids"
@@ -288,25 +363,57 @@ class JobRunner:
             await publish([queued])
             metrics.job_queued("busy")
 
+        opener: StreamOpener | None = None
+        if follow:
+            assert ids is not None and ids.workflow_run_id and self.events is not None
+            opener = await self._follower(job, ids.workflow_run_id, self.events)
+
+        app_line = self.app_lines.get(job.app or DEFAULT_APP)
         try:
-            async with self.line.slot(job, tell_position):
-                return await self._ask(running, frames, mapper)
+            async with contextlib.AsyncExitStack() as holding:
+                if app_line is not None:
+                    await holding.enter_async_context(app_line.slot(job, tell_position))
+                await holding.enter_async_context(self.line.slot(job, tell_position))
+                return await self._ask(running, frames, mapper, opener)
         finally:
             if probe and self.breaker.probe_out:
                 self.breaker.release()  # stopped or cancelled before Dify said anything
 
     async def _ask(
-        self, running: Running, frames: RequestFrames, mapper: DifyStreamMapper
+        self,
+        running: Running,
+        frames: RequestFrames,
+        mapper: DifyStreamMapper,
+        opener: StreamOpener | None = None,
     ) -> DifyUnavailable | None:
         job = running.job
         asked = await stream_answer(
-            self.dify, self.bus, running.publisher, job, mapper, running.stop
+            self.dify,
+            self.bus,
+            running.publisher,
+            job,
+            mapper,
+            running.stop,
+            route=running.route,
+            open_stream=opener,
+            on_forms=self._form_keeper(job, mapper) if self.human is not None else None,
         )
+        if self.kinds is not None:
+            self.kinds.saw(job, asked.error)
+        if not asked.stopped and asked.error is None and mapper.paused and not mapper.machine.done:
+            running.waiting = True
+            log.info("run waits for a human; the job is acked")
         if asked.stopped:
             if mapper.started:  # Dify answered before the stop: it is up
                 self.breaker.success()
                 metrics.set_breaker_open(False)
             return None
+        if (
+            isinstance(asked.error, DifyStreamCut)
+            and mapper.workflow_run_id
+            and self.events is not None
+        ):
+            raise _FollowLater("the run's stream broke mid-run; its events are followed next")
         verdict = judge_stream(asked.error, started=mapper.started, message_id=mapper.message_id)
         if verdict.dify_up:
             self.breaker.success()
@@ -334,6 +441,65 @@ class JobRunner:
         )
         await running.publisher.publish(mapper.fail(verdict.error))
         return None
+
+    async def _route(self, job: Job) -> Route | None:
+        """Where ``job`` goes (None: a chat at ``/chat-messages``)."""
+        if self.kinds is None:
+            return None
+        route = await self.kinds.route(job)
+        return None if route.kind is AppKind.CHAT and job.kind == "chat" else route
+
+    async def _follower(self, job: Job, run_id: str, events: RunEventsApi) -> StreamOpener:
+        """Opens the run's event stream; when a human's answer is kept for this copy of the
+        job, it is submitted once the stream listens (Dify's replay ends with the run)."""
+        pending = await self.human.pending_answer(job) if self.human is not None else None
+        human = self.human
+
+        @contextlib.asynccontextmanager
+        async def follow() -> AsyncIterator[AsyncIterator[list[SSEEvent]]]:
+            async with events.stream_run_events(
+                run_id, job.user, trace_id=job.trace_id, app=job.app
+            ) as reads:
+                if pending is not None and human is not None:
+                    await human.submit(*pending)
+                yield reads
+
+        return follow
+
+    async def _still_waiting(self, job: Job) -> bool:
+        """Whether this very copy of the job paused its run and nobody answered yet."""
+        if self.human is None:
+            return False
+        loaded = await self.human.runs.load_pause(job.key)
+        pause = Pause.from_bytes(loaded[0]) if loaded is not None else None
+        return (
+            pause is not None
+            and pause.state is PauseState.WAITING
+            and pause.continued == job.continued
+        )
+
+    def _form_keeper(self, job: Job, mapper: DifyStreamMapper) -> Any:
+        human = self.human
+        assert human is not None
+
+        async def keep(forms: list[PendingForm]) -> None:
+            await human.keep(job, mapper.ids(), forms)
+
+        return keep
+
+    async def _stop_at_dify(self, running: Running, ids: DifyIds | None) -> None:
+        """A stop found recorded: a run Dify has (one that waited for a human, or whose
+        worker died) is stopped there too, with the same user; best effort."""
+        route, job = running.route, running.job
+        if ids is None or not ids.task_id or route is None or not route.one_shot:
+            return
+        metrics.stop_acted()
+        try:
+            await self.dify.stop(
+                ids.task_id, job.user, trace_id=job.trace_id, app=job.app, route=route
+            )
+        except TokenwireError as exc:
+            log.warning("Dify stop call failed", extra={"error": str(exc)})
 
     async def _recover(
         self, running: Running, frames: RequestFrames, ids: DifyIds, *, held: str
@@ -379,6 +545,10 @@ class JobRunner:
             extra={"attempt": attempt, "delay_s": round(decision.delay_s, 2)},
         )
         return Settlement(Settle.NAK, decision.delay_s)
+
+
+def _is_workflow(route: Route | None) -> bool:
+    return route is not None and route.kind is AppKind.WORKFLOW
 
 
 async def _settle(msg: JobMessage, settlement: Settlement) -> None:

@@ -8,7 +8,12 @@ name the task (up to ``STOP_TASK_ID_GRACE_S``), so the generation is stopped at 
 the same user; then the request closes with ``end`` (stopped).
 
 Dify's ids are recorded before ``start`` leaves: whoever takes this job over knows that Dify is
-answering it and must not be asked again.
+answering it and must not be asked again. Likewise a human-input form is handed to
+``on_forms`` (kept server-side with its token) before the client hears of it.
+
+A chat asks ``POST /chat-messages``; a caller may name another ``route`` (a workflow or
+completion app: its endpoint and its stop) or open another stream (``open_stream``: the events
+of a workflow run Dify already has).
 """
 
 from __future__ import annotations
@@ -17,16 +22,20 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from opentelemetry import trace
 
-from shared.dify_api import DifyIds, dify_body
+from shared.apps import Route
+from shared.dify_api import DifyIds, dify_body, request_body
 from shared.exceptions import TokenwireError
 from shared.frames import ServerFrame
 from shared.jobs import Job
-from shared.mapping import DifyStreamMapper
+from shared.mapping import DifyStreamMapper, PendingForm
+from shared.sse import SSEEvent
 from worker import metrics
 from worker.publishing import Publisher
 from worker.types import DifyApi, RequestRecords
@@ -51,6 +60,12 @@ class Asked:
     error: BaseException | None = None
 
 
+#: Opens the stream to read (default: the job's ``chat`` at ``POST /chat-messages``).
+StreamOpener = Callable[[], AbstractAsyncContextManager[AsyncIterator[list[SSEEvent]]]]
+#: Keeps a run's human-input forms server-side before the client sees them.
+FormKeeper = Callable[[list[PendingForm]], Awaitable[None]]
+
+
 async def stream_answer(
     dify: DifyApi,
     records: RequestRecords,
@@ -58,15 +73,26 @@ async def stream_answer(
     job: Job,
     mapper: DifyStreamMapper,
     stop: asyncio.Event,
+    *,
+    route: Route | None = None,
+    open_stream: StreamOpener | None = None,
+    on_forms: FormKeeper | None = None,
 ) -> Asked:
+    """Ask Dify (``route``: a one-shot app's endpoint and stop; None: a chat) and race the
+    request's stop."""
     task_known = asyncio.Event()
-    pump = asyncio.create_task(_pump(dify, records, publisher, job, mapper, task_known))
+    if open_stream is None:
+        body = dify_body(job) if route is None else _route_body(job, route)
+        open_stream = _opener(dify, job, body, route)
+    pump = asyncio.create_task(
+        _pump(records, publisher, job, mapper, task_known, open_stream, on_forms)
+    )
     stopper = asyncio.create_task(stop.wait())
     try:
         await asyncio.wait({pump, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if not stopper.done():
             return Asked(stopped=False, error=pump.exception())
-        await _stop(dify, publisher, job, mapper, pump, task_known)
+        await _stop(dify, publisher, job, mapper, pump, task_known, route)
         return Asked(stopped=True)
     finally:
         # Also when cancelled (lease lost, handed back while draining): not one more frame
@@ -84,6 +110,7 @@ async def _stop(
     mapper: DifyStreamMapper,
     pump: asyncio.Task[None],
     task_known: asyncio.Event,
+    route: Route | None = None,
 ) -> None:
     # Let Dify name the task first, so that it can be stopped there too.
     if mapper.task_id is None and not pump.done():
@@ -98,19 +125,38 @@ async def _stop(
     if mapper.task_id is not None and not mapper.machine.done:
         metrics.stop_acted()
         try:
-            await dify.stop(mapper.task_id, job.user, trace_id=job.trace_id, app=job.app)
+            if route is None or not route.one_shot:
+                await dify.stop(mapper.task_id, job.user, trace_id=job.trace_id, app=job.app)
+            else:
+                await dify.stop(
+                    mapper.task_id, job.user, trace_id=job.trace_id, app=job.app, route=route
+                )
         except TokenwireError as exc:
             log.warning("Dify stop call failed", extra={"error": str(exc)})
     await publisher.publish(mapper.stopped())
 
 
+def _route_body(job: Job, route: Route) -> dict[str, Any]:
+    return request_body(job, route.kind)
+
+
+def _opener(dify: DifyApi, job: Job, body: dict[str, Any], route: Route | None) -> StreamOpener:
+    def open_stream() -> AbstractAsyncContextManager[AsyncIterator[list[SSEEvent]]]:
+        if route is None or not route.one_shot:
+            return dify.stream_chat(body, trace_id=job.trace_id, app=job.app)
+        return dify.stream_chat(body, trace_id=job.trace_id, app=job.app, route=route)
+
+    return open_stream
+
+
 async def _pump(
-    dify: DifyApi,
     records: RequestRecords,
     publisher: Publisher,
     job: Job,
     mapper: DifyStreamMapper,
     task_known: asyncio.Event,
+    open_stream: StreamOpener,
+    on_forms: FormKeeper | None,
 ) -> None:
     with (
         metrics.running_stream(),
@@ -120,7 +166,7 @@ async def _pump(
     ):
         asked = time.monotonic()
         first_text = True
-        async with dify.stream_chat(dify_body(job), trace_id=job.trace_id, app=job.app) as reads:
+        async with open_stream() as reads:
             async for events in reads:
                 # Everything parsed from one read of Dify's stream is handed over at once:
                 # the coalescer sends its text as one delta.
@@ -130,9 +176,12 @@ async def _pump(
                     frames += mapper.feed(event)
                     if mapper.machine.done:
                         break
-                if not was_started and mapper.message_id is not None:
-                    ids = DifyIds(mapper.task_id, mapper.message_id, mapper.conversation_id)
-                    await _save_ids(records, job, ids)
+                if not was_started and mapper.began:
+                    await _save_ids(records, job, mapper.ids())
+                if mapper.forms and on_forms is not None:
+                    # Kept (with their tokens) before the client sees them: an answer that
+                    # comes at once finds its form.
+                    await on_forms(mapper.take_forms())
                 if frames:
                     if first_text and mapper.answer:
                         first_text = False

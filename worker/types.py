@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
+from shared.apps import Route
 from shared.dify_api import DifyIds, HistoryMessage
 from shared.exceptions import TokenwireError
 from shared.jobs import Job
@@ -25,7 +26,9 @@ __all__ = [
     "FrameStore",
     "JobMessage",
     "LeaseStore",
+    "PausedRuns",
     "RequestRecords",
+    "RunEventsApi",
 ]
 
 
@@ -71,6 +74,25 @@ class DeadLetters(Protocol):
     async def dead_letter(self, job: Job, error: TokenwireError, attempts: int) -> None: ...
 
 
+class PausedRuns(Protocol):
+    """Runs waiting for a human (``shared/human_input.py``): their records in the request
+    bucket, and putting a job back on the job stream to follow its run."""
+
+    async def load_pause(self, key: str) -> tuple[bytes, int] | None:
+        """The pause record's bytes and revision, or None."""
+        ...
+
+    async def save_pause(self, key: str, data: bytes) -> None: ...
+
+    async def update_pause(self, key: str, data: bytes, revision: int) -> bool:
+        """Compare-and-set: False when the record changed since ``revision``."""
+        ...
+
+    async def put_back(self, job: Job, msg_id: str) -> None:
+        """Store ``job`` again (``msg_id``: JetStream keeps one copy of it)."""
+        ...
+
+
 class Bus(FrameStore, RequestRecords, LeaseStore, DeadLetters, Protocol):
     """All the runner needs of NATS."""
 
@@ -79,13 +101,24 @@ class DifyApi(Protocol):
     """What the runner needs of Dify (``worker/dify.py``'s client)."""
 
     def stream_chat(
-        self, body: dict[str, Any], *, trace_id: str, app: str | None = None
+        self,
+        body: dict[str, Any],
+        *,
+        trace_id: str,
+        app: str | None = None,
+        route: Route | None = None,
     ) -> AbstractAsyncContextManager[AsyncIterator[list[SSEEvent]]]:
         """Dify's stream: its events, one list per read (what arrived together)."""
         ...
 
     async def stop(
-        self, task_id: str, user: str, *, trace_id: str, app: str | None = None
+        self,
+        task_id: str,
+        user: str,
+        *,
+        trace_id: str,
+        app: str | None = None,
+        route: Route | None = None,
     ) -> None: ...
 
     async def history_message(
@@ -97,3 +130,23 @@ class DifyApi(Protocol):
         trace_id: str,
         app: str | None = None,
     ) -> HistoryMessage | None: ...
+
+
+class RunEventsApi(Protocol):
+    """What following a workflow run needs of Dify (``worker/dify.py``'s client)."""
+
+    def stream_run_events(
+        self, workflow_run_id: str, user: str, *, trace_id: str, app: str | None = None
+    ) -> AbstractAsyncContextManager[AsyncIterator[list[SSEEvent]]]: ...
+
+    async def submit_form(
+        self, form_token: str, body: dict[str, Any], *, trace_id: str, app: str | None = None
+    ) -> None: ...
+
+    async def check_form(
+        self, form_token: str, *, trace_id: str, app: str | None = None
+    ) -> None: ...
+
+    async def info(self, *, app: str | None = None) -> dict[str, Any]: ...
+
+    def has_app(self, app: str | None) -> bool: ...

@@ -8,6 +8,11 @@ here, which a few awaits can shuffle by milliseconds — and ``on_wait(position)
 joining and every ``refresh_s`` while it waits, so its client hears ``queued`` (reason
 ``busy``) with its place in line. The delivery that owns the job sends those frames, so
 ``seq`` stays one sequence.
+
+An app with ``max_active`` has a line of its own first (:class:`AppLine`): the same order and
+the same ``queued`` frames, but its head leaves only with one of the app's cluster-wide slots
+(``worker/apps.py`` :class:`~worker.apps.AppSlots`), trying again every ``poll_s``. Each worker
+keeps its own line oldest first; the cap itself holds across the cluster.
 """
 
 from __future__ import annotations
@@ -17,12 +22,22 @@ import bisect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from shared.jobs import Job
 from shared.settings import Settings
 
-__all__ = ["BUSY_REFRESH_S", "MAX_PULL_BATCH", "Intake", "WaitingLine", "job_intake"]
+if TYPE_CHECKING:
+    from worker.apps import AppSlots, HeldSlot
+
+__all__ = [
+    "BUSY_REFRESH_S",
+    "MAX_PULL_BATCH",
+    "AppLine",
+    "Intake",
+    "WaitingLine",
+    "job_intake",
+]
 
 #: A job waiting for one of the worker's Dify streams hears its place in line this often.
 BUSY_REFRESH_S: Final = 5.0
@@ -101,4 +116,68 @@ class WaitingLine:
         finally:
             async with self._turns:
                 self.streaming -= 1
+                self._turns.notify_all()
+
+
+class AppLine:
+    """One app's line: oldest first, its head leaves with one of the app's ``limit`` slots."""
+
+    def __init__(
+        self,
+        app: str,
+        limit: int,
+        slots: AppSlots,
+        *,
+        refresh_s: float = BUSY_REFRESH_S,
+        poll_s: float = 0.25,
+    ) -> None:
+        self.app = app
+        self.limit = limit
+        self.slots = slots
+        self.refresh_s = refresh_s
+        self.poll_s = poll_s
+        self._line: list[_Place] = []
+        self._turns = asyncio.Condition()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._line)
+
+    @asynccontextmanager
+    async def slot(
+        self, job: Job, on_wait: Callable[[int], Awaitable[None]]
+    ) -> AsyncIterator[None]:
+        """Hold one of the app's slots for the block; wait in line for it first if need be."""
+        place = _Place(job)
+        loop = asyncio.get_running_loop()
+        held: HeldSlot | None = None
+        told_at: float | None = None
+        async with self._turns:
+            bisect.insort(self._line, place, key=lambda p: p.order)
+            try:
+                while True:
+                    if self._line[0] is place:
+                        held = await self.slots.try_take(self.app, self.limit)
+                        if held is not None:
+                            break
+                    now = loop.time()
+                    if told_at is None or now - told_at >= self.refresh_s:
+                        told_at = now
+                        await on_wait(self._line.index(place) + 1)
+                    with suppress(TimeoutError):
+                        async with asyncio.timeout(self.poll_s):
+                            await self._turns.wait()
+            finally:
+                self._line.remove(place)
+                self._turns.notify_all()
+        assert held is not None
+        keeper = asyncio.create_task(self.slots.keep(held))
+        try:
+            yield
+        finally:
+            keeper.cancel()
+            with suppress(asyncio.CancelledError):
+                await keeper
+            await self.slots.release(held)
+            async with self._turns:
                 self._turns.notify_all()
