@@ -34,6 +34,7 @@ Every error a client can receive is one of these classes; its ``code`` is the st
     │   └── DifyStreamCut               upstream_cut: the stream ended before the answer did
     └── InternalError                   internal_error, bus_unavailable: tokenwire failed
         └── BusUnavailable              bus_unavailable: NATS/JetStream cannot do it now
+            ├── BusFull                 bus_unavailable: a stream or the disk is full
             └── BusRetryable            bus_unavailable: no answer yet (leader election);
                                         the same call soon may succeed
 
@@ -57,6 +58,7 @@ from typing import Any, ClassVar, Final
 
 __all__ = [
     "BadParams",
+    "BusFull",
     "BusRetryable",
     "BusUnavailable",
     "CircuitOpen",
@@ -522,6 +524,15 @@ class BusUnavailable(InternalError):
     """NATS or JetStream could not do what was asked (disconnected, refused, failed)."""
 
     default_code = ErrorCode.BUS_UNAVAILABLE
+
+
+class BusFull(BusUnavailable):
+    """JetStream refused to store: a stream reached its byte limit, or the server's disk is
+    full. Nothing was stored; the same frame may pass once workers have drained the queue."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.retry_after_s: float | None = 5.0
 
 
 class BusRetryable(BusUnavailable):

@@ -45,7 +45,7 @@ from nats.js.api import DeliverPolicy, KeyValueConfig, RawStreamMsg, StreamConfi
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
-from shared.exceptions import BusRetryable, BusUnavailable
+from shared.exceptions import BusFull, BusRetryable, BusUnavailable
 from shared.settings import Settings
 from shared.topology import request_bucket_config, stream_configs
 
@@ -76,6 +76,7 @@ __all__ = [
     "read_subject",
     "respond",
     "stream_state",
+    "stream_usage",
     "subject_count",
     "tls_context",
 ]
@@ -88,6 +89,8 @@ RECONNECT_FOREVER: Final[dict[str, Any]] = {"max_reconnect_attempts": -1, "recon
 _NO_ANSWER = (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError)
 # JetStream's "wrong last sequence" error codes (a compare-and-set lost).
 _WRONG_LAST_SEQUENCE = (10071, 10164)
+# JetStream's "insufficient storage", "maximum messages exceeded", "maximum bytes exceeded".
+_STORAGE_FULL = frozenset({10047, 10076, 10077})
 # How long reading a subject's kept messages may take.
 _READ_ALL_S = 10.0
 
@@ -103,6 +106,10 @@ def map_nats_errors(what: str) -> Iterator[None]:
         ) from exc
     except _NO_ANSWER as exc:
         raise BusRetryable(f"cannot {what}: NATS has no answer yet ({type(exc).__name__})") from exc
+    except nats.js.errors.APIError as exc:
+        if exc.err_code in _STORAGE_FULL:
+            raise BusFull(f"cannot {what}: storage is full ({exc.description})") from exc
+        raise BusUnavailable(f"cannot {what}: NATS refused ({exc.description})") from exc
     except nats.errors.Error as exc:
         raise BusUnavailable(f"cannot {what}: NATS is unavailable ({type(exc).__name__})") from exc
 
@@ -293,6 +300,16 @@ async def stream_state(js: JetStreamContext, stream: str) -> StreamState | None:
             return (await js.stream_info(stream)).state
         except nats.js.errors.NotFoundError:
             return None
+
+
+async def stream_usage(js: JetStreamContext, stream: str) -> tuple[int, int] | None:
+    """``(bytes stored, byte limit)`` of a stream (limit -1: none), or None if it is missing."""
+    with map_nats_errors("read a stream's usage"):
+        try:
+            info = await js.stream_info(stream)
+        except nats.js.errors.NotFoundError:
+            return None
+    return info.state.bytes or 0, info.config.max_bytes or -1
 
 
 async def delivered_upto(js: JetStreamContext, stream: str, consumer: str) -> int:

@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     stream_replicas: int = Field(default=1, ge=1, le=5)
     # Retention of each request's frames for `resume` (seconds).
     frame_ttl_s: float = 15 * 60
+    # Byte limits of the job queue and the frames store (docs/operations.md, "When storage
+    # fills"): a full TW_JOBS refuses new chats (retryable) before they are accepted; a full
+    # TW_FRAMES drops the oldest requests' frames first, never a running answer's newest.
+    jobs_max_bytes: int = Field(default=1024**3, ge=1024)
+    frames_max_bytes: int = Field(default=8 * 1024**3, ge=1024)
     # JetStream dedup window for jobs: a chat re-sent with the same id within it is one job.
     job_dedup_window_s: float = 15 * 60
     # How long a gateway keeps trying to store a chat while JetStream elects a leader,

@@ -7,7 +7,8 @@ chosen here, once, and explained in docs/operations.md:
 
 * ``TW_JOBS`` — work-queue retention (a job is deleted when a worker acks it), file storage,
   ``duplicate_window`` = ``TOKENWIRE_JOB_DEDUP_WINDOW_S`` so a chat re-sent with the same id
-  (e.g. after a reconnect) is stored once.
+  (e.g. after a reconnect) is stored once; at ``TOKENWIRE_JOBS_MAX_BYTES`` new jobs are
+  refused (``discard: new``), never stored ones dropped.
 * ``TW_FRAMES`` — limits retention with ``max_age`` = ``TOKENWIRE_FRAME_TTL_S``: every frame
   of every request, kept for ``resume``. Workers publish into it with core NATS (no per-token
   ack round trip); the stream captures the subject.
@@ -74,7 +75,10 @@ def stream_configs(settings: Settings) -> list[dict[str, Any]]:
             "num_replicas": settings.stream_replicas,
             "duplicate_window": settings.job_dedup_window_s,
             "max_age": 24 * 3600.0,
-            "discard": "old",
+            # Full: refuse the new job (the gateway says so, retryable) rather than drop a
+            # stored one, which would lose a question already told `accepted`.
+            "max_bytes": settings.jobs_max_bytes,
+            "discard": "new",
         },
         {
             "name": FRAMES_STREAM,
@@ -83,6 +87,9 @@ def stream_configs(settings: Settings) -> list[dict[str, Any]]:
             "storage": "file",
             "num_replicas": settings.stream_replicas,
             "max_age": settings.frame_ttl_s,
+            # Full: the oldest frames go first (finished requests), so running answers keep
+            # theirs; size it for frame_ttl_s of traffic (docs/operations.md).
+            "max_bytes": settings.frames_max_bytes,
             "discard": "old",
             "allow_direct": True,
         },

@@ -36,6 +36,8 @@ name                             type       labels          what
 ``consumer_ack_pending``         gauge      —               job consumer: delivered, not yet acked
 ``queue_oldest_age_seconds``     gauge      —               age of the oldest job still stored
 ``dead_letters``                 gauge      —               jobs kept in the dead-letter stream
+``stream_bytes``                 gauge      stream          bytes stored in TW_JOBS / TW_FRAMES
+``stream_max_bytes``             gauge      stream          that stream's byte limit
 ``draining``                     gauge      —               1 from SIGTERM until the process exits
 ===============================  =========  ==============  =======================================
 
@@ -86,6 +88,8 @@ __all__ = [
     "SERVER_FRAME_TYPES",
     "STOPS",
     "STREAMS_RUNNING",
+    "STREAM_BYTES",
+    "STREAM_MAX_BYTES",
     "answer_tokens",
     "dify_error",
     "dify_response",
@@ -224,6 +228,18 @@ DEAD_LETTERS: Final = Gauge(
     "Jobs kept in the dead-letter stream (cluster-wide).",
     multiprocess_mode="mostrecent",
 )
+STREAM_BYTES: Final = Gauge(
+    "tokenwire_worker_stream_bytes",
+    "Bytes stored in a JetStream stream of tokenwire's (cluster-wide).",
+    ["stream"],
+    multiprocess_mode="mostrecent",
+)
+STREAM_MAX_BYTES: Final = Gauge(
+    "tokenwire_worker_stream_max_bytes",
+    "The byte limit of that stream (TOKENWIRE_JOBS_MAX_BYTES, TOKENWIRE_FRAMES_MAX_BYTES).",
+    ["stream"],
+    multiprocess_mode="mostrecent",
+)
 DRAINING: Final = Gauge(
     "tokenwire_worker_draining",
     "1 from SIGTERM until the process exits.",
@@ -345,6 +361,12 @@ def set_queue_age(seconds: float) -> None:
 def set_dead_letters(count: int) -> None:
     """Messages in the dead-letter stream."""
     DEAD_LETTERS.set(max(count, 0))
+
+
+def set_stream_bytes(stream: str, used: int, limit: int) -> None:
+    """How full one stream is: bytes stored and its limit (``limit`` <= 0: no limit)."""
+    STREAM_BYTES.labels(stream=stream).set(max(used, 0))
+    STREAM_MAX_BYTES.labels(stream=stream).set(max(limit, 0))
 
 
 def set_draining(draining: bool) -> None:

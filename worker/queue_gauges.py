@@ -1,4 +1,5 @@
-"""The cluster-wide queue gauges every worker refreshes: consumer lag, oldest job, dead letters.
+"""The cluster-wide queue gauges every worker refreshes: consumer lag, oldest job, dead letters,
+and how full the job and frame streams are.
 
 They describe JetStream, not this worker (aggregate them with ``max``): each worker reads them
 every few seconds through the NATS edge, and a round that NATS cannot answer is skipped. The
@@ -15,7 +16,7 @@ from nats.js.client import JetStreamContext
 
 from shared import natsedge
 from shared.jobs import Job
-from shared.subjects import DEAD_STREAM, JOB_CONSUMER, JOBS_ALL, JOBS_STREAM
+from shared.subjects import DEAD_STREAM, FRAMES_STREAM, JOB_CONSUMER, JOBS_ALL, JOBS_STREAM
 from worker import metrics
 
 __all__ = ["refresh", "watch_queue"]
@@ -45,3 +46,7 @@ async def refresh(js: JetStreamContext) -> None:
     metrics.set_queue_age(age)
     dead = await natsedge.stream_state(js, DEAD_STREAM)
     metrics.set_dead_letters(dead.messages or 0 if dead is not None else 0)
+    for name in (JOBS_STREAM, FRAMES_STREAM):
+        usage = await natsedge.stream_usage(js, name)
+        if usage is not None:
+            metrics.set_stream_bytes(name, *usage)

@@ -50,6 +50,8 @@ WORKER_FAMILIES = {
     "tokenwire_worker_consumer_ack_pending": ("gauge", set()),
     "tokenwire_worker_queue_oldest_age_seconds": ("gauge", set()),
     "tokenwire_worker_dead_letters": ("gauge", set()),
+    "tokenwire_worker_stream_bytes": ("gauge", {"stream"}),
+    "tokenwire_worker_stream_max_bytes": ("gauge", {"stream"}),
     "tokenwire_worker_draining": ("gauge", set()),
 }
 FORBIDDEN_LABELS = {"user", "id", "request", "request_id", "key", "conn", "session", "trace_id"}
@@ -75,6 +77,7 @@ def exercise_everything() -> None:
     wm.dify_response(200, 0.05)
     wm.dify_error("dify_server_error")
     wm.frame_published("delta")
+    wm.set_stream_bytes("TW_FRAMES", 1, 2)
     wm.job_finished("completed")
 
 
@@ -261,6 +264,9 @@ def test_gauges_follow_what_they_are_set_to() -> None:
     assert value("tokenwire_worker_queue_oldest_age_seconds") == 42.0
     wm.set_dead_letters(3)
     assert value("tokenwire_worker_dead_letters") == 3
+    wm.set_stream_bytes("TW_JOBS", 700, 1000)
+    assert value("tokenwire_worker_stream_bytes", stream="TW_JOBS") == 700
+    assert value("tokenwire_worker_stream_max_bytes", stream="TW_JOBS") == 1000
 
     for setter, name in (
         (gm.set_draining, "tokenwire_gateway_draining"),
