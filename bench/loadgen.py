@@ -123,6 +123,14 @@ class LoadResult:
 # --------------------------------------------------------------------------- client side
 
 
+def _carried(ends: list[int], done: int, length: int) -> int:
+    """How many more tokens a text of ``length`` completes, ``done`` being completed before."""
+    n = done
+    while n < len(ends) and ends[n] <= length:
+        n += 1
+    return n - done
+
+
 @dataclass
 class _Acc:
     """What one client process measured."""
@@ -211,6 +219,17 @@ class _Run:
 
         return expected_answer(query, self.spec.tokens)
 
+    def _token_ends(self, query: str) -> list[int]:
+        """Where each of the simulator's tokens (Dify events) ends in the answer's text: a
+        coalesced ``delta`` carries every token it completes (:func:`_carried`)."""
+        from tokenwire.simulator import answer_tokens
+
+        ends, at = [], 0
+        for token in answer_tokens(query, self.spec.tokens):
+            at += len(token)
+            ends.append(at)
+        return ends
+
     def _query(self, conn: int, n: int) -> str:
         return QUERY.format(tag=f"{self.spec.kind} {self.nonce}.{self.index}.{conn}.{n}")
 
@@ -273,6 +292,8 @@ class _Run:
         ended = False
         last_seq = 0
         prev = 0.0
+        ends = self._token_ends(query)
+        done = 0  # tokens the text so far completes
         sent = time.monotonic()
         await ws.send(orjson.dumps({"type": "chat", "id": rid, "query": query}).decode())
         try:
@@ -293,6 +314,8 @@ class _Run:
                         acc.frames += 1
                     if kind == "delta":
                         text += frame["text"]
+                        carried = _carried(ends, done, len(text))
+                        done += carried
                         if prev == 0.0:
                             if self._measured(now):
                                 acc.ttft.append(now - sent)
@@ -300,7 +323,7 @@ class _Run:
                             acc.gaps.append(now - prev)
                         prev = now
                         if self._in_window(now):
-                            acc.tokens += 1
+                            acc.tokens += carried
                     elif kind == "end":
                         ended = True
                         break

@@ -265,8 +265,9 @@ def _targets(results: dict[str, Any]) -> list[list[Any]]:
     if tput:
         ratio = tput["ratio_vs_bare"]
         rows.append(
-            ["frames/s end to end vs bare server", "≥ 0.5×", f"{ratio:.2f}×", _mark(ratio >= 0.5)]
+            ["tokens/s end to end vs bare server", "≥ 0.5×", f"{ratio:.2f}×", _mark(ratio >= 0.5)]
         )
+    rows += _upstream_targets(results)
     idle = results.get("idle")
     if idle:
         tw = [r for r in idle["rows"] if r["server"].startswith("tokenwire")]
@@ -319,6 +320,133 @@ def _targets(results: dict[str, Any]) -> list[list[Any]]:
                 ]
             )
     return rows
+
+
+def _shipped(up: dict[str, Any]) -> dict[str, Any]:
+    """The issue-13 figures of the worker as shipped (the first worker setting)."""
+    return up["rows"][up["settings"][0]]
+
+
+def _upstream_targets(results: dict[str, Any]) -> list[list[Any]]:
+    up = results.get("upstream")
+    if not up:
+        return []
+    rows: list[list[Any]] = []
+    on, sse = _shipped(up), up["sse"]
+    tput = on.get("tput", {})
+    if tput.get("tokens_per_s") and sse.get("tput", {}).get("tokens_per_s"):
+        ratio = tput["tokens_per_s"] / sse["tput"]["tokens_per_s"]
+        rows.append([f"tokens/s vs direct SSE, {up['connections']} connections, unpaced",
+                     "≥ 0.8×", f"{ratio:.2f}×", _mark(ratio >= 0.8)])  # fmt: skip
+    if "ttft1" in on:
+        added = on["ttft1"]["p50"] - sse["ttft1"]["p50"]
+        rows.append(["TTFT added p50, 1 stream", "≤ 2 ms", f"{_f(added)} ms", _mark(added <= 2)])
+    if "burst" in on:
+        added = on["burst"]["p99"] - sse["burst"]["p99"]
+        rows.append([f"TTFT added p99, {up['connections']} chats sent at once", "≤ 20 ms",
+                     f"{_f(added)} ms", _mark(added <= 20)])  # fmt: skip
+    ramp = results.get("ramp")
+    if ramp and ramp["max"].get("sse"):
+        best, direct = ramp["max"].get("tokenwire") or 0, ramp["max"]["sse"]
+        rows.append(["paced streams within +50 ms p99 vs direct SSE clients", "≥ 0.9×",
+                     f"{best / direct:.2f}× ({best:,} vs {direct:,})",
+                     _mark(best / direct >= 0.9)])  # fmt: skip
+    return rows
+
+
+def _section_upstream(results: dict[str, Any]) -> list[str]:
+    up = results["upstream"]
+    sse, names = up["sse"], up["settings"]
+    sims = up["sims"]
+    n = up["connections"]
+
+    def per_setting(fn: Any) -> list[Any]:
+        out = []
+        for name in names:
+            try:
+                out.append(fn(up["rows"][name]))
+            except (KeyError, TypeError, ZeroDivisionError):
+                out.append("–")
+        return out
+
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.2f}×" if b else "–"
+
+    st = sse.get("tput", {})
+    rows = [
+        [f"tokens/s, {n} connections, unpaced {sims['tput']['tokens']}-token answers",
+         _f(st.get("tokens_per_s")),
+         *per_setting(lambda r: f"{r['tput']['tokens_per_s']:,.0f} "
+                      f"({ratio(r['tput']['tokens_per_s'], st['tokens_per_s'])})")],
+        ["… frames per token at the clients", "1.00",
+         *per_setting(lambda r: f"{r['tput']['frames_per_token']:.2f}")],
+        ["TTFT p50 ms, 1 stream (added)", _f(sse["ttft1"]["p50"]),
+         *per_setting(lambda r: f"{r['ttft1']['p50']:.1f} "
+                      f"(+{r['ttft1']['p50'] - sse['ttft1']['p50']:.1f})")],
+        [f"TTFT p50 ms, {n} chats sent at once (added)", _f(sse["burst"]["p50"]),
+         *per_setting(lambda r: f"{r['burst']['p50']:.1f} "
+                      f"(+{r['burst']['p50'] - sse['burst']['p50']:.1f})")],
+        [f"TTFT p99 ms, {n} chats sent at once (added)", _f(sse["burst"]["p99"]),
+         *per_setting(lambda r: f"{r['burst']['p99']:.1f} "
+                      f"(+{r['burst']['p99'] - sse['burst']['p99']:.1f})")],
+        [f"fast model ({sims['fast']['token_delay_ms']:.0f} ms tokens), tokens/s",
+         _f(sse["fast"]["tokens_per_s"]),
+         *per_setting(lambda r: f"{r['fast']['tokens_per_s']:,.0f}")],
+        ["… TTFT p99 ms", _f(sse["fast"]["ttft"]["p99"]),
+         *per_setting(lambda r: _f(r["fast"]["ttft"]["p99"]))],
+        ["… gap between frames p99 ms", _f(sse["fast"]["gaps"]["p99"]),
+         *per_setting(lambda r: _f(r["fast"]["gaps"]["p99"]))],
+        ["… frames per token", "1.00",
+         *per_setting(lambda r: f"{r['fast']['frames_per_token']:.2f}")],
+    ]  # fmt: skip
+    cpu_rows = []
+    for load, key in (("unpaced", "tput"), ("fast model", "fast")):
+        for name in names:
+            per = up["rows"].get(name, {}).get(key, {}).get("cpu_us_per_token") or {}
+            if per:
+                total = sum(v for k, v in per.items() if k != "simulator")
+                worker = per.get("worker", per.get("worker1"))
+                gateway = per.get("gateway", per.get("gateway1"))
+                cpu_rows.append(
+                    [load, name, per.get("simulator"), worker, gateway, per.get("nats-server"),
+                     total]
+                )  # fmt: skip
+    return [
+        "## 7. Tokens at the upstream's speed: coalescing and the worker's path",
+        "",
+        "The figures of issue 13, each measured twice in this run: with the worker as shipped "
+        "(adaptive coalescing, `TOKENWIRE_COALESCE_MS=16`) and with coalescing off "
+        "(`TOKENWIRE_COALESCE_MS=0`: one frame per token, the worker's old path). A *token* is "
+        "one Dify event carried (a coalesced `delta` carries several: the clients count the "
+        "simulator's tokens each delta completes). *Direct SSE* is a client of the simulator "
+        "with nothing in between. TTFT: "
+        f"{sims['ttft']['tokens']}-token answers at {sims['ttft']['token_delay_ms']:.0f} ms; "
+        f"one stream {results['plan'].get('upstream_ttft_rounds', '')} times, and "
+        f"{results['plan'].get('upstream_bursts', '')} bursts of {n} chats on {n} open "
+        "connections sent at the same instant. Unpaced: "
+        f"{results['plan'].get('upstream_window_s', 0):.0f} s window. Fast model: "
+        f"{n} connections, {sims['fast']['tokens']}-token answers back to back, started "
+        "staggered over one answer.",
+        "",
+        _table(["figure", "direct SSE", *names], rows),
+        "",
+        "CPU µs per delivered token, by process (the load-generating clients not counted; "
+        "*tokenwire total* leaves out the simulator):",
+        "",
+        _table(
+            [
+                "load",
+                "worker setting",
+                "simulator",
+                "worker",
+                "gateway",
+                "nats-server",
+                "tokenwire total",
+            ],
+            cpu_rows,
+        ),
+        "",
+    ]
 
 
 def _streams(best: int | None, ramp: dict[str, Any], kind: str) -> str:
@@ -398,7 +526,7 @@ def _section_ttft(results: dict[str, Any]) -> list[str]:
 
 def _section_tput(results: dict[str, Any]) -> list[str]:
     tput = results["throughput"]
-    bare = tput["rows"][0]["frames_per_s"]
+    bare = tput["rows"][0]["tokens_per_s"]
     rows = []
     for r in tput["rows"]:
         cpu = ", ".join(f"{k} {v:.0f}%" for k, v in r.get("cpu_pct", {}).items())
@@ -407,7 +535,7 @@ def _section_tput(results: dict[str, Any]) -> list[str]:
                 r["name"],
                 r["frames_per_s"],
                 r["tokens_per_s"],
-                f"{r['frames_per_s'] / bare:.2f}×" if bare else "–",
+                f"{r['tokens_per_s'] / bare:.2f}×" if bare else "–",
                 r.get("machine_busy_pct"),
                 cpu or "–",
                 f"{r['complete']}/{r['streams']}",
@@ -424,9 +552,10 @@ def _section_tput(results: dict[str, Any]) -> list[str]:
         "machine only makes a window slower). "
         "The bare server is a Starlette WebSocket endpoint under the same uvicorn/uvloop/"
         "websockets stack pushing the same frames itself (no NATS, no worker, no HTTP): the "
-        "ceiling of a Python WebSocket server on this machine. A token is one `delta` (one "
-        "text frame for the tutorial bridge, one `message` event for direct SSE). CPU is per "
-        "process over the window (100% = one core); the clients use the rest.",
+        "ceiling of a Python WebSocket server on this machine. A token is one Dify event "
+        "carried (a coalesced `delta` carries several; one text frame for the tutorial "
+        "bridge, one `message` event for direct SSE); *vs bare* compares tokens/s. CPU is "
+        "per process over the window (100% = one core); the clients use the rest.",
         "",
         _table(
             [
@@ -447,6 +576,13 @@ def _section_tput(results: dict[str, Any]) -> list[str]:
     if tw and tw.get("cpu_us_per_frame"):
         per = ", ".join(f"{k} {v:.0f} µs" for k, v in tw["cpu_us_per_frame"].items())
         lines += [f"CPU per delivered frame in tokenwire: {per}.", ""]
+    if tw and tw.get("cpu_us_per_token"):
+        per = ", ".join(f"{k} {v:.1f} µs" for k, v in tw["cpu_us_per_token"].items())
+        ratio = tw.get("frames_per_token", math.nan)
+        lines += [
+            f"CPU per delivered token in tokenwire: {per} ({ratio:.2f} frames per token).",
+            "",
+        ]
     lines += ["![Throughput](bench/throughput.png)", ""]
     return lines
 
@@ -687,7 +823,8 @@ def _section_levers(results: dict[str, Any]) -> list[str]:
         lines += [
             "A worker setting that needs a code change, tried first through "
             "`python -m bench.worker_variant` (the same app and settings; `--pull-batch N` "
-            "replaces the job subscriber's `PullSub(batch_size=1)`), "
+            "replaces the pull batch the worker ships with, `--pull-batch 1` is the old "
+            "one job per pull round trip), "
             f"on the paced load of section 4 at {intake['streams']:,} streams (the first step "
             "where tokenwire as shipped broke the bound):",
             "",
@@ -856,6 +993,8 @@ def write_report(results: dict[str, Any], out: Path) -> list[Path]:
         lines += _section_ramp(results)
     if "topology" in results:
         lines += _section_topology(results)
+    if "upstream" in results:
+        lines += _section_upstream(results)
     lines += _section_profile(results)
     lines += _section_levers(results)
     lines += _section_runs(results)

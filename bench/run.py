@@ -75,6 +75,7 @@ def run(plan: Plan, out: Path, workdir: Path, console: Console) -> dict[str, Any
             rec.section("concurrent streams within the delay bound", rec.ramp)
             rec.section("throughput", rec.throughput)
             rec.section("1+1 against 2+2", rec.topology)
+            rec.section("tokens at the upstream's speed", rec.upstream)
             rec.section("levers", rec.levers)
             rec.section("worker job intake", rec.worker_levers)
             rec.section("idle memory", rec.idle)

@@ -58,11 +58,27 @@ class Plan:
     worker_lever_min_streams: int = 100
     worker_variants: list[tuple[str, list[str], list[str]]] = field(
         default_factory=lambda: [
-            ("as shipped", [], []),
-            ("worker pull batch 32", ["--pull-batch", "32"], []),
+            ("as shipped (jobs pulled in batches)", [], []),
+            ("one job per pull (before)", ["--pull-batch", "1"], []),
         ]
     )
     tuned_ramp: tuple[list[str], list[str]] | None = None
+    # The issue-13 figures (section "tokens at the upstream's speed"), each measured with the
+    # worker as shipped and with coalescing off (TOKENWIRE_COALESCE_MS=0: the old path).
+    upstream_connections: int = 50
+    upstream_tput_sim: SimSpec = field(default_factory=lambda: SimSpec(0, 400))
+    upstream_window_s: float = 8.0
+    upstream_ttft_sim: SimSpec = field(default_factory=lambda: SimSpec(40, 10))
+    upstream_ttft_rounds: int = 20
+    upstream_bursts: int = 3
+    upstream_fast_sim: SimSpec = field(default_factory=lambda: SimSpec(5, 200))
+    upstream_fast_rounds: int = 3
+    worker_settings: list[tuple[str, dict[str, str]]] = field(
+        default_factory=lambda: [
+            ("coalescing on (as shipped, 16 ms)", {}),
+            ("coalescing off (one frame per token)", {"TOKENWIRE_COALESCE_MS": "0"}),
+        ]
+    )
 
     @classmethod
     def full(cls) -> Plan:
@@ -83,13 +99,11 @@ class Plan:
             ramp_rounds=3,
             ramp_targets=["tokenwire", "tutorial", "sse", "bare"],
             topology_ramp=True,
+            # The gateway's server levers were measured in full before (docs/benchmarks.md
+            # history); this run keeps the two that matter for memory.
             levers=[
                 ("as shipped: uvicorn, uvloop, websockets-sansio, no deflate", []),
-                ("permessage-deflate on", ["--deflate"]),
-                ("ws=websockets (legacy impl)", ["--ws", "websockets"]),
                 ("ws=wsproto", ["--ws", "wsproto"]),
-                ("loop=asyncio (no uvloop)", ["--loop", "asyncio"]),
-                ("granian (ASGI, uvloop)", ["--server", "granian"]),
             ],
             lever_idle=2000,
             profile=True,
@@ -125,14 +139,24 @@ class Plan:
             worker_lever_min_streams=0,
             worker_variants=[
                 ("as shipped", [], []),
-                ("worker pull batch 8", ["--pull-batch", "8"], []),
+                ("one job per pull (before)", ["--pull-batch", "1"], []),
             ],
             tuned_ramp=None,
+            # One simulator for every stage of the smoke run: no restarts.
+            upstream_connections=4,
+            upstream_tput_sim=SimSpec(5, 20),
+            upstream_window_s=1.0,
+            upstream_ttft_sim=SimSpec(5, 20),
+            upstream_ttft_rounds=2,
+            upstream_bursts=1,
+            upstream_fast_sim=SimSpec(5, 20),
+            upstream_fast_rounds=1,
         )
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for key in ("ttft_sim", "tput_sim", "ramp_sim"):
+        for key in ("ttft_sim", "tput_sim", "ramp_sim", "upstream_tput_sim", "upstream_ttft_sim",
+                    "upstream_fast_sim"):  # fmt: skip
             spec: SimSpec = getattr(self, key)
             data[key] = {**asdict(spec), "tokens_per_s": spec.tokens_per_s}
         data["levers"] = [name for name, _ in self.levers]
@@ -238,6 +262,7 @@ class Recorder:
         gateways: list[Proc] | None = None,
         record: bool = True,
         on_go: Callable[[float], None] | None = None,
+        label_suffix: str = "",
         **fields: Any,
     ) -> LoadResult:
         spec = LoadSpec(
@@ -247,7 +272,7 @@ class Recorder:
             tokens=spec_sim.tokens,
             token_delay_ms=spec_sim.token_delay_ms,
             processes=fields.pop("processes", self.plan.processes),
-            label=f"{section}: {kind} ×{connections}",
+            label=f"{section}: {kind} ×{connections} {label_suffix}".rstrip(),
             **fields,
         )
         result = run_load(spec, progress=self.progress, on_go=on_go)
@@ -339,15 +364,21 @@ class Recorder:
             self._tput_once(kind, label, gateways, profile=profile and i == 0)
             for i in range(self.plan.tput_tries)
         ]
-        best = max(rows, key=lambda r: r["frames_per_s"])
+        best = max(rows, key=lambda r: r["tokens_per_s"])
         best["tries_frames_per_s"] = [r["frames_per_s"] for r in rows]
+        best["tries_tokens_per_s"] = [r["tokens_per_s"] for r in rows]
         best["complete"] = sum(r["complete"] for r in rows)
         best["streams"] = sum(r["streams"] for r in rows)
         return best
 
     def _tput_once(self, kind: str, label: str, gateways: list[Proc] | None = None,
-                   profile: bool = False) -> dict[str, Any]:  # fmt: skip
-        plan, sim, system = self.plan, self.plan.tput_sim, self.system
+                   profile: bool = False, sim: SimSpec | None = None,
+                   connections: int | None = None, window_s: float | None = None,
+                   section: str = "throughput") -> dict[str, Any]:  # fmt: skip
+        plan, system = self.plan, self.system
+        sim = sim or plan.tput_sim
+        window_s = window_s or plan.tput_window_s
+        connections = connections or plan.tput_connections
         watched: dict[str, Proc] = {}
         if kind in ("tokenwire", "sse"):
             watched["simulator"] = system.sim  # type: ignore[assignment]
@@ -373,7 +404,7 @@ class Recorder:
 
         def on_go(start_at: float) -> None:
             delay = max(0.0, start_at - time.monotonic())
-            window = plan.tput_window_s
+            window = window_s
             threading.Timer(delay, sample, ("start",)).start()
             threading.Timer(delay + window, sample, ("end",)).start()
             if profile and profiler.available:
@@ -382,8 +413,8 @@ class Recorder:
                         profiler.start(name, pids[name], window)
 
         result = self.load(
-            "throughput", kind, sim, plan.tput_connections, gateways=gateways, on_go=on_go,
-            window_s=plan.tput_window_s, timeout_s=plan.tput_window_s + 120,
+            section, kind, sim, connections, gateways=gateways, on_go=on_go,
+            window_s=window_s, timeout_s=window_s + 120,
         )  # fmt: skip
         time.sleep(0.2)
         row: dict[str, Any] = {
@@ -395,7 +426,7 @@ class Recorder:
             "streams": result.streams,
         }
         if "start" in cpu and "end" in cpu:
-            window = plan.tput_window_s
+            window = window_s
             row["cpu_pct"] = {
                 name: 100 * (cpu["end"][name] - cpu["start"][name]) / window for name in pids
             }
@@ -407,6 +438,12 @@ class Recorder:
                     name: 1e6 * (cpu["end"][name] - cpu["start"][name]) / result.frames
                     for name in pids
                 }
+            if result.tokens:
+                row["cpu_us_per_token"] = {
+                    name: 1e6 * (cpu["end"][name] - cpu["start"][name]) / result.tokens
+                    for name in pids
+                }
+                row["frames_per_token"] = result.frames / result.tokens
         if profile:
             self._keep_profiles(profiler, "throughput window")
         return row
@@ -425,13 +462,15 @@ class Recorder:
         ]:
             self.warmup(kind, sim)
             rows.append(self._tput_run(kind, label, profile=plan.profile and kind == "tokenwire"))
-        bare = rows[0]["frames_per_s"]
+        # Tokens (Dify events carried), not frames: a coalesced delta carries several.
+        bare, sse = rows[0]["tokens_per_s"], rows[3]["tokens_per_s"]
         self.results["throughput"] = {
             "sim": asdict(sim),
             "connections": plan.tput_connections,
             "window_s": plan.tput_window_s,
             "rows": rows,
-            "ratio_vs_bare": rows[1]["frames_per_s"] / bare if bare else math.nan,
+            "ratio_vs_bare": rows[1]["tokens_per_s"] / bare if bare else math.nan,
+            "ratio_vs_sse": rows[1]["tokens_per_s"] / sse if sse else math.nan,
         }
 
     # --- 3. idle memory --------------------------------------------------------------------------
@@ -737,6 +776,105 @@ class Recorder:
             system.stop(proc)
         system.start_worker(*worker_args)
         system.start_gateway(*gateway_args)
+
+    # --- tokens at the upstream's speed (issue 13): worker as shipped against coalescing off -----
+
+    def _relaunch_worker(self, env: dict[str, str]) -> None:
+        system = self.system
+        for proc in list(system.workers):
+            system.stop(proc)
+        system.start_worker(env=env)
+
+    def _paced(self, kind: str, sim: SimSpec, connections: int, rounds: int, *,
+               stagger: bool, label: str) -> dict[str, Any]:  # fmt: skip
+        """One paced load; TTFT, gaps, tokens, frames and CPU µs per token of each process."""
+        system = self.system
+        answer = _answer_s(sim)
+        pids: dict[str, int] = {"simulator": system.sim.pid} if system.sim else {}
+        if kind == "tokenwire":
+            pids |= {"gateway": system.gateways[0].pid, "worker": system.workers[0].pid}
+            if system.nats is not None and system.nats.pid:
+                pids["nats-server"] = system.nats.pid
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        t0 = time.monotonic()
+        result = self.load(
+            "upstream", kind, sim, connections, rounds=rounds,
+            stagger_s=answer if stagger else 0.0,
+            measure_from_s=answer if stagger and rounds > 1 else None,
+            measure_to_s=answer * rounds if stagger and rounds > 1 else None,
+            timeout_s=120 + rounds * answer * 4, label_suffix=label,
+        )  # fmt: skip
+        wall = time.monotonic() - t0
+        used = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+        tokens = result.tokens
+        return {
+            "ttft": dist_ms(result.ttft_s),
+            "gaps": dist_ms(result.gaps_s),
+            "tokens": tokens,
+            "frames": result.frames,
+            "frames_per_token": result.frames / tokens if tokens else math.nan,
+            "tokens_per_s": tokens / wall if wall else math.nan,
+            "cpu_us_per_token": {n: 1e6 * c / tokens for n, c in used.items()} if tokens else {},
+            "complete": result.complete,
+            "streams": result.streams,
+        }
+
+    def upstream(self) -> None:
+        """The figures of issue 13, the worker as shipped against coalescing off, same run:
+        TTFT at 1 stream and in a burst of chats sent at the same instant, tokens/s against a
+        direct SSE client, and a fast model (a token every 5 ms)."""
+        plan, system = self.plan, self.system
+        conns = plan.upstream_connections
+        out: dict[str, Any] = {"connections": conns, "settings": [n for n, _ in
+                               plan.worker_settings], "sse": {}, "rows": {}}  # fmt: skip
+        rows: dict[str, dict[str, Any]] = {name: {} for name, _ in plan.worker_settings}
+
+        def bursts(kind: str) -> dict[str, float]:
+            ttfts: list[float] = []
+            for _ in range(plan.upstream_bursts):
+                res = self.load("upstream", kind, plan.upstream_ttft_sim, conns, rounds=1,
+                                stagger_s=0.0, timeout_s=120, label_suffix="burst")  # fmt: skip
+                ttfts += res.ttft_s
+            return dist_ms(ttfts)
+
+        def ttft(kind: str, row: dict[str, Any]) -> None:
+            """Time to first token: one stream, and a burst of chats sent at one instant."""
+            row["ttft1"] = self._paced(kind, plan.upstream_ttft_sim, 1, plan.upstream_ttft_rounds,
+                                       stagger=False, label="1 stream")["ttft"]  # fmt: skip
+            row["burst"] = bursts(kind)
+
+        def tput(kind: str, row: dict[str, Any], name: str) -> None:
+            """Unpaced answers on many connections: tokens/s at the clients, CPU per token."""
+            row["tput"] = self._tput_once(kind, name, sim=plan.upstream_tput_sim,
+                                          connections=conns, window_s=plan.upstream_window_s,
+                                          section="upstream")  # fmt: skip
+
+        def fast(kind: str, row: dict[str, Any]) -> None:
+            """A fast model: a token every 5 ms, staggered back-to-back answers."""
+            row["fast"] = self._paced(kind, plan.upstream_fast_sim, conns,
+                                      plan.upstream_fast_rounds, stagger=True,
+                                      label="fast model")  # fmt: skip
+
+        stages = [(plan.upstream_ttft_sim, ttft), (plan.upstream_tput_sim, tput),
+                  (plan.upstream_fast_sim, fast)]  # fmt: skip
+        # One worker launch per setting; direct SSE once, beside the first.
+        for i, (name, env) in enumerate(plan.worker_settings):
+            self._relaunch_worker(env)
+            for sim, measure in stages:
+                system.start_simulator(sim)
+                if i == 0:
+                    self.warmup("sse", sim)
+                    args: list[Any] = [out["sse"]] + (["direct SSE"] if measure is tput else [])
+                    measure("sse", *args)
+                self.warmup("tokenwire", sim)
+                args = [rows[name]] + ([name] if measure is tput else [])
+                measure("tokenwire", *args)
+        self._relaunch_worker({})
+        out["rows"] = rows
+        out["sims"] = {"ttft": asdict(plan.upstream_ttft_sim),
+                       "tput": asdict(plan.upstream_tput_sim),
+                       "fast": asdict(plan.upstream_fast_sim)}  # fmt: skip
+        self.results["upstream"] = out
 
     # --- driver --------------------------------------------------------------------------------
 

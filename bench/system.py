@@ -131,12 +131,14 @@ class System:
             env["TOKENWIRE_NATS_URL"] = self.nats.url
         return env
 
-    def _proc(self, name: str, argv: list[str], health: str, port: int) -> Proc:
+    def _proc(
+        self, name: str, argv: list[str], health: str, port: int, env: dict[str, str] | None = None
+    ) -> Proc:
         self._counter += 1
         return Proc(
             name=name,
             argv=argv,
-            env=self.env(),
+            env=self.env() | (env or {}),
             log_path=self.workdir / f"{self._counter:02d}-{name}.log",
             health_url=health,
             port=port,
@@ -167,8 +169,9 @@ class System:
         ).start()  # fmt: skip
         return self.sim
 
-    def start_worker(self, *variant: str) -> Proc:
-        """``tokenwire worker``; with ``variant`` args, :mod:`bench.worker_variant` instead."""
+    def start_worker(self, *variant: str, env: dict[str, str] | None = None) -> Proc:
+        """``tokenwire worker``; with ``variant`` args, :mod:`bench.worker_variant` instead;
+        ``env``: settings of its own (``TOKENWIRE_COALESCE_MS``)."""
         port = free_port()
         if variant:
             argv = [sys.executable, "-m", "bench.worker_variant", "--metrics-port", str(port),
@@ -177,7 +180,8 @@ class System:
             argv = [sys.executable, "-m", "tokenwire", "worker", "--host", "127.0.0.1",
                     "--metrics-port", str(port)]  # fmt: skip
         name = "worker" + ("-" + "-".join(a.strip("-") for a in variant) if variant else "")
-        proc = self._proc(name, argv, f"http://127.0.0.1:{port}/healthz", port).start()
+        health = f"http://127.0.0.1:{port}/healthz"
+        proc = self._proc(name, argv, health, port, env).start()
         self.workers.append(proc)
         return proc
 

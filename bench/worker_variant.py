@@ -1,11 +1,12 @@
 """The worker under one changed setting, for levers that would need a code change to try.
 
-``tokenwire worker`` pulls jobs with FastStream's ``PullSub(batch_size=1)`` (one pull round
-trip to JetStream per job). This launcher builds the very same worker app from the very same
-settings with a larger pull batch (patched into ``worker.app``'s namespace, nothing else
-changed), so the benchmark can show what the change would be worth before anyone makes it:
+``tokenwire worker`` pulls jobs in batches (``worker/waiting_line.py`` ``job_intake``). This
+launcher builds the very same worker app from the very same settings with another pull batch
+(patched into ``worker.app``'s namespace, nothing else changed), so the benchmark can show
+what a batch is worth (``--pull-batch 1``: one pull round trip to JetStream per job, as
+before batches):
 
-    python -m bench.worker_variant --metrics-port P --pull-batch 32
+    python -m bench.worker_variant --metrics-port P --pull-batch 1
 
 It is a benchmark tool only; a lever that wins should become a real worker setting.
 """
@@ -21,7 +22,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--metrics-port", type=int, required=True)
-    parser.add_argument("--pull-batch", type=int, default=1)
+    parser.add_argument("--pull-batch", type=int, default=None, help="default: as shipped")
     parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
     parser.add_argument("--lag-probe", action="store_true", help="report loop lag and GC pauses")
     parser.add_argument(
@@ -42,7 +43,8 @@ def main() -> None:
         kw["batch_size"] = args.pull_batch
         return PullSub(*pos, **kw)
 
-    worker_app.PullSub = pull_sub  # type: ignore[attr-defined,assignment]
+    if args.pull_batch is not None:
+        worker_app.PullSub = pull_sub  # type: ignore[attr-defined,assignment]
     settings = Settings()
     configure_logging("worker", settings.log_level, json=settings.log_json)
     app: Any = worker_app.create_app(settings)

@@ -28,6 +28,7 @@ SECTIONS = (
     "## 3. Memory per idle connection",
     "## 4–5. Most concurrent streams within the delay bound",
     "## 6. One gateway + one worker against two + two",
+    "## 7. Tokens at the upstream's speed: coalescing and the worker's path",
     "## Levers",
     "## Every load of this run",
 )
@@ -47,7 +48,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, 
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=170,
+        timeout=300,
         check=False,
     )
     assert proc.returncode == 0, f"bench.run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -55,7 +56,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, 
     return out.read_text(), results, out.parent
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(330)
 def test_quick_mode_writes_every_section_and_chart(
     quick_run: tuple[str, dict[str, Any], Path],
 ) -> None:
@@ -70,7 +71,7 @@ def test_quick_mode_writes_every_section_and_chart(
     assert "| Python |" in report and "Versions: " in report  # the machine is named
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(330)
 def test_every_stream_delivered_the_expected_answer(
     quick_run: tuple[str, dict[str, Any], Path],
 ) -> None:
@@ -87,7 +88,7 @@ def test_every_stream_delivered_the_expected_answer(
             assert run["streams"] >= run["connections"] > 0, label
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(330)
 def test_reported_numbers_are_finite_and_positive(
     quick_run: tuple[str, dict[str, Any], Path],
 ) -> None:
@@ -122,4 +123,19 @@ def test_reported_numbers_are_finite_and_positive(
         assert "error" not in row, row
         _positive(row["gap_p50_ms"], f"gap p50 with {row['variant']}")
         assert row["complete"] == row["total"] > 0, row
+    up = results["upstream"]
+    assert len(up["settings"]) == 2, up["settings"]  # coalescing on and off, same run
+    for name, row in [("direct SSE", up["sse"]), *up["rows"].items()]:
+        for load in ("ttft1", "burst"):
+            _positive(row[load]["p50"], f"{load} TTFT p50 of {name}")
+        _positive(row["tput"]["tokens_per_s"], f"unpaced tokens/s of {name}")
+        _positive(row["fast"]["tokens_per_s"], f"fast-model tokens/s of {name}")
+    for name, row in up["rows"].items():
+        for load in ("tput", "fast"):
+            per = row[load]["cpu_us_per_token"]
+            assert {"worker", "nats-server"} <= set(per) or {"worker1", "nats-server"} <= set(
+                per
+            ), per
+            for process, us in per.items():  # a short quick load may not cost a jiffy
+                assert math.isfinite(us) and us >= 0, f"CPU µs per token of {process}: {us}"
     assert "failed_sections" not in results, results.get("failed_sections")
