@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -36,6 +37,8 @@ PROMPT: Final = "› "
 CONTINUATION: Final = "… "
 HELP: Final = (
     "Commands: /new (new conversation), /stop (stop the answer, or Ctrl-C), /quit (or Ctrl-D).\n"
+    "/app NAME picks a configured app (/app alone: the default); /run TEXT or /run {json}\n"
+    "runs a workflow or completion app; /answer ACTION [TEXT or {json}] answers its form.\n"
     "End a line with \\ to continue on the next line; pasted lines stay together."
 )
 
@@ -92,6 +95,10 @@ class _View:
             return ""
         if self.note:
             return self.note
+        if s.refusals:
+            return f"✗ answer refused: {s.refusals[-1].code}: {s.refusals[-1].message}"
+        if s.form is not None:
+            return describe_form(s.form)
         activity = _activity(s)
         if activity:
             return activity
@@ -120,6 +127,7 @@ class _Chat:
     console: Console
     lines: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
     conversation_id: str | None = None
+    app: str | None = None
     current: ChatStream | None = None
     interrupted: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -162,6 +170,14 @@ class _Chat:
             if command == "/stop":
                 self.console.print("nothing to stop", style="dim")
                 continue
+            if command == "/app" or command.startswith("/app "):
+                self.app = command[4:].strip() or None
+                self.conversation_id = None
+                self.console.print(f"app: {self.app or 'default'}", style="dim", markup=False)
+                continue
+            if command == "/run" or command.startswith("/run "):
+                await self._ask(command[4:].strip(), run=True)
+                continue
             if not command:
                 continue
             await self._ask(message)
@@ -203,8 +219,11 @@ class _Chat:
         self.console.print()
         return None  # Ctrl-C at the prompt quits
 
-    async def _ask(self, query: str) -> None:
-        stream = await self.conn.chat(query, conversation_id=self.conversation_id)
+    async def _ask(self, query: str, *, run: bool = False) -> None:
+        if run:
+            stream = await self.conn.run(run_inputs(query), query=query, app=self.app)
+        else:
+            stream = await self.conn.chat(query, conversation_id=self.conversation_id, app=self.app)
         self.current = stream
         view = _View(self.conn, stream)
         watcher = asyncio.get_running_loop().create_task(self._watch_commands(stream, view))
@@ -237,6 +256,8 @@ class _Chat:
             if command == "/stop":
                 view.note = "stopping…"
                 await stream.stop()
+            elif command.startswith("/answer"):
+                view.note = await answer_form(stream, command[7:].strip())
             elif command:
                 view.note = "an answer is streaming: /stop stops it"
 
@@ -276,6 +297,52 @@ class _Chat:
             self.console.print(
                 f"[bold red]disconnected[/] ({change.code} {change.reason})", highlight=False
             )
+
+
+def run_inputs(text: str) -> dict[str, object]:
+    """``/run`` inputs: a JSON object as typed, else the text as the ``query`` input."""
+    if text.startswith("{"):
+        with contextlib.suppress(ValueError):
+            value = json.loads(text)
+            if isinstance(value, dict):
+                return value
+    return {"query": text} if text else {}
+
+
+def describe_form(form: dict[str, object]) -> str:
+    """A waiting form in a line or two: its title, content and actions."""
+    actions = form.get("actions")
+    names = (
+        [str(a.get("id")) for a in actions if isinstance(a, dict)]
+        if isinstance(actions, list)
+        else []
+    )
+    title = form.get("node_title") or "a person"
+    content = str(form.get("form_content") or "").strip()
+    return f"⏸ waiting for {title}: {content}\n/answer {'|'.join(names)} [TEXT or {{json}}]"
+
+
+async def answer_form(stream: ChatStream, args: str) -> str:
+    """``/answer ACTION [TEXT or {json}]``: TEXT fills the form's first input."""
+    form = stream.form
+    if form is None:
+        return "no form is waiting"
+    action, _, rest = args.partition(" ")
+    if not action:
+        return describe_form(form)
+    inputs: dict[str, object] = {}
+    rest = rest.strip()
+    if rest.startswith("{"):
+        with contextlib.suppress(ValueError):
+            value = json.loads(rest)
+            inputs = value if isinstance(value, dict) else {}
+    elif rest:
+        fields = form.get("inputs")
+        first = fields[0] if isinstance(fields, list) and fields else {}
+        name = first.get("output_variable_name") if isinstance(first, dict) else None
+        inputs = {str(name or "comment"): rest}
+    await stream.answer(action, inputs)
+    return f"answered: {action}"
 
 
 def _start_reader(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str | None]) -> None:

@@ -318,6 +318,38 @@ async def test_stop_while_the_run_waits_for_a_human(apps: Stack) -> None:
     assert_seq_complete(frames)
 
 
+# --------------------------------------------------------------------------- the Python client
+
+
+async def test_the_python_client_runs_a_workflow_and_answers_its_form(apps: Stack) -> None:
+    from tokenwire.client import Connection
+
+    inputs = {"query": "The client asks for approval"}
+    port = apps.gateway_ports[0]
+    async with Connection(f"ws://127.0.0.1:{port}/v1/ws", user="py-client") as conn:
+        done = await (await conn.run({"query": "plain run"}, app="wf")).wait()
+        assert done.end is not None and done.end.status == "succeeded"
+        assert done.end.outputs == expected_workflow_outputs(
+            {"query": "plain run"}, {"scenario": "iteration"}
+        )
+        stream = await conn.run(inputs, app="human")
+        form = await asyncio.wait_for(stream.wait_for_form(), 30)
+        assert form is not None and "form_token" not in form
+        request_id = stream.id
+    # Answered later, from another connection on the other gateway.
+    other = apps.gateway_ports[1]
+    async with Connection(f"ws://127.0.0.1:{other}/v1/ws", user="py-client") as conn:
+        stream = await conn.resume(request_id)
+        assert await asyncio.wait_for(stream.wait_for_form(), 30) is not None
+        await stream.answer("reject", {"comment": "shorter, please"})
+        await asyncio.wait_for(stream.wait(), 60)
+    assert stream.end is not None and stream.end.status == "succeeded"
+    assert stream.end.outputs == expected_workflow_outputs(
+        inputs, {"scenario": "human"}, action="reject"
+    )
+    assert stream.text == expected_workflow_answer(inputs, action="reject")
+
+
 # --------------------------------------------------------------------------- secrets
 
 

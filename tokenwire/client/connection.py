@@ -174,7 +174,13 @@ class ChatStream:
     events: list[Event] = field(default_factory=list)
     frames: list[RequestFrame] = field(default_factory=list, repr=False)
     stop_wanted: bool = False
+    #: ``chat`` (a conversational app) or ``run`` (a workflow or completion app).
+    kind: str = "chat"
+    #: Refusals of this request's form answers (``input``): ``error`` frames with no ``seq``
+    #: (``not_found``, ``form_expired``, ``form_submitted``); they do not end the request.
+    refusals: list[ErrorFrame] = field(default_factory=list)
     _asked_in: str | None = field(default=None, repr=False)
+    _follow_only: bool = field(default=False, repr=False)  # asked elsewhere: resume, never ask
     _sent_on: int = field(default=-1, repr=False)
     _changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
@@ -189,6 +195,34 @@ class ChatStream:
     async def stop(self) -> None:
         """Stop this answer (at Dify too); an ``end`` with ``stopped`` follows."""
         await self.connection.stop(self.id)
+
+    @property
+    def form(self) -> dict[str, Any] | None:
+        """The human-input form the run waits on (Dify's ``human_input_required`` data:
+        ``form_id``, ``node_title``, ``form_content``, ``inputs``, ``actions``, …; never its
+        token), or None."""
+        waiting: dict[str, Any] | None = None
+        for event in self.events:
+            if event.event == "human_input_required":
+                data = event.data.get("data")
+                waiting = data if isinstance(data, dict) else None
+            elif event.event in ("human_input_form_filled", "human_input_form_timeout"):
+                waiting = None
+        return None if self.finished else waiting
+
+    async def answer(self, action: str, inputs: Mapping[str, Any] | None = None) -> None:
+        """Answer the form the run waits on with one of its ``actions`` (by id); the run then
+        continues on this request. A refusal lands in :attr:`refusals`."""
+        form = self.form
+        if form is None:
+            raise ValueError("this request waits for no form")
+        await self.connection.answer(self.id, str(form.get("form_id")), action, inputs)
+
+    async def wait_for_form(self) -> dict[str, Any] | None:
+        """Wait until the run waits on a form (its data) or the request ended (None)."""
+        while self.form is None and not self.finished:
+            await self._wait_change()
+        return self.form
 
     async def wait(self) -> ChatStream:
         """Wait until the request ended or failed."""
@@ -262,6 +296,15 @@ class ChatStream:
         self._changed.set()
 
     def _chat_frame(self) -> dict[str, Any]:
+        if self.kind == "run":
+            run: dict[str, Any] = {"type": "run", "id": self.id, "inputs": self.inputs}
+            if self.query:
+                run["query"] = self.query
+            if self.files:
+                run["files"] = self.files
+            if self.app:
+                run["app"] = self.app
+            return run
         frame: dict[str, Any] = {"type": "chat", "id": self.id, "query": self.query}
         if self._asked_in:
             frame["conversation_id"] = self._asked_in
@@ -391,6 +434,66 @@ class Connection(ServiceApi):
         if self._refuse_oversize(stream):
             return stream  # known too large for this gateway: failed, never sent
         self.requests[stream.id] = stream
+        self._closing = False
+        self._ensure_running()
+        if self.state is ConnectionState.OPEN:
+            await self._send_request(stream)
+        return stream
+
+    async def run(
+        self,
+        inputs: Mapping[str, Any] | None = None,
+        *,
+        query: str = "",
+        files: Sequence[Mapping[str, Any]] | None = None,
+        app: str | None = None,
+        id: str | None = None,
+    ) -> ChatStream:
+        """Run a workflow or completion app (``query``: a completion's); returns at once with
+        the stream. A workflow's ``end`` carries ``outputs``, ``status`` and
+        ``workflow_run_id``; a run waiting for a person has a :attr:`ChatStream.form`."""
+        stream = ChatStream(
+            connection=self,
+            id=id or str(uuid.uuid4()),
+            query=query,
+            inputs=dict(inputs or {}),
+            files=[dict(f) for f in files or ()],
+            app=app,
+            kind="run",
+        )
+        if self._refuse_oversize(stream):
+            return stream
+        self.requests[stream.id] = stream
+        self._closing = False
+        self._ensure_running()
+        if self.state is ConnectionState.OPEN:
+            await self._send_request(stream)
+        return stream
+
+    async def answer(
+        self, id: str, form_id: str, action: str, inputs: Mapping[str, Any] | None = None
+    ) -> None:
+        """Answer the form request ``id`` waits on (from any connection of the same user;
+        resume the request first to see the rest of the run)."""
+        frame = {
+            "type": "input",
+            "id": id,
+            "form_id": form_id,
+            "action": action,
+            "inputs": dict(inputs or {}),
+        }
+        if not await self._send(frame):
+            raise ConnectionError("not connected: answer again once the connection is open")
+
+    async def resume(self, id: str, after: int = 0) -> ChatStream:
+        """Follow request ``id`` that another connection asked (the same user): its frames
+        after ``after``, then live (e.g. a run waiting for a person, answered from here)."""
+        stream = self.requests.get(id)
+        if stream is not None:
+            return stream
+        stream = ChatStream(connection=self, id=id, query="", last_seq=after, _follow_only=True)
+        stream.status = RequestStatus.ACCEPTED
+        self.requests[id] = stream
         self._closing = False
         self._ensure_running()
         if self.state is ConnectionState.OPEN:
@@ -607,6 +710,10 @@ class Connection(ServiceApi):
                         retry_after_ms=frame.retry_after_ms,
                     )
                 )
+        elif isinstance(frame, ErrorFrame) and frame.seq is None and frame.id in self.requests:
+            refused = self.requests[frame.id]  # an answer to its form was refused
+            refused.refusals.append(frame)
+            refused._changed.set()
         elif frame.id is not None and frame.seq is not None:
             stream = self.requests.get(frame.id)
             if stream is not None and stream._apply(frame):
@@ -644,7 +751,7 @@ class Connection(ServiceApi):
         if stream.finished or self._refuse_oversize(stream):
             return
         stream._sent_on = self._generation
-        if stream.last_seq == 0:
+        if stream.last_seq == 0 and not stream._follow_only:
             # Never acknowledged: the same chat again. The gateway knows the id, so a chat that
             # did arrive before the drop is replayed, not asked twice.
             await self._send(stream._chat_frame())
