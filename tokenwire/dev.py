@@ -138,10 +138,16 @@ class _Supervisor:
             simulator_port = free_port()
             env["DIFY_API_URL"] = f"http://127.0.0.1:{simulator_port}/v1"
             env["DIFY_API_KEY"] = SIMULATOR_API_KEY
+            # One app of every kind, by name, unless the user named apps of their own.
+            env.setdefault("TOKENWIRE_DIFY_APPS", orjson.dumps(demo_apps()).decode())
             self._print_simulator_banner()
             self._spawn(
                 "simulator",
-                [*python, "simulate-dify", "--host", "127.0.0.1", "--port", str(simulator_port)],
+                [
+                    *python,
+                    "simulate-dify",
+                    *("--host", "127.0.0.1", "--port", str(simulator_port), "--apps", "demo"),
+                ],
                 env,
             )
         worker_port = free_port()
@@ -229,7 +235,8 @@ class _Supervisor:
         body = Text.assemble(
             ("DIFY_API_KEY is not set, so answers come from the bundled ", ""),
             ("Dify simulator", "bold"),
-            (", NOT from a real Dify.\n\n", "bold"),
+            (", NOT from a real Dify.\n", "bold"),
+            (f"Demo apps for a frame's app: {', '.join(sorted(demo_apps()))}.\n\n", ""),
             ("To use a real Dify, stop this and run it again with\n", ""),
             ("  DIFY_API_URL=https://api.dify.ai/v1  (or your Dify's /v1)\n", "bold"),
             ("  DIFY_API_KEY=app-...                  (the app's API key)", "bold"),
@@ -374,6 +381,16 @@ class _WorkerProbe:
         else:
             self.why = "its /readyz does not answer yet"
         return False
+
+
+def demo_apps() -> dict[str, str]:
+    """The simulator's demo apps by name (``app-workflow`` is ``workflow``), for a frame's
+    ``app``; the default app stays the classic chat, ``app-simulator``."""
+    from tokenwire.simulator import DEMO_APPS
+
+    return {
+        key.removeprefix("app-"): key for key in DEMO_APPS if key and key != SIMULATOR_API_KEY
+    }
 
 
 def _how_it_ended(code: int) -> str:

@@ -125,6 +125,33 @@ def test_a_plain_wheel_serves_the_page_and_answers_over_the_socket(
     assert "Dify simulator" in proc.output.text
 
 
+def test_dev_demo_apps_answer_every_kind_from_a_plain_install(dev: tuple[DevRun, str]) -> None:
+    """dev's simulator serves one app of each kind, by name: a workflow run and an agent chat."""
+    import asyncio
+
+    from tests.integration.wsclient import Client, answer_of, assert_seq_complete
+    from tokenwire.simulator import expected_workflow_answer
+
+    proc, url = dev
+    assert "workflow" in proc.output.text and "Demo apps" in proc.output.text
+    ws_url = url.replace("http", "ws", 1).rstrip("/") + "/v1/ws?user=demo-user"
+    inputs = {"query": "Ticket 42: the parcel is late"}
+
+    async def go() -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+        async with Client(ws_url) as client:
+            await client.send({"type": "run", "id": "w1", "app": "workflow", "inputs": inputs})
+            await client.send({"type": "chat", "id": "a1", "app": "agent", "query": QUESTION})
+            return await client.finish("w1", timeout=60), await client.finish("a1", timeout=60)
+
+    run, agent = asyncio.run(go())
+    for frames in (run, agent):
+        assert frames[-1]["type"] == "end", frames[-1]
+        assert_seq_complete(frames)
+    assert answer_of(run) == expected_workflow_answer(inputs)
+    assert run[-1]["outputs"]["answer"] == expected_workflow_answer(inputs)  # type: ignore[index]
+    assert answer_of(agent) == expected_final_answer(QUESTION)
+
+
 def test_tokenwire_jobs_and_chat_from_a_plain_install(
     venv: Path, dev: tuple[DevRun, str], elsewhere: Path
 ) -> None:
