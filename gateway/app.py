@@ -1,4 +1,5 @@
-"""The gateway process: a Starlette app serving the WebSocket protocol, the page and probes."""
+"""The gateway process: a Starlette app serving the WebSocket protocol, the uploads
+(``POST /v1/files``, ``POST /v1/audio-to-text``: gateway/uploads.py), the page and probes."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from gateway.auth import authenticator_for
 from gateway.bus import GatewayBus
 from gateway.connection import Connection, Edge
 from gateway.limits import ConnectionSlots, LocalConnections, RequestRate
+from gateway.uploads import Uploads
 from shared.exceptions import CloseCode
 from shared.settings import Settings
 
@@ -55,6 +57,7 @@ def create_app(settings: Settings) -> Starlette:
     )
     slots = ConnectionSlots(bus, settings, owner=secrets.token_hex(6))
     admission = Admission(bus, settings, edge, slots)
+    uploads = Uploads(bus, settings, edge.auth, edge.call_rates or edge.rates)
     state = {"draining": False}
 
     @contextlib.asynccontextmanager
@@ -109,6 +112,8 @@ def create_app(settings: Settings) -> Starlette:
     app = Starlette(
         routes=[
             WebSocketRoute("/v1/ws", websocket),
+            Route("/v1/files", uploads.files, methods=["POST"]),
+            Route("/v1/audio-to-text", uploads.audio_to_text, methods=["POST"]),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", prometheus),

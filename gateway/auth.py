@@ -11,6 +11,7 @@ A token travels in ``Authorization: Bearer``, in a ``bearer.<jwt>`` entry of
 ``Sec-WebSocket-Protocol`` (what browsers can send), in the query string only when
 ``TOKENWIRE_ALLOW_QUERY_TOKEN`` is set, or in a first ``auth`` frame (see gateway/admission.py).
 The token itself is never logged nor echoed: refusals name the reason, not the token.
+The upload endpoints (gateway/uploads.py) authenticate an HTTP request the same way.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
-from starlette.websockets import WebSocket
+from starlette.requests import HTTPConnection
 
 from shared.exceptions import InternalError, TokenExpired, Unauthorized
 from shared.settings import Settings
@@ -66,7 +67,7 @@ class Identity:
 class Authenticator(Protocol):
     requires_token: bool
 
-    def anonymous(self, ws: WebSocket) -> Identity:
+    def anonymous(self, ws: HTTPConnection) -> Identity:
         """The identity of a connection that brings no token (NoAuth only)."""
         ...
 
@@ -82,7 +83,7 @@ class NoAuth:
 
     requires_token = False
 
-    def anonymous(self, ws: WebSocket) -> Identity:
+    def anonymous(self, ws: HTTPConnection) -> Identity:
         user = ws.query_params.get("user")
         if user is None:
             return Identity("anon-" + secrets.token_hex(8))
@@ -232,7 +233,7 @@ class JwtAuth:
         self.issuer = settings.jwt_issuer
         self.leeway = settings.jwt_leeway_s
 
-    def anonymous(self, ws: WebSocket) -> Identity:
+    def anonymous(self, ws: HTTPConnection) -> Identity:
         raise Unauthorized("a bearer token is required")
 
     async def verify(self, token: str) -> Identity:
@@ -285,7 +286,7 @@ def _reason(exc: jwt.PyJWTError) -> str:
     return type(exc).__name__
 
 
-def handshake_token(ws: WebSocket, *, allow_query: bool) -> str | None:
+def handshake_token(ws: HTTPConnection, *, allow_query: bool) -> str | None:
     """The token the handshake carries: Authorization header, ``bearer.`` subprotocol entry,
     or (only when allowed) the ``access_token`` query parameter."""
     header = ws.headers.get("authorization", "")

@@ -33,12 +33,13 @@ from shared.subjects import (
     FRAMES_STREAM,
     INPUT_SUBJECT,
     JOB_CHAT,
+    UPLOADS_STREAM,
     connection_frames,
     request_frames_any_connection,
     stop_flag_key,
     stop_subject,
 )
-from shared.topology import connection_bucket_config, rate_bucket_config
+from shared.topology import connection_bucket_config, rate_bucket_config, upload_stream_config
 
 __all__ = ["LIMITS_TIMEOUT_S", "FrameHandler", "GatewayBus", "KvEntry", "map_nats_errors"]
 
@@ -83,6 +84,7 @@ class GatewayBus:
         metrics.set_nats_connected(True)
         self._js = self.nc.jetstream()
         self._kv = await natsedge.ensure_topology(self._js, self.settings)
+        await natsedge.ensure_stream(self._js, upload_stream_config(self.settings))
         for spec in (connection_bucket_config(self.settings), rate_bucket_config(self.settings)):
             await self._ensure_bucket(spec)
             # The limits must not hold a client up for long when JetStream is electing a new
@@ -187,6 +189,14 @@ class GatewayBus:
     async def call(self, data: bytes, timeout_s: float) -> bytes:
         """Send an encoded call (shared/calls.py) to one worker; the reply's bytes."""
         return await self.request(CALLS_SUBJECT, data, timeout_s, "call a worker")
+
+    async def stage_chunk(self, subject: str, data: bytes) -> int:
+        """Store one chunk of an upload in ``TW_UPLOADS`` (acknowledged); its sequence."""
+        return await natsedge.publish_acked(self.js, subject, data, UPLOADS_STREAM)
+
+    async def discard_chunks(self, subject: str) -> None:
+        """Delete an upload's staged chunks (it was refused, or failed)."""
+        await natsedge.purge_subject(self.js, UPLOADS_STREAM, subject)
 
     async def subscribe_connection(self, conn: str, handler: FrameHandler) -> Subscription:
         assert self.nc is not None

@@ -374,7 +374,9 @@ def call_error(
         error = DifyUnavailable(text, code=code, status=status, upstream_code=upstream_code)
         error.retry_after_s = retry_after_s if retry_after_s is not None else 1.0
         return error
-    feature_off = not upstream_code or upstream_code in _FEATURE_OFF
+    feature_off = (
+        not upstream_code or upstream_code in _FEATURE_OFF or upstream_code.endswith("_disabled")
+    )
     if method.feature and status in (400, 403) and feature_off:
         return FeatureDisabled(f"{method.name}: {method.feature} is off for this app")
     if status in (401, 403):

@@ -46,6 +46,7 @@ from shared.subjects import (
     INPUT_SUBJECT,
     JOBS_ALL,
     JOBS_STREAM,
+    UPLOADS_SUBJECT,
 )
 from shared.topology import job_consumer_config, owner_bucket_config
 from shared.tracing import nats_middlewares
@@ -57,6 +58,7 @@ from worker.ownership import Ownership
 from worker.queue_gauges import watch_queue
 from worker.readiness import Readiness
 from worker.runner import JobRunner
+from worker.uploads import Uploads
 from worker.waiting_line import job_intake
 
 __all__ = ["create_app"]
@@ -66,6 +68,8 @@ log = logging.getLogger("tokenwire.worker")
 
 #: Calls one worker answers at once (each is one short Dify request).
 CALL_CONCURRENCY = 32
+#: Uploads one worker sends to Dify at once.
+UPLOAD_CONCURRENCY = 8
 
 
 def app_names(settings: Settings) -> list[str]:
@@ -163,6 +167,21 @@ def create_app(settings: Settings) -> AsgiFastStream:
         reply = await calls.handle(msg.body)
         await respond(msg.raw_message, reply)
 
+    @broker.subscriber(
+        UPLOADS_SUBJECT,
+        queue=CALLS_QUEUE,
+        max_workers=UPLOAD_CONCURRENCY,
+        no_reply=True,  # the handler answers, through the NATS edge
+        title="uploads",
+        description="Send a staged upload to Dify as its user (request/reply).",
+    )
+    async def on_upload() -> None:
+        msg: NatsMessage = broker.context.get_local("message")
+        uploads: Uploads | None = holder.get("uploads")
+        if uploads is None or not msg.raw_message.reply:
+            return
+        await respond(msg.raw_message, await uploads.handle(msg.body))
+
     async def startup() -> None:
         await broker.connect()
         nc = broker.connection
@@ -179,6 +198,8 @@ def create_app(settings: Settings) -> AsgiFastStream:
         holder["owners"] = owners
         runner = holder["runner"]
         holder["calls"] = Calls(dify, owners, app_names(settings), lambda app: runner.breaker)
+        runner.owners = owners  # a chat or run naming another user's file: not_found
+        holder["uploads"] = Uploads(js, dify, owners, holder["calls"], settings)
         # The startup heap (FastStream, pydantic, httpx) never dies: keep full collections
         # from walking it, which stalled token delivery by tens of ms under load (bench/).
         gc.freeze()

@@ -87,6 +87,7 @@ from worker import metrics
 from worker.apps import AppKinds
 from worker.human_input import HumanInput
 from worker.lease import Lease
+from worker.ownership import Ownership
 from worker.publishing import Publisher
 from worker.recovery import HistoryReader
 from worker.status import StatusBoard
@@ -163,6 +164,8 @@ class JobRunner:
         self._idle = asyncio.Event()
         self._idle.set()
         self.draining = False
+        # Who owns the uploaded files a job names (worker/ownership.py); None: not checked.
+        self.owners: Ownership | None = None
 
     def request_stop(self, key: str) -> bool:
         """Stop request ``key`` if this worker runs it; returns whether it does."""
@@ -351,6 +354,12 @@ class JobRunner:
             reset = RESET_RECOVERY_FAILED
         if reset is not None:
             await publish([frames.reset(reset, reopen=first.reopen)])
+        refused = await self.owners.check_files(job) if self.owners is not None else None
+        if refused is not None:
+            # A file this user did not upload through tokenwire: not_found, before Dify.
+            log.info("request refused", extra={"code": refused.code.value})
+            await publish([frames.error(refused)])
+            return None
         if not self.breaker.allow(time.monotonic()):
             return CircuitOpen("Dify is unavailable (circuit open)")
         # This request is the half-open probe: however it ends, the breaker must hear of it.

@@ -205,3 +205,146 @@ def test_with_every_worker_stopped_a_call_fails_fast_and_retryable(tmp_path: Pat
                 assert took < 3.0, took
 
         asyncio.run(scenario())
+
+
+# --- uploads --------------------------------------------------------------------------------
+
+
+def upload(
+    stack: Stack,
+    user: str,
+    name: str,
+    data: bytes,
+    mime: str,
+    path: str = "/v1/files",
+) -> httpx.Response:
+    return httpx.post(
+        gateway(stack) + path,
+        params={"user": user},
+        files={"file": (name, data, mime)},
+        timeout=30,
+    )
+
+
+def sim_calls(stack: Stack, path: str) -> list[dict[str, Any]]:
+    with sim(stack) as http:
+        return [c for c in http.get("/_sim/calls").json() if c["path"] == path]
+
+
+def test_an_uploaded_image_reaches_dify_as_the_user_and_is_passed_in_the_next_chat(
+    stack: Stack,
+) -> None:
+    before = len(sim_calls(stack, "/v1/files/upload"))
+    response = upload(stack, "hana", "cat.png", PNG, "image/png")
+    assert response.status_code == 201, response.text
+    file = response.json()
+    assert {"id", "name", "size", "extension", "mime_type"} <= set(file)
+    assert (file["name"], file["size"], file["mime_type"]) == ("cat.png", len(PNG), "image/png")
+    uploads = sim_calls(stack, "/v1/files/upload")
+    assert len(uploads) == before + 1 and uploads[-1]["user"] == "hana"
+
+    ref = {"type": "image", "transfer_method": "local_file", "upload_file_id": file["id"]}
+
+    async def scenario() -> list[dict[str, Any]]:
+        async with (
+            Client(stack.ws_url(user="hana")) as hana,
+            Client(stack.ws_url(user="ivan")) as ivan,
+        ):
+            await chat(hana, "what is in this picture?", files=[ref])
+            # Another user naming the same id: not_found, and Dify is never asked.
+            rid = await ivan.chat("and for me?", files=[ref])
+            return await ivan.finish(rid)
+
+    with sim(stack) as http:
+        http.delete("/_sim/requests")
+    theirs = asyncio.run(scenario())
+    assert theirs[-1]["type"] == "error" and theirs[-1]["code"] == "not_found", theirs[-1]
+    with sim(stack) as http:
+        sent = http.get("/_sim/requests").json()
+    asked = [r for r in sent if r["query"] == "what is in this picture?"]
+    assert asked and asked[0]["user"] == "hana" and asked[0]["files"] == [ref]
+    assert not [r for r in sent if r["query"] == "and for me?"]
+
+
+def test_an_oversize_file_is_refused_with_413_before_dify_sees_a_byte(stack: Stack) -> None:
+    before = len(sim_calls(stack, "/v1/files/upload"))
+    big = PNG + b"\0" * (200 * 1024)  # over this gateway's TOKENWIRE_MAX_UPLOAD_BYTES (64 KiB)
+    response = upload(stack, "hana", "big.png", big, "image/png")
+    assert response.status_code == 413
+    body = response.json()
+    assert body["type"] == "error" and body["code"] == "file_too_large"
+    assert body["retryable"] is False and "message" in body
+    # Without a Content-Length to go by (a chunked body), refused while it streams.
+    chunked = httpx.post(
+        gateway(stack) + "/v1/files",
+        params={"user": "hana"},
+        headers={"Content-Type": "multipart/form-data; boundary=b0"},
+        content=_chunked_form("b0", "big.png", "image/png", big),
+        timeout=30,
+    )
+    assert chunked.status_code == 413, chunked.text
+    assert len(sim_calls(stack, "/v1/files/upload")) == before
+
+
+def _chunked_form(boundary: str, name: str, mime: str, data: bytes) -> Iterator[bytes]:
+    yield (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+        f"Content-Type: {mime}\r\n\r\n"
+    ).encode()
+    for start in range(0, len(data), 16 * 1024):
+        yield data[start : start + 16 * 1024]
+    yield f"\r\n--{boundary}--\r\n".encode()
+
+
+def test_a_type_the_app_does_not_take_is_415_and_no_file_is_400(stack: Stack) -> None:
+    response = upload(stack, "hana", "tool.exe", b"MZ\x90\x00", "application/octet-stream")
+    assert response.status_code == 415
+    assert response.json()["code"] == "unsupported_file_type"
+    empty = httpx.post(
+        gateway(stack) + "/v1/files", params={"user": "hana"}, data={"x": "1"}, timeout=10
+    )
+    assert empty.status_code == 400 and empty.json()["code"] == "bad_params"
+
+
+def test_audio_to_text_goes_to_dify_as_the_user(stack: Stack) -> None:
+    audio = b"ID3\x04\x00\x00\x00\x00\x00\x00" + bytes(range(256)) * 8
+    response = upload(stack, "jill", "note.mp3", audio, "audio/mpeg", path="/v1/audio-to-text")
+    if response.status_code == 200:
+        assert isinstance(response.json()["text"], str)
+    else:  # the simulated app may have speech to text off: Dify's own answer
+        assert response.json()["code"] == "feature_disabled", response.text
+    calls = sim_calls(stack, "/v1/audio-to-text")
+    assert calls and calls[-1]["user"] == "jill"
+
+
+def test_runs_get_of_another_users_run_is_not_found(stack: Stack) -> None:
+    """The owner is recorded as a run's starter records it (``worker/ownership.py``); here
+    the record is written directly, for a chatflow run the simulator really has."""
+    import nats
+
+    async def scenario() -> None:
+        async with (
+            Client(stack.ws_url(user="kate")) as kate,
+            Client(stack.ws_url(user="liam")) as liam,
+        ):
+            rid = await kate.chat("a chatflow run", inputs={"tw_sim": {"scenario": "chatflow"}})
+            frames = await kate.finish(rid)
+            run_id = next(
+                (f.get("workflow_run_id") or f["data"].get("workflow_run_id"))
+                for f in frames
+                if f["type"] in ("event", "end")
+                and (f.get("workflow_run_id") or (f.get("data") or {}).get("workflow_run_id"))
+            )
+            nc = await nats.connect(stack.nats_url)
+            try:
+                owners = await nc.jetstream().key_value("tw_owners")
+                await owners.put(f"run.{run_id}", orjson.dumps({"user": "kate"}))
+            finally:
+                await nc.close()
+            theirs = await call(liam, "runs.get", workflow_run_id=run_id)
+            assert theirs["type"] == "error" and theirs["code"] == "not_found", theirs
+            assert "data" not in theirs
+            mine = await call(kate, "runs.get", workflow_run_id=run_id)
+            assert mine["type"] == "result" and mine["data"]["id"] == run_id, mine
+
+    asyncio.run(scenario())
