@@ -31,6 +31,8 @@ export interface HelloFrame {
   protocol: number;
   server: string;
   limits: HelloLimits;
+  /** What this gateway serves of protocol v1's second part: `call`, `files`, `run`, `input`. */
+  features: string[];
 }
 
 interface RequestFrameBase {
@@ -117,7 +119,101 @@ export type RequestFrame =
   | EndFrame
   | (ErrorFrame & RequestFrameBase);
 
-export type ServerFrame = HelloFrame | RequestFrame | ErrorFrame | PongFrame;
+/** The answer to a `call`: Dify's response body (no `seq`). */
+export interface ResultFrame {
+  type: 'result';
+  id: string;
+  data: Record<string, unknown>;
+}
+
+export type ServerFrame = HelloFrame | RequestFrame | ErrorFrame | PongFrame | ResultFrame;
+
+// --- calls (docs/protocol.md: "Calls") --------------------------------------------------
+
+/** Every call method; another is refused with `unknown_method`. */
+export type CallMethod =
+  | 'apps.list'
+  | 'app.info'
+  | 'app.parameters'
+  | 'app.meta'
+  | 'app.site'
+  | 'conversations.list'
+  | 'conversations.rename'
+  | 'conversations.delete'
+  | 'conversations.variables'
+  | 'conversations.set_variable'
+  | 'messages.list'
+  | 'messages.feedback'
+  | 'messages.suggested'
+  | 'text.to_audio'
+  | 'runs.get';
+
+/** Dify's query or body fields of a call (never `user`: it is the connection's), and `app`. */
+export interface CallParams {
+  /** A configured app's name (default: `default`). */
+  app?: string;
+  [field: string]: unknown;
+}
+
+export interface CallOptions {
+  /** Reject with `timeout` when no answer came (default 60 000 ms). */
+  timeoutMs?: number;
+}
+
+/** A page of Dify's list endpoints. */
+export interface Page<T> {
+  data: T[];
+  has_more: boolean;
+  limit: number;
+}
+
+export interface Conversation {
+  id: string;
+  name: string;
+  inputs: Record<string, unknown>;
+  status: string;
+  introduction?: string;
+  created_at: number;
+  updated_at: number;
+}
+
+export interface HistoryMessage {
+  id: string;
+  conversation_id: string;
+  query: string;
+  answer: string;
+  inputs: Record<string, unknown>;
+  message_files: unknown[];
+  feedback: { rating: 'like' | 'dislike' | null } | null;
+  retriever_resources: unknown[];
+  created_at: number;
+  [field: string]: unknown;
+}
+
+/** Dify's file object (`POST /v1/files`). */
+export interface UploadedFile {
+  id: string;
+  name: string;
+  size: number;
+  extension: string | null;
+  mime_type: string;
+  [field: string]: unknown;
+}
+
+export interface AppEntry {
+  app: string;
+  available: boolean;
+  name?: string;
+  description?: string;
+  mode?: string;
+  [field: string]: unknown;
+}
+
+export interface UploadOptions {
+  /** A configured app's name (its upload limits apply). */
+  app?: string;
+  filename?: string;
+}
 
 // --- client side ------------------------------------------------------------------------
 
@@ -201,6 +297,8 @@ export interface ConnectionOptions {
   autoConnect?: boolean;
   /** Random source for jitter, in [0, 1) (tests pass a fixed one). */
   random?: () => number;
+  /** What `upload()` and `audioToText()` POST with (default: `globalThis.fetch`). */
+  fetch?: typeof fetch;
 }
 
 export type ConnectionState = 'idle' | 'connecting' | 'open' | 'reconnecting' | 'closed';
@@ -322,6 +420,37 @@ export class Connection {
   /** Open (idempotent); resolves on `hello`, rejects on close() or a `give_up` close (e.g. 4001). */
   connect(): Promise<void>;
   chat(query: string, options?: ChatOptions): ChatRequest;
+  /** One call to Dify's Service API as this user: Dify's body, or a TokenwireError. */
+  call<T = Record<string, unknown>>(
+    method: CallMethod,
+    params?: CallParams,
+    options?: CallOptions,
+  ): Promise<T>;
+  readonly conversations: {
+    list(params?: CallParams & { last_id?: string; limit?: number; sort_by?: string }): Promise<Page<Conversation>>;
+    rename(params: CallParams & { conversation_id: string; name?: string; auto_generate?: boolean }): Promise<Conversation>;
+    delete(params: CallParams & { conversation_id: string }): Promise<{ result: string }>;
+    variables(params: CallParams & { conversation_id: string }): Promise<Page<Record<string, unknown>>>;
+    setVariable(params: CallParams & { conversation_id: string; variable_id: string; value: unknown }): Promise<Record<string, unknown>>;
+  };
+  readonly messages: {
+    list(params: CallParams & { conversation_id: string; first_id?: string; limit?: number }): Promise<Page<HistoryMessage>>;
+  };
+  feedback(messageId: string, rating: 'like' | 'dislike' | null, options?: CallParams & { content?: string }): Promise<{ result: string }>;
+  suggested(messageId: string, options?: CallParams): Promise<string[]>;
+  apps(): Promise<AppEntry[]>;
+  parameters(options?: CallParams): Promise<Record<string, unknown>>;
+  info(options?: CallParams): Promise<Record<string, unknown>>;
+  meta(options?: CallParams): Promise<Record<string, unknown>>;
+  site(options?: CallParams): Promise<Record<string, unknown>>;
+  textToAudio(options: CallParams & ({ message_id: string } | { text: string }) & { voice?: string }): Promise<{ mime_type: string; audio: string }>;
+  runDetails(workflowRunId: string, options?: CallParams): Promise<Record<string, unknown>>;
+  /** `POST /v1/files`; put the returned `id` in `chat(q, { files: [...] })`. */
+  upload(file: Blob, options?: UploadOptions): Promise<UploadedFile>;
+  /** `POST /v1/audio-to-text`: the transcript. */
+  audioToText(file: Blob, options?: UploadOptions): Promise<string>;
+  /** `http(s)://host/v1` of this connection's gateway. */
+  httpBase(): string;
   stop(id: string): void;
   ping(): void;
   close(code?: number, reason?: string): void;

@@ -30,6 +30,12 @@
 // Unfinished requests are also written to sessionStorage after every frame, so a page reload
 // picks them up (`connection.restored`) and resumes them from where the page left off.
 //
+// `call(method, params)` (and `conversations.list()`, `messages.list()`, `feedback()`,
+// `suggested()`, `parameters()`, …) is one request/response call to Dify's Service API as this
+// user: it resolves with the one `result` (or rejects with the `error`) of its id; a call whose
+// socket closed before its answer is sent again after the reconnect. `upload(file)` and
+// `audioToText(file)` POST the file to the gateway's `/v1/files` and `/v1/audio-to-text`.
+//
 // A `ping` frame goes out every `pingIntervalMs`; if nothing at all arrives within
 // `pongTimeoutMs` after it, the socket is treated as dead and replaced.
 //
@@ -357,6 +363,20 @@ export class Connection extends Emitter {
     this.lastClose = null;
     /** @type {Map<string, ChatRequest>} unfinished requests, by id */
     this.requests = new Map();
+    /** Calls waiting for their `result` or `error`, by id (re-sent after a reconnect). */
+    this._calls = new Map();
+    this._fetch = options.fetch ?? globalThis.fetch?.bind(globalThis);
+    const call = (method) => (params = {}) => this.call(method, params);
+    /** `conversations.list({limit, last_id, sort_by, app})`, `.rename({conversation_id, name})`, … */
+    this.conversations = Object.freeze({
+      list: call('conversations.list'),
+      rename: call('conversations.rename'),
+      delete: call('conversations.delete'),
+      variables: call('conversations.variables'),
+      setVariable: call('conversations.set_variable'),
+    });
+    /** `messages.list({conversation_id, first_id, limit})`: a page of history, newest first. */
+    this.messages = Object.freeze({ list: call('messages.list') });
     this._ws = null;
     this._generation = 0;
     this._closedByUser = false;
@@ -417,6 +437,133 @@ export class Connection extends Emitter {
     return request;
   }
 
+  /**
+   * One call to Dify's Service API as this connection's user (docs/protocol.md lists the
+   * methods). Resolves with Dify's body (`result.data`), rejects with a TokenwireError whose
+   * `code` is the protocol's (`not_found`, `bad_params`, …). A call whose socket was lost before
+   * its answer is sent again after the reconnect.
+   */
+  call(method, params = {}, options = {}) {
+    const id = `call-${newRequestId()}`;
+    const frame = { type: 'call', id, method, params: { ...params } };
+    return new Promise((resolve, reject) => {
+      const pending = { frame, resolve, reject, sentOn: 0, timer: null };
+      const timeoutMs = options.timeoutMs ?? 60000;
+      pending.timer = setTimeout(() => {
+        this._calls.delete(id);
+        reject(new TokenwireError('timeout', `no answer to ${method} in ${timeoutMs} ms`, true));
+      }, timeoutMs);
+      this._calls.set(id, pending);
+      if (this.state === 'open') this._sendCall(pending);
+      else if (this.state === 'idle' || this.state === 'closed') this.connect().catch(() => {});
+    });
+  }
+
+  /** `feedback(messageId, 'like' | 'dislike' | null, {content})` */
+  feedback(messageId, rating, options = {}) {
+    return this.call('messages.feedback', { ...options, message_id: messageId, rating });
+  }
+
+  /** Suggested follow-up questions of a message (`feature_disabled` when off for the app). */
+  async suggested(messageId, options = {}) {
+    const data = await this.call('messages.suggested', { ...options, message_id: messageId });
+    return data.data ?? [];
+  }
+
+  /** The configured apps with their `/info` (name, description, mode). */
+  async apps() {
+    return (await this.call('apps.list')).data ?? [];
+  }
+
+  /** The app's opening statement, input form, feature toggles and upload limits. */
+  parameters(options = {}) {
+    return this.call('app.parameters', options);
+  }
+
+  info(options = {}) {
+    return this.call('app.info', options);
+  }
+
+  meta(options = {}) {
+    return this.call('app.meta', options);
+  }
+
+  site(options = {}) {
+    return this.call('app.site', options);
+  }
+
+  /** `{mime_type, audio}` (base64) for `{message_id}` or `{text}`. */
+  textToAudio(options) {
+    return this.call('text.to_audio', options);
+  }
+
+  /** A workflow run this user started (another user's is `not_found`). */
+  runDetails(workflowRunId, options = {}) {
+    return this.call('runs.get', { ...options, workflow_run_id: workflowRunId });
+  }
+
+  /** `POST /v1/files`: Dify's file object; put its `id` in `chat(q, {files: [...]})`. */
+  upload(file, options = {}) {
+    return this._postFile('/files', file, options, 201);
+  }
+
+  /** `POST /v1/audio-to-text`: the transcript. */
+  async audioToText(file, options = {}) {
+    return (await this._postFile('/audio-to-text', file, options, 200)).text ?? '';
+  }
+
+  /** The gateway's HTTP base (`http(s)://host/v1`) for its WebSocket URL. */
+  httpBase() {
+    const url = new URL(this.url);
+    url.protocol = url.protocol === 'wss:' ? 'https:' : url.protocol === 'ws:' ? 'http:' : url.protocol;
+    url.pathname = url.pathname.replace(/\/ws$/, '') || '/v1';
+    url.search = '';
+    return url.toString().replace(/\/$/, '');
+  }
+
+  async _postFile(path, file, options, expect) {
+    if (typeof this._fetch !== 'function') throw new TypeError('no fetch: pass options.fetch');
+    const form = new FormData();
+    if (options.app) form.append('app', options.app); // before the file: the limits depend on it
+    form.append('file', file, options.filename ?? file.name ?? 'upload');
+    const headers = {};
+    const token = typeof this._token === 'function' ? await this._token() : this._token;
+    if (token) headers.Authorization = `Bearer ${token}`;
+    let url = this.httpBase() + path;
+    if (!token && this.user) url += `?user=${encodeURIComponent(this.user)}`;
+    const response = await this._fetch(url, { method: 'POST', body: form, headers });
+    let body = {};
+    try {
+      body = await response.json();
+    } catch {
+      // not JSON: described by the status below
+    }
+    if (response.status !== expect) {
+      throw new TokenwireError(
+        body.code ?? `http_${response.status}`,
+        body.message ?? response.statusText ?? 'upload failed',
+        Boolean(body.retryable ?? response.status >= 500),
+        body,
+      );
+    }
+    return body;
+  }
+
+  _sendCall(pending) {
+    pending.sentOn = this._generation;
+    this._send(pending.frame);
+  }
+
+  _answerCall(frame) {
+    const pending = this._calls.get(frame.id);
+    if (!pending) return false;
+    this._calls.delete(frame.id);
+    clearTimeout(pending.timer);
+    if (frame.type === 'result') pending.resolve(frame.data);
+    else pending.reject(new TokenwireError(frame.code, frame.message, Boolean(frame.retryable), frame));
+    return true;
+  }
+
   /** Stop a request by id (sent now, or right after the next reconnect). */
   stop(id) {
     const request = this.requests.get(id);
@@ -449,6 +596,11 @@ export class Connection extends Emitter {
     }
     this._setState('closed', { code, reason });
     this._rejectOpenWaiters(new TokenwireError('closed', 'the connection was closed'));
+    for (const pending of [...this._calls.values()]) {
+      clearTimeout(pending.timer);
+      pending.reject(new TokenwireError('closed', 'the connection was closed'));
+    }
+    this._calls.clear();
   }
 
   /** Drop the socket as a network failure would; the connection reconnects and resumes. */
@@ -545,6 +697,9 @@ export class Connection extends Emitter {
       this._emit('pong', frame);
       return;
     }
+    if ((frame.type === 'result' || frame.type === 'error') && typeof frame.seq !== 'number') {
+      if (typeof frame.id === 'string' && this._answerCall(frame)) return;
+    }
     if (typeof frame.id === 'string' && typeof frame.seq === 'number') {
       const request = this.requests.get(frame.id);
       if (request && request._apply(frame)) {
@@ -577,6 +732,9 @@ export class Connection extends Emitter {
     this._emit('hello', frame);
     for (const request of [...this.requests.values()]) {
       if (request._sentOn !== generation) this._sendRequest(request);
+    }
+    for (const pending of [...this._calls.values()]) {
+      if (pending.sentOn !== generation) this._sendCall(pending); // its answer was lost
     }
     this._startHeartbeat();
     const waiters = this._openWaiters;
@@ -630,6 +788,11 @@ export class Connection extends Emitter {
         request._fail(new TokenwireError('connection_closed', message, true));
       }
       this.requests.clear();
+      for (const pending of this._calls.values()) {
+        clearTimeout(pending.timer);
+        pending.reject(new TokenwireError('connection_closed', message, true));
+      }
+      this._calls.clear();
       this._persist();
       return;
     }

@@ -89,3 +89,28 @@ export function misuse(connection: Connection, request: ChatRequest): void {
   const p: ClosePolicy = 'retry';
   void p;
 }
+
+export async function calls(connection: Connection): Promise<void> {
+  const page = await connection.conversations.list({ limit: 20 });
+  const first = page.data[0];
+  if (first) {
+    const history = await connection.messages.list({ conversation_id: first.id, limit: 10 });
+    const last = history.data[history.data.length - 1];
+    if (last) {
+      await connection.feedback(last.id, 'like');
+      const next: string[] = await connection.suggested(last.id);
+      console.log(next.length);
+    }
+    await connection.conversations.rename({ conversation_id: first.id, name: 'Trip' });
+  }
+  const params = await connection.parameters({ app: 'sales' });
+  console.log(params['opening_statement']);
+  const file = await connection.upload(new Blob(['x'], { type: 'image/png' }), { filename: 'a.png' });
+  connection.chat('what is this?', {
+    files: [{ type: 'image', transfer_method: 'local_file', upload_file_id: file.id }],
+  });
+  const raw = await connection.call('app.info');
+  console.log(raw, connection.hello?.features.includes('call'));
+  // @ts-expect-error: not a call method
+  await connection.call('admin.delete_everything');
+}
