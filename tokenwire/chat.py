@@ -7,6 +7,8 @@ ending with ``\\`` continues on the next, and lines pasted together (arriving wi
 region re-renders the Markdown on every frame with a status line under it (queued,
 reconnecting, stopped); lines typed meanwhile are read as commands (``/stop``), and Ctrl-C
 stops the answer. The connection (:mod:`tokenwire.client`) reconnects and resumes by itself.
+At the prompt, ``/history``, ``/conversations``, ``/open``, ``/like``, ``/dislike`` and
+``/upload PATH`` are calls (and an upload) to Dify through the gateway, as this user.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Final
+from pathlib import Path
+from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 from rich.console import Console, Group, RenderableType
@@ -28,9 +31,16 @@ from rich.live import Live
 from rich.markdown import Markdown
 from rich.text import Text
 
-from tokenwire.client import ChatStream, Connection, ConnectionState, RequestStatus, StateChange
+from tokenwire.client import (
+    CallError,
+    ChatStream,
+    Connection,
+    ConnectionState,
+    RequestStatus,
+    StateChange,
+)
 
-__all__ = ["HELP", "gather_message", "run_chat", "websocket_url"]
+__all__ = ["HELP", "file_ref", "format_history", "gather_message", "run_chat", "websocket_url"]
 
 PASTE_GAP_S: Final = 0.05
 PROMPT: Final = "› "
@@ -39,6 +49,8 @@ HELP: Final = (
     "Commands: /new (new conversation), /stop (stop the answer, or Ctrl-C), /quit (or Ctrl-D).\n"
     "/app NAME picks a configured app (/app alone: the default); /run TEXT or /run {json}\n"
     "runs a workflow or completion app; /answer ACTION [TEXT or {json}] answers its form.\n"
+    "/conversations lists yours, /open ID continues one, /history shows this one's messages;\n"
+    "/like and /dislike rate the last answer; /upload PATH attaches a file to the next message.\n"
     "End a line with \\ to continue on the next line; pasted lines stay together."
 )
 
@@ -130,6 +142,10 @@ class _Chat:
     app: str | None = None
     current: ChatStream | None = None
     interrupted: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The last answer's message id (what /like and /dislike rate).
+    last_message_id: str | None = None
+    #: Files uploaded with /upload, sent with the next message.
+    files: list[dict[str, Any]] = field(default_factory=list)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -178,6 +194,8 @@ class _Chat:
             if command == "/run" or command.startswith("/run "):
                 await self._ask(command[4:].strip(), run=True)
                 continue
+            if await self._service_command(command):
+                continue
             if not command:
                 continue
             await self._ask(message)
@@ -223,7 +241,10 @@ class _Chat:
         if run:
             stream = await self.conn.run(run_inputs(query), query=query, app=self.app)
         else:
-            stream = await self.conn.chat(query, conversation_id=self.conversation_id, app=self.app)
+            files, self.files = self.files, []
+            stream = await self.conn.chat(
+                query, conversation_id=self.conversation_id, app=self.app, files=files
+            )
         self.current = stream
         view = _View(self.conn, stream)
         watcher = asyncio.get_running_loop().create_task(self._watch_commands(stream, view))
@@ -243,6 +264,53 @@ class _Chat:
         self._footer(stream)
         if stream.status is not RequestStatus.ERROR and stream.conversation_id:
             self.conversation_id = stream.conversation_id
+        if stream.end is not None and stream.end.message_id:
+            self.last_message_id = stream.end.message_id
+
+    async def _service_command(self, command: str) -> bool:
+        """``/history``, ``/conversations``, ``/open``, ``/like``, ``/dislike``, ``/upload``:
+        True if ``command`` was one (its outcome is printed)."""
+        name, _, arg = command.partition(" ")
+        if name not in ("/history", "/conversations", "/open", "/like", "/dislike", "/upload"):
+            return False
+        try:
+            note = await self._service(name, arg.strip())
+        except CallError as exc:
+            self.console.print(f"✗ {exc.code}: {exc.message}", style="bold red", markup=False)
+            return True
+        self.console.print(note, markup=False, highlight=False)
+        return True
+
+    async def _service(self, name: str, arg: str) -> str:
+        app = {"app": self.app} if self.app else {}
+        if name == "/conversations":
+            page = await self.conn.conversations(limit=20, **app)
+            rows = [f"{c['id']}  {c.get('name') or '(unnamed)'}" for c in page.get("data", [])]
+            return "\n".join(rows) or "no conversations yet"
+        if name == "/open":
+            if not arg:
+                return "usage: /open CONVERSATION_ID (see /conversations)"
+            self.conversation_id = arg
+            return f"continuing conversation {arg}"
+        if name == "/history":
+            if self.conversation_id is None:
+                return "no conversation yet: ask something, or /open one"
+            page = await self.conn.messages(self.conversation_id, limit=20, **app)
+            return format_history(page.get("data", []))
+        if name in ("/like", "/dislike"):
+            if self.last_message_id is None:
+                return "no answer to rate yet"
+            like = name == "/like"
+            await self.conn.feedback(self.last_message_id, "like" if like else "dislike", **app)
+            return f"{'👍' if like else '👎'} sent"
+        if not arg:
+            return "usage: /upload PATH"
+        path = Path(arg).expanduser()  # noqa: ASYNC240 (a local stat, at the prompt)
+        if not path.is_file():
+            return f"no such file: {path}"
+        uploaded = await self.conn.upload(path, app=self.app)
+        self.files.append(file_ref(uploaded))
+        return f"attached {uploaded.get('name')} ({uploaded.get('size')} bytes) to the next message"
 
     async def _watch_commands(self, stream: ChatStream, view: _View) -> None:
         """Lines typed while an answer streams are commands."""
@@ -297,6 +365,32 @@ class _Chat:
             self.console.print(
                 f"[bold red]disconnected[/] ({change.code} {change.reason})", highlight=False
             )
+
+
+_KINDS: Final = {
+    "image": {"jpg", "jpeg", "png", "webp", "gif", "svg"},
+    "audio": {"mp3", "m4a", "wav", "amr", "mpga"},
+    "video": {"mp4", "mov", "mpeg", "webm"},
+}
+
+
+def file_ref(uploaded: dict[str, Any]) -> dict[str, Any]:
+    """The ``files`` item of a chat for a file uploaded through the gateway."""
+    extension = str(uploaded.get("extension") or "").lower().lstrip(".")
+    kind = next((k for k, exts in _KINDS.items() if extension in exts), "document")
+    return {"type": kind, "transfer_method": "local_file", "upload_file_id": uploaded["id"]}
+
+
+def format_history(messages: list[dict[str, Any]], width: int = 200) -> str:
+    """A page of ``messages.list`` as text: oldest first, each question and its answer."""
+    lines: list[str] = []
+    for message in messages:
+        answer = " ".join(str(message.get("answer") or "").split())
+        if len(answer) > width:
+            answer = answer[: width - 1] + "…"
+        lines.append(f"you: {message.get('query', '')}")
+        lines.append(f"bot: {answer}")
+    return "\n".join(lines) or "no messages yet"
 
 
 def run_inputs(text: str) -> dict[str, object]:
