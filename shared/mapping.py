@@ -23,6 +23,9 @@ How this works: the worker feeds every SSE event of Dify's stream into a
   events and ``skip_text`` characters of text, counted from the kept frames), drops that much
   of the replayed part first; following a run that paused (``skip_pause``), drops the replayed
   announcement of the pause, through its ``workflow_paused`` (or until the run resumes).
+  Dify replays only a running run: a run that finished meanwhile gives its
+  ``workflow_finished`` alone, and the text the client lacks is then taken from an output that
+  continues what it holds (``held``), when one does.
 
 A :class:`~shared.state.RequestMachine` guards the output: nothing follows ``end``/``error``.
 """
@@ -97,6 +100,7 @@ class DifyStreamMapper:
         skip_events: int = 0,
         skip_text: int = 0,
         skip_pause: bool = False,
+        held: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.seq = seq
@@ -119,6 +123,8 @@ class DifyStreamMapper:
         self._skip_events = skip_events
         self._skip_text = skip_text
         self._skip_pause = skip_pause
+        self._held = held  # following: the text the client holds; None: not following
+        self._fresh = held is not None  # following, and Dify replayed nothing yet
 
     # --- what a caller may ask ----------------------------------------------------------
 
@@ -169,6 +175,8 @@ class DifyStreamMapper:
             return [self._error(obj)]
         out: list[ServerFrame] = []
         self._learn_ids(obj)
+        if name != "workflow_finished":
+            self._fresh = False
         if self._skip_pause:
             if name not in _RESUMING:
                 if name == "workflow_paused":
@@ -203,6 +211,8 @@ class DifyStreamMapper:
             data = _data(obj)
             outputs = data.get("outputs")
             self.outputs = outputs if isinstance(outputs, dict) else {}
+            if self._fresh and self._held is not None:
+                out += self._rest_from_outputs(self._held, self.outputs)
             status = data.get("status")
             self.status = status if isinstance(status, str) else None
             self.completed = True
@@ -252,6 +262,14 @@ class DifyStreamMapper:
             value = obj.get(attr)
             if isinstance(value, str) and value and getattr(self, attr) is None:
                 setattr(self, attr, value)
+
+    def _rest_from_outputs(self, held: str, outputs: dict[str, Any]) -> list[ServerFrame]:
+        """The run finished before it was followed: the text the client lacks, from the first
+        output that continues what it holds (nothing when none does)."""
+        for value in outputs.values():
+            if isinstance(value, str) and len(value) > len(held) and value.startswith(held):
+                return [self._delta(value[len(held) :])]
+        return []
 
     def _learn_form(self, data: dict[str, Any]) -> None:
         form_id, token = data.get("form_id"), data.get("form_token")

@@ -345,6 +345,7 @@ class JobRunner:
             skip_events=kept.part_events if follow and not kept.waiting else 0,
             skip_text=kept.part_text if follow and not kept.waiting else 0,
             skip_pause=follow and kept.waiting,
+            held=kept.answer if follow else None,
         )
         reset = first.reset
         if first.action is Action.RECOVER:
@@ -409,6 +410,7 @@ class JobRunner:
         )
         if self.kinds is not None:
             self.kinds.saw(job, asked.error)
+        await self._record_run(job, mapper)
         if not asked.stopped and asked.error is None and mapper.paused and not mapper.machine.done:
             running.waiting = True
             log.info("run waits for a human; the job is acked")
@@ -474,6 +476,16 @@ class JobRunner:
                 yield reads
 
         return follow
+
+    async def _record_run(self, job: Job, mapper: DifyStreamMapper) -> None:
+        """A workflow run this user started through tokenwire: ``runs.get`` may read it (Dify
+        lets any user of the app read any run). Best effort: a failure only hides the run."""
+        if self.owners is None or not mapper.workflow_run_id or job.continued:
+            return
+        try:
+            await self.owners.record("run", mapper.workflow_run_id, job.user)
+        except TokenwireError as exc:
+            log.warning("cannot record the run's owner", extra={"error": str(exc)})
 
     async def _still_waiting(self, job: Job) -> bool:
         """Whether this very copy of the job paused its run and nobody answered yet."""

@@ -33,6 +33,7 @@ KEYS = {
     "human": "app-human",
     "chat": "app-chat",
     "completion": "app-completion",
+    "agent": "app-agent",
 }
 APPS = {
     **KEYS,
@@ -142,6 +143,17 @@ async def test_a_workflow_run_streams_its_text_and_outputs(apps: Stack) -> None:
     )
     sent = [r for r in sim(apps, "requests") if r["path"] == "/v1/workflows/run"]
     assert any(r["user"] == "wf-user" and r["inputs"] == inputs for r in sent)
+    # The run is recorded as this user's: runs.get reads it for them, for nobody else.
+    params = {"workflow_run_id": end["workflow_run_id"], "app": "wf"}
+    for user, expected in (("wf-user", "result"), ("someone-else", "error")):
+        async with Client(url(apps, user)) as caller:
+            await caller.send({"type": "call", "id": "c1", "method": "runs.get", "params": params})
+            answer = await caller.next_other(timeout=30)
+        assert answer["type"] == expected, answer
+        if expected == "result":
+            assert answer["data"]["outputs"] == end["outputs"]
+        else:
+            assert answer["code"] == "not_found"
 
 
 async def test_stop_reaches_the_workflow_stop_endpoint_with_the_same_user(apps: Stack) -> None:
@@ -218,6 +230,43 @@ async def test_max_active_one_streams_one_at_a_time_and_answers_all(apps: Stack)
     assert waited and all(f["reason"] == "busy" for f in waited)
 
 
+async def test_the_newer_agent_mode_answer_is_not_doubled(apps: Stack) -> None:
+    async with Client(url(apps, "agent-user")) as client:
+        request = await client.chat("plan my trip", app="agent")
+        frames = await client.finish(request, timeout=60)
+    assert frames[-1]["type"] == "end", frames[-2:]
+    expected = expected_final_answer("plan my trip", {"scenario": "new_agent"})
+    assert answer_of(frames) == expected
+    assert any(f.get("event") == "agent_thought" for f in only(frames, "event"))
+
+
+async def test_a_worker_killed_mid_run_is_followed_not_run_twice(apps: Stack) -> None:
+    inputs = {"query": "a run whose worker dies", "tw_sim": {"delay_ms": 150, "tokens": 60}}
+    request = rid()
+    async with Client(url(apps, "survivor")) as client:
+        await client.send({"type": "run", "id": request, "app": "wf", "inputs": inputs})
+        for _ in range(400):
+            if len(only(client.frames[request], "delta")) >= 5:
+                break
+            await asyncio.sleep(0.02)
+        victim = next(p for p in apps.procs if p.name.startswith("worker") and p.alive)
+        victim.kill()
+        apps.worker(f"worker-after-{victim.name}", **WORKER_ENV)
+        frames = await client.finish(request, timeout=90)
+    assert_seq_complete(frames)
+    assert frames[-1]["type"] == "end", frames[-3:]
+    controls = inputs["tw_sim"]
+    assert answer_of(frames) == expected_workflow_answer(inputs, controls)
+    assert frames[-1]["outputs"] == expected_workflow_outputs(
+        inputs, {"scenario": "iteration", **controls}
+    )
+    assert not only(frames, "reset")
+    runs = [r for r in sim(apps, "requests") if r["path"] == "/v1/workflows/run"]
+    assert len([r for r in runs if r["inputs"] == inputs]) == 1  # never run twice
+    followed = [c for c in sim(apps, "calls") if c["path"].endswith("/events")]
+    assert followed and all(c["user"] == "survivor" for c in followed)
+
+
 # --------------------------------------------------------------------------- human input
 
 
@@ -245,9 +294,9 @@ async def test_a_human_answers_on_another_gateway_after_the_worker_died(apps: St
     assert form["data"]["data"]["actions"]
 
     # The worker that paused the run is killed while the run waits: nothing changes.
-    worker = next(p for p in apps.procs if p.name == "worker")
+    worker = next(p for p in apps.procs if p.name.startswith("worker") and p.alive)
     worker.kill()
-    apps.worker("worker-2", **WORKER_ENV)
+    apps.worker(f"worker-after-{worker.name}", **WORKER_ENV)
 
     # Another user cannot answer it: not_found, and nothing reaches Dify.
     async with Client(url(apps, "intruder", 1)) as intruder:

@@ -283,6 +283,24 @@ def test_following_a_running_run_skips_exactly_what_the_client_holds(
     assert "".join(f.text for f in frames if f.type == "delta") == text[held_chars:]
 
 
+def test_a_run_that_finished_before_it_was_followed_completes_from_its_outputs() -> None:
+    mapper = DifyStreamMapper(
+        "r1", SeqCounter(7), machine=_started(), workflow=True, held="Hello, wo"
+    )
+    outputs = {"count": 3, "answer": "Hello, world"}
+    frames = mapper.feed_event(
+        wf("workflow_finished", data={"status": "succeeded", "outputs": outputs})
+    )
+    frames += mapper.finish()
+    assert_frames(frames, "delta", "end")
+    assert frames[0].text == "rld" and frames[1].outputs == outputs
+    # Replayed events first: the stream carries the text itself, nothing is taken from outputs.
+    live = DifyStreamMapper("r1", SeqCounter(7), machine=_started(), workflow=True, held="He")
+    frames = live.feed_event(wf("text_chunk", data={"text": "llo"}))
+    frames += live.feed_event(wf("workflow_finished", data={"outputs": {"answer": "Hello"}}))
+    assert [f.text for f in frames if f.type == "delta"] == ["llo"]
+
+
 def test_kept_frames_give_the_run_part_and_whether_it_waits() -> None:
     frames: list[dict[str, Any]] = [
         {"type": "accepted", "seq": 1},
