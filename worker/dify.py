@@ -258,7 +258,7 @@ class DifyClient:
             with map_httpx_errors(started=False):
                 async with self._http.stream(
                     request.http,
-                    request.path,
+                    self._url(app, request.path),
                     params=request.query or None,
                     content=content,
                     headers=headers,
@@ -283,16 +283,19 @@ class DifyClient:
     ) -> DifyAnswer:
         """``POST /files/upload`` or ``/audio-to-text``: a multipart body streamed as it comes
         (``content_type`` names its boundary, ``length`` is exact), never whole in memory."""
+        target = None if app == "default" else app
         headers = {
             "X-Request-Id": trace_id,
             "Content-Type": content_type,
             "Content-Length": str(length),
-            **self._auth(None if app == "default" else app),
+            **self._auth(target),
         }
         sent = time.monotonic()
         try:
             with map_httpx_errors(started=False):
-                request = self._http.build_request("POST", path, content=body, headers=headers)
+                request = self._http.build_request(
+                    "POST", self._url(target, path), content=body, headers=headers
+                )
                 response = await self._http.send(request, stream=True)
                 try:
                     data = await _read_limited(response, MAX_RESULT_BYTES + 1)

@@ -24,6 +24,8 @@ CORE = [
     "session",
     "calls",
     "coalesce",
+    "ownership",
+    "uploads",
 ]
 FORBIDDEN = {
     "asyncio",

@@ -270,3 +270,43 @@ def test_handle_answers_every_failure_as_a_reply() -> None:
         decode_reply(run(calls.handle(b"not json")))
     ok = run(calls.handle(encode_call(CallRequest("app.info", {}, "ada"))))
     assert decode_reply(ok) == {"ok": True}
+
+
+def test_the_dify_client_sends_a_call_to_its_apps_url_with_its_apps_key() -> None:
+    import httpx
+
+    from shared.calls import build_request
+    from shared.settings import Settings
+    from worker.dify import DifyClient
+
+    seen: list[httpx.Request] = []
+
+    def answer_of(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(204)
+
+    settings = Settings(
+        dify_api_url="http://main.test/v1",
+        dify_api_key="app-main",
+        dify_apps={"sales": {"url": "http://sales.test/v1", "key": "app-sales"}},
+    )
+
+    async def scenario() -> tuple[int, int]:
+        client = DifyClient(settings, transport=httpx.MockTransport(answer_of))
+        try:
+            request = build_request("conversations.delete", {"conversation_id": "c1"}, "ada")
+            first = await client.send(request, trace_id="t")
+            sales = build_request(
+                "conversations.delete", {"conversation_id": "c1", "app": "sales"}, "ada"
+            )
+            second = await client.send(sales, trace_id="t")
+        finally:
+            await client.aclose()
+        return first.status, second.status
+
+    assert run(scenario()) == (204, 204)
+    assert str(seen[0].url) == "http://main.test/v1/conversations/c1"
+    assert seen[0].headers["authorization"] == "Bearer app-main"
+    assert str(seen[1].url) == "http://sales.test/v1/conversations/c1"
+    assert seen[1].headers["authorization"] == "Bearer app-sales"
+    assert orjson.loads(seen[1].content) == {"user": "ada"}
