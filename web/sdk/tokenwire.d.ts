@@ -90,6 +90,10 @@ export interface EndFrame extends RequestFrameBase {
   usage: Record<string, unknown> | null;
   retriever_resources: unknown[];
   stopped: boolean;
+  /** A workflow run's outputs, status and id (null for a chat or completion). */
+  outputs?: Record<string, unknown> | null;
+  status?: string | null;
+  workflow_run_id?: string | null;
 }
 
 /** With `id` and `seq` it closes that request; without, a client frame was refused. */
@@ -236,6 +240,27 @@ export interface ChatOptions {
   app?: string | null;
 }
 
+export interface RunOptions {
+  id?: string;
+  /** A completion app's query. */
+  query?: string;
+  files?: FileRef[];
+  /** Which configured Dify app runs it (gateway default when absent). */
+  app?: string | null;
+}
+
+/** A human-input form a run waits on (Dify's fields; never its token). */
+export interface HumanInputForm {
+  form_id: string;
+  node_id?: string;
+  node_title?: string;
+  form_content?: string;
+  inputs?: Record<string, unknown>[];
+  actions?: { id: string; title: string; button_style?: string }[];
+  expiration_time?: number;
+  [field: string]: unknown;
+}
+
 export interface BackoffOptions {
   /** First delay (default 500 ms). */
   initialMs?: number;
@@ -370,6 +395,14 @@ export class ChatRequest implements AsyncIterable<RequestFrame> {
   readonly inputs: Record<string, unknown>;
   readonly files: FileRef[];
   readonly app: string | null;
+  /** 'chat' or 'run' (a workflow or completion app). */
+  readonly kind: 'chat' | 'run';
+  /** The form this run waits on, or null. */
+  readonly form: HumanInputForm | null;
+  /** Refused answers to its form (`not_found`, `form_expired`, `form_submitted`). */
+  readonly refusals: TokenwireError[];
+  /** Answer the waiting form with one of its actions (by id). */
+  answer(action: string, inputs?: Record<string, unknown>): void;
   /** The answer so far, with `replace` and `reset` applied. */
   readonly text: string;
   /** The last seq applied (what a resume sends as `after`). */
@@ -420,6 +453,10 @@ export class Connection {
   /** Open (idempotent); resolves on `hello`, rejects on close() or a `give_up` close (e.g. 4001). */
   connect(): Promise<void>;
   chat(query: string, options?: ChatOptions): ChatRequest;
+  /** Run a workflow or completion app: the same request object as a chat. */
+  run(inputs?: Record<string, unknown>, options?: RunOptions): ChatRequest;
+  /** Answer the form request `id` waits on (an `input` frame). */
+  answer(id: string, formId: string, action: string, inputs?: Record<string, unknown>): void;
   /** One call to Dify's Service API as this user: Dify's body, or a TokenwireError. */
   call<T = Record<string, unknown>>(
     method: CallMethod,

@@ -159,6 +159,10 @@ export class ChatRequest extends Emitter {
     this.inputs = init.inputs ?? {};
     this.files = init.files ?? [];
     this.app = init.app ?? null;
+    /** 'chat' (a conversational app) or 'run' (a workflow or completion app). */
+    this.kind = init.kind ?? 'chat';
+    /** Refused answers to this run's form (`error` frames with no seq; the run goes on). */
+    this.refusals = [];
     this.text = init.text ?? '';
     this.lastSeq = init.lastSeq ?? 0;
     this.status = init.status ?? 'sending';
@@ -187,6 +191,29 @@ export class ChatRequest extends Emitter {
   /** Ask the gateway to stop this answer (also at Dify); `end` with `stopped: true` follows. */
   stop() {
     this._connection.stop(this.id);
+  }
+
+  /**
+   * The human-input form this run waits on (Dify's `human_input_required` data: `form_id`,
+   * `node_title`, `form_content`, `inputs`, `actions`, …; never its token), or null.
+   */
+  get form() {
+    if (this.finished) return null;
+    let waiting = null;
+    for (const event of this.events) {
+      if (event.event === 'human_input_required') waiting = event.data?.data ?? null;
+      else if (event.event === 'human_input_form_filled' || event.event === 'human_input_form_timeout') {
+        waiting = null;
+      }
+    }
+    return waiting;
+  }
+
+  /** Answer the waiting form with one of its `actions` (by id); the run then continues. */
+  answer(action, inputs = {}) {
+    const form = this.form;
+    if (!form) throw new TypeError('this request waits for no form');
+    this._connection.answer(this.id, form.form_id, action, inputs);
   }
 
   /**
@@ -280,6 +307,7 @@ export class ChatRequest extends Emitter {
       inputs: this.inputs,
       files: this.files,
       app: this.app,
+      kind: this.kind,
       text: this.text,
       lastSeq: this.lastSeq,
       status: this.status,
@@ -292,6 +320,13 @@ export class ChatRequest extends Emitter {
   }
 
   _chatFrame() {
+    if (this.kind === 'run') {
+      const run = { type: 'run', id: this.id, inputs: this.inputs ?? {} };
+      if (this.query) run.query = this.query;
+      if (this.files && this.files.length) run.files = this.files;
+      if (this.app) run.app = this.app;
+      return run;
+    }
     const frame = { type: 'chat', id: this.id, query: this.query };
     if (this._askedIn) frame.conversation_id = this._askedIn;
     if (this.inputs && Object.keys(this.inputs).length) frame.inputs = this.inputs;
@@ -435,6 +470,32 @@ export class Connection extends Emitter {
     if (this.state === 'open') this._sendRequest(request);
     else if (this.state === 'idle' || this.state === 'closed') this.connect().catch(() => {});
     return request;
+  }
+
+  /**
+   * Run a workflow or completion app (`options.query`: a completion's). The same request
+   * object as a chat; a workflow's `end` carries `outputs`, `status` and `workflow_run_id`,
+   * and a run waiting for a person has a `form` to `answer()`.
+   */
+  run(inputs = {}, options = {}) {
+    const request = new ChatRequest(this, {
+      id: options.id ?? newRequestId(),
+      query: options.query ?? '',
+      inputs,
+      files: options.files,
+      app: options.app,
+      kind: 'run',
+    });
+    if (this._refuseOversize(request)) return request;
+    this._track(request);
+    if (this.state === 'open') this._sendRequest(request);
+    else if (this.state === 'idle' || this.state === 'closed') this.connect().catch(() => {});
+    return request;
+  }
+
+  /** Answer the form request `id` waits on (an `input` frame); a refusal lands in `refusals`. */
+  answer(id, formId, action, inputs = {}) {
+    this._send({ type: 'input', id, form_id: formId, action, inputs });
   }
 
   /**
@@ -699,6 +760,14 @@ export class Connection extends Emitter {
     }
     if ((frame.type === 'result' || frame.type === 'error') && typeof frame.seq !== 'number') {
       if (typeof frame.id === 'string' && this._answerCall(frame)) return;
+    }
+    if (frame.type === 'error' && typeof frame.seq !== 'number' && this.requests.has(frame.id)) {
+      // An answer to this request's form was refused: the run itself goes on.
+      const request = this.requests.get(frame.id);
+      const error = new TokenwireError(frame.code, frame.message, Boolean(frame.retryable), frame);
+      request.refusals.push(error);
+      request._emit('refused', error);
+      return;
     }
     if (typeof frame.id === 'string' && typeof frame.seq === 'number') {
       const request = this.requests.get(frame.id);
