@@ -139,6 +139,9 @@ class Settings(BaseSettings):
     # (Dify keeps them until deleted: keep it at least as long as users reuse their ids).
     max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
     upload_stage_ttl_s: float = Field(default=600.0, gt=0)
+    # The byte limit of TW_UPLOADS (uploads being staged at once, cluster-wide): full, a new
+    # upload is refused (503, retryable) instead of filling the disk.
+    uploads_max_bytes: int = Field(default=1024**3, ge=1024)
     ownership_ttl_s: float = Field(default=30 * 24 * 3600.0, gt=0)
     # Liveness: close a connection with no client frame and no request for this long (4103);
     # WebSocket pings every ping_interval_s (keep it under proxies' idle timeouts, 60 s in

@@ -175,7 +175,8 @@ def upload_stream_config(settings: Settings) -> dict[str, Any]:
         "storage": "file",
         "num_replicas": settings.stream_replicas,
         "max_age": settings.upload_stage_ttl_s,
-        "discard": "old",
+        "max_bytes": settings.uploads_max_bytes,
+        "discard": "new",  # full: refuse the next upload, never drop one being sent
         "allow_direct": True,
     }
 
