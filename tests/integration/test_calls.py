@@ -348,3 +348,34 @@ def test_runs_get_of_another_users_run_is_not_found(stack: Stack) -> None:
             assert mine["type"] == "result" and mine["data"]["id"] == run_id, mine
 
     asyncio.run(scenario())
+
+
+def test_the_python_client_calls_and_uploads(stack: Stack, tmp_path: Path) -> None:
+    from tokenwire.client import CallError, Connection
+
+    picture = tmp_path / "fox.png"
+    picture.write_bytes(PNG)
+
+    async def scenario() -> None:
+        async with Connection(stack.ws_url(), user="mona") as mona:
+            stream = await mona.chat("hello from python")
+            await stream.wait()
+            assert stream.conversation_id
+            page = await mona.conversations(limit=10)
+            assert stream.conversation_id in {c["id"] for c in page["data"]}
+            history = await mona.messages(stream.conversation_id)
+            assert [m["query"] for m in history["data"]] == ["hello from python"]
+            assert stream.end is not None and stream.end.message_id
+            assert await mona.feedback(stream.end.message_id, "dislike") == {"result": "success"}
+            params = await mona.parameters()
+            assert "system_parameters" in params
+            file = await mona.upload(picture)
+            assert file["name"] == "fox.png"
+            with pytest.raises(CallError) as caught:
+                await mona.messages("00000000-0000-4000-8000-000000000000")
+            assert caught.value.code == "not_found"
+            with pytest.raises(CallError) as unknown:
+                await mona.call("no.such.method")
+            assert unknown.value.code == "unknown_method"
+
+    asyncio.run(scenario())
