@@ -86,10 +86,10 @@ class DifyClient:
 
     def _auth(self, app: str | None) -> dict[str, str]:
         """The Authorization header for ``app`` (None: the default app)."""
-        if app is None:
-            return {}
-        spec = self._apps.get(app)
+        spec = self._apps.get(app or DEFAULT_APP)
         if spec is None:
+            if app is None:
+                return {}  # no default app: the client's own header (none configured)
             raise unknown_app(app)
         return {"Authorization": f"Bearer {spec.key.get_secret_value()}"}
 

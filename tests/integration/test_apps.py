@@ -88,6 +88,7 @@ def apps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     server = NatsServer(workdir / "nats", stop_grace=5.0)
     server.start()
     stack = Stack(nats_url=server.url, workdir=workdir)
+    stack.nats_server = server  # type: ignore[attr-defined]
     try:
         stack.simulator("--apps", "demo")
         stack.worker("worker", **WORKER_ENV)
@@ -170,6 +171,22 @@ async def test_stop_reaches_the_workflow_stop_endpoint_with_the_same_user(apps: 
     stops = [s for s in sim(apps, "stops") if s["task_id"] == start["task_id"]]
     # `matched`: the workflow stop route of a workflow app, and the run's own task and user.
     assert stops and all(s["user"] == "wf-stopper" and s["matched"] for s in stops), stops
+
+
+async def test_stop_reaches_the_completion_stop_endpoint(apps: Stack) -> None:
+    slow = {"tw_sim": {"delay_ms": 150, "tokens": 60}}
+    async with Client(url(apps, "completion-stopper")) as client:
+        request = rid()
+        await client.send(
+            {"type": "run", "id": request, "app": "completion", "query": "long", "inputs": slow}
+        )
+        await client.wait_for(request, "delta", timeout=30)
+        await client.send({"type": "stop", "id": request})
+        frames = await client.finish(request, timeout=30)
+    assert frames[-1]["type"] == "end" and frames[-1]["stopped"], frames[-3:]
+    task = only(frames, "start")[0]["task_id"]
+    stops = [s for s in sim(apps, "stops") if s["task_id"] == task]
+    assert stops and all(s["user"] == "completion-stopper" and s["matched"] for s in stops)
 
 
 # --------------------------------------------------------------------------- app kinds
@@ -350,6 +367,43 @@ async def test_a_human_answers_on_another_gateway_after_the_worker_died(apps: St
     assert again["code"] == "form_submitted" and again["id"] == request
     runs = [r for r in sim(apps, "requests") if r["path"] == "/v1/workflows/run"]
     assert len([r for r in runs if r["inputs"] == inputs]) == 1  # never run twice
+
+
+async def test_a_run_waiting_for_a_human_survives_a_nats_restart(apps: Stack) -> None:
+    inputs = {"query": "Wait across a NATS restart"}
+    request = rid()
+    async with Client(url(apps, "patient", 0)) as client:
+        await client.send({"type": "run", "id": request, "app": "human", "inputs": inputs})
+        for _ in range(300):
+            if any(f.get("event") == "workflow_paused" for f in client.frames[request]):
+                break
+            await asyncio.sleep(0.05)
+        held = list(client.frames[request])
+    form_id = _form_event(held)["data"]["data"]["form_id"]
+    apps.nats_server.restart(grace=5.0)  # type: ignore[attr-defined]
+    answer = {
+        "type": "input",
+        "id": request,
+        "form_id": form_id,
+        "action": "approve",
+        "inputs": {"comment": "still here"},
+    }
+    rest: list[dict[str, Any]] = []
+    for _ in range(60):  # the processes reconnect to NATS within a few seconds
+        async with Client(url(apps, "patient", 1)) as back:
+            await back.send({"type": "resume", "id": request, "after": held[-1]["seq"]})
+            await back.send(answer)
+            try:
+                refused = await back.next_other(timeout=2)
+            except TimeoutError:
+                rest = await back.finish(request, timeout=60)
+                break
+            assert refused["retryable"], refused  # NATS not back yet: try again
+        await asyncio.sleep(0.5)
+    frames = held + rest
+    assert_seq_complete(frames)
+    assert frames[-1]["type"] == "end" and frames[-1]["status"] == "succeeded", frames[-2:]
+    assert answer_of(frames) == expected_workflow_answer(inputs, action="approve")
 
 
 async def test_stop_while_the_run_waits_for_a_human(apps: Stack) -> None:
