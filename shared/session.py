@@ -488,6 +488,22 @@ def peek_request_id(data: bytes | str) -> str | None:
     return None
 
 
+_CALL_TYPE = re.compile(rb'"type"\s*:\s*"call"')
+
+
+def _is_call(data: bytes | str, code: ErrorCode) -> bool:
+    """Whether a refused frame is a ``call`` (its error then has no ``seq``): read whole when
+    it is JSON that failed validation, looked at (a bounded search) when it is too large."""
+    raw = data.encode() if isinstance(data, str) else data
+    if code is ErrorCode.FRAME_TOO_LARGE:
+        return bool(_CALL_TYPE.search(raw, 0, 512))
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and obj.get("type") == "call"
+
+
 def _outcome(data: bytes, kind: str) -> str:
     """How a request ended, for the requests_total metric (a byte search, no JSON parse)."""
     if kind == "error":
@@ -768,6 +784,8 @@ class Session:
         out: list[Command] = [Tally(Metric.REFUSAL, "rate_limit")]
         if isinstance(frame, ChatFrame | RunFrame) and not self._holds(frame.id):
             out.append(self._error(exc, frame.id, 1))
+        elif isinstance(frame, CallFrame) and frame.id not in self._calls:
+            out.append(self._error(exc, frame.id))  # the call's one answer (no seq)
         else:
             out.append(self._error(exc))
         return out
@@ -779,7 +797,10 @@ class Session:
         if rid is None and exc.code is ErrorCode.FRAME_TOO_LARGE:
             rid = peek_request_id(data)
         tied = exc.code in (ErrorCode.INVALID_FRAME, ErrorCode.FRAME_TOO_LARGE)
-        if rid is not None and tied and not self._holds(rid):
+        if rid is not None and tied and _is_call(data, exc.code):
+            # A call's one answer: its id, no seq (a waiting call of that id is untouched).
+            out.append(self._error(exc, None if rid in self._calls else rid))
+        elif rid is not None and tied and not self._holds(rid):
             # A request we refuse is one that ends at once: tie the error to its id, so the
             # client can fail it (a live request's seq is never disturbed).
             out.append(self._error(exc, rid, 1))

@@ -157,3 +157,32 @@ def test_an_answer_after_the_close_sends_nothing() -> None:
     session.call_rate_checked("c1")
     session.client_left(1000)
     assert session.call_answered("c1", {"name": "x"}, 2.0) == []
+
+
+def test_an_invalid_call_frame_is_answered_with_its_id_and_no_seq() -> None:
+    session = opened()
+    bad = {"type": "call", "id": "c9", "method": "x" * 100}
+    (error,) = sent(session.receive_client(orjson.dumps(bad), 1.0))
+    assert error["code"] == "invalid_frame" and error["id"] == "c9" and "seq" not in error
+    huge = {"type": "call", "id": "c10", "method": "app.info", "params": {"x": "y" * 70_000}}
+    (error,) = sent(session.receive_client(orjson.dumps(huge), 1.0))
+    assert error["code"] == "frame_too_large" and error["id"] == "c10" and "seq" not in error
+    # A chat keeps its seq 1.
+    chat = {"type": "chat", "id": "r1", "query": "q", "conversation_id": "nope"}
+    (error,) = sent(session.receive_client(orjson.dumps(chat), 1.0))
+    assert error["id"] == "r1" and error["seq"] == 1
+
+
+def test_a_call_over_the_frame_rate_is_answered_with_its_id() -> None:
+    session = Session(
+        SessionConfig(frame_rate="1/min", frame_burst=1),
+        conn_id="c",
+        user=USER,
+        expires_at=None,
+        now=0.0,
+    )
+    session.start()
+    session.subscribed()
+    call(session, "app.info", id="first")
+    (error,) = sent(call(session, "app.info", id="second"))
+    assert error["code"] == "rate_limited" and error["id"] == "second" and "seq" not in error

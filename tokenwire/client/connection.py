@@ -699,7 +699,7 @@ class Connection(ServiceApi):
             pending = self.calls.pop(frame.id, None)
             if pending is not None and not pending.future.done():
                 pending.future.set_result(frame.data)
-        elif isinstance(frame, ErrorFrame) and frame.seq is None and frame.id in self.calls:
+        elif isinstance(frame, ErrorFrame) and frame.id in self.calls:
             pending = self.calls.pop(frame.id)
             if not pending.future.done():
                 pending.future.set_exception(

@@ -758,8 +758,9 @@ export class Connection extends Emitter {
       this._emit('pong', frame);
       return;
     }
-    if ((frame.type === 'result' || frame.type === 'error') && typeof frame.seq !== 'number') {
-      if (typeof frame.id === 'string' && this._answerCall(frame)) return;
+    if ((frame.type === 'result' || frame.type === 'error') && this._calls.has(frame.id)) {
+      this._answerCall(frame);
+      return;
     }
     if (frame.type === 'error' && typeof frame.seq !== 'number' && this.requests.has(frame.id)) {
       // An answer to this request's form was refused: the run itself goes on.
