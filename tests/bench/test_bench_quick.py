@@ -130,7 +130,7 @@ def test_reported_numbers_are_finite_and_positive(
             _positive(row[load]["p50"], f"{load} TTFT p50 of {name}")
         _positive(row["tput"]["tokens_per_s"], f"unpaced tokens/s of {name}")
         _positive(row["fast"]["tokens_per_s"], f"fast-model tokens/s of {name}")
-    for name, row in up["rows"].items():
+    for row in up["rows"].values():
         for load in ("tput", "fast"):
             per = row[load]["cpu_us_per_token"]
             assert {"worker", "nats-server"} <= set(per) or {"worker1", "nats-server"} <= set(
