@@ -55,7 +55,8 @@ class Publisher:
         self.outcome = Outcome.COMPLETED
         self._unsent: deque[ServerFrame] = deque()
         self._sending = asyncio.Lock()
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
+        self._timer_at: float | None = None  # its deadline (uvloop's handles do not say)
         self._late: asyncio.Task[None] | None = None  # sending what a timer released
         self._closed = False
 
@@ -98,17 +99,19 @@ class Publisher:
         deadline = self.coalescer.deadline
         if deadline is None or self._closed:
             self._disarm()
-        elif self._timer is None or self._timer.when() != deadline:
+        elif self._timer is None or self._timer_at != deadline:
             self._disarm()
             self._timer = loop.call_at(deadline, self._due)
+            self._timer_at = deadline
 
     def _disarm(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+            self._timer_at = None
 
     def _due(self) -> None:
-        self._timer = None
+        self._timer = self._timer_at = None
         loop = asyncio.get_running_loop()
         out = self.coalescer.due(loop.time())
         if out and not self._closed:

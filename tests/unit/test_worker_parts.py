@@ -248,3 +248,23 @@ async def test_a_publish_cancelled_mid_way_skips_no_seq() -> None:
         ]
     )
     assert [f["seq"] for f in bus.frames] == [2, 3, 4]
+
+
+def test_the_timer_works_where_uvloop_hands_back_a_plain_handle() -> None:
+    """uvloop schedules a deadline less than half a millisecond away with ``call_soon``: its
+    handle has no ``when()``. Arming again before it runs must not ask it."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> list[dict[str, object]]:
+        bus = FakeBus()
+        publisher = Publisher(bus, "s", Coalescer(1, interval_s=0.0003))
+        await publisher.publish([Delta(id="r1", seq=2, text="a")])  # at once
+        await publisher.publish([Delta(id="r1", seq=3, text="b")])  # waits ~0.3 ms
+        await publisher.publish([Delta(id="r1", seq=4, text="c")])  # arms again at once
+        await asyncio.sleep(0.01)
+        await publisher.ensure_kept()
+        return bus.frames
+
+    frames = uvloop.run(main())
+    assert "".join(str(f["text"]) for f in frames) == "abc"
+    assert [f["seq"] for f in frames] == list(range(2, 2 + len(frames)))
