@@ -51,7 +51,6 @@ REPLACE_EVENTS: Final = frozenset({"message_replace"})
 COMPLETING_EVENTS: Final = frozenset({"message_end", "workflow_finished"})
 _ENVELOPE: Final = ("event",)
 _SECRET_FIELDS: Final = frozenset({"form_token"})
-_RESUMING: Final = frozenset({"human_input_form_filled", "human_input_form_timeout"})
 
 
 def scrub_tokens(value: Any) -> Any:
@@ -178,11 +177,10 @@ class DifyStreamMapper:
         if name != "workflow_finished":
             self._fresh = False
         if self._skip_pause:
-            if name not in _RESUMING:
-                if name == "workflow_paused":
-                    self._skip_pause = False
+            if name in ("human_input_required", "workflow_paused"):
+                self._skip_pause = name != "workflow_paused"
                 return out  # the client holds the pause's announcement already
-            self._skip_pause = False
+            self._skip_pause = False  # the run went on (or ended) past it
         if self.machine.state is not RequestState.STARTED:
             out.append(self._stamp_start())
         if name == "message" and self._agent_text:

@@ -13,13 +13,19 @@ the answer to Dify as the request's own user:
 * :meth:`HumanInput.submit` — the follower, listening to the run's events, submits the kept
   answer (``POST /form/human_input/{token}`` as the request's user);
 * :meth:`HumanInput.stop` — a ``stop`` for a request no worker runs: if it waits, the job is put
-  back and its delivery, seeing the recorded stop, stops the run at Dify and closes it.
+  back and its delivery, seeing the recorded stop, stops the run at Dify and closes it;
+* the form's expiry: the worker that kept the form puts the job back :data:`EXPIRY_LEAD_S`
+  before the form expires, unanswered, so the follower listens when Dify goes on without the
+  answer (``human_input_form_timeout``). Best effort: if that worker is gone by then, the
+  owner's next ``input`` (``form_expired``) or ``stop`` does it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Any
+import time
+from typing import Any, Final
 
 from shared.dify_api import DifyIds, form_body
 from shared.exceptions import ErrorCode, FormClosed, InternalError, NotFound, TokenwireError
@@ -32,11 +38,16 @@ __all__ = ["HumanInput", "answer_input", "refusal"]
 
 log = logging.getLogger("tokenwire.worker")
 
+#: How long before a form expires the job is put back to follow what Dify does then (the
+#: follower must be listening when Dify goes on; an answer this late is ``form_expired``).
+EXPIRY_LEAD_S: Final = 10.0
+
 
 class HumanInput:
     def __init__(self, runs: PausedRuns, dify: RunEventsApi) -> None:
         self.runs = runs
         self.dify = dify
+        self._expiries: set[asyncio.Task[None]] = set()
 
     async def keep(self, job: Job, ids: DifyIds, forms: list[PendingForm]) -> None:
         """Keep the newest form Dify sent for ``job`` (a run waits on one form at a time)."""
@@ -52,6 +63,24 @@ class HumanInput:
             continued=job.continued,
         )
         await self.runs.save_pause(job.key, pause.to_bytes())
+        if form.expiration_time is not None:
+            task = asyncio.get_running_loop().create_task(
+                self._expire_at(job.key, form.form_id, form.expiration_time)
+            )
+            self._expiries.add(task)
+            task.add_done_callback(self._expiries.discard)
+
+    async def _expire_at(self, key: str, form_id: str, expiration_time: int) -> None:
+        await asyncio.sleep(max(0.0, expiration_time - EXPIRY_LEAD_S - time.time()))
+        try:
+            loaded = await self._load(key)
+            if loaded is None or loaded[0].form_id != form_id:
+                return
+            pause, revision = loaded
+            if pause.state is PauseState.WAITING and await self._continue(pause, revision, None):
+                log.info("form about to expire unanswered; the run is followed", extra={"key": key})
+        except TokenwireError as exc:
+            log.warning("cannot follow a form's expiry", extra={"error": str(exc)})
 
     async def _load(self, key: str) -> tuple[Pause, int] | None:
         found = await self.runs.load_pause(key)
@@ -67,6 +96,8 @@ class HumanInput:
         if loaded is None or loaded[0].form_id != request.form_id:
             raise NotFound("this request waits for no such form")
         pause, revision = loaded
+        if pause.state is PauseState.ANSWERED and pause.answer is None:
+            raise FormClosed("the form has expired", code=ErrorCode.FORM_EXPIRED)
         if pause.state is not PauseState.WAITING:
             raise FormClosed("the form was already answered", code=ErrorCode.FORM_SUBMITTED)
         job = pause.job

@@ -42,7 +42,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from shared.apps import DEFAULT_APP, AppKind, Route
 from shared.breaker import BreakerState, CircuitBreaker
@@ -113,6 +113,13 @@ class Running:
     route: Route | None = None
     #: The run paused for a human: the request stays open, the job is acked.
     waiting: bool = False
+    #: This delivery's attempt (JetStream's delivery count plus operator replays).
+    attempt: int = 1
+
+
+#: A run whose event stream keeps breaking is followed this many times, then fails
+#: (``upstream_cut``, retryable: the client may ask again).
+FOLLOW_ATTEMPTS: Final = 8
 
 
 class _FollowLater(InternalError):
@@ -248,7 +255,7 @@ class JobRunner:
     async def _deliver(self, running: Running, delivered: int) -> Settlement:
         """One delivery's work, to its settlement. Never raises."""
         job = running.job
-        attempt = delivered + job.replay
+        attempt = running.attempt = delivered + job.replay
         redelivered = delivered > 1 or bool(job.replay) or bool(job.continued)
         try:
             waiting = False
@@ -423,6 +430,7 @@ class JobRunner:
             isinstance(asked.error, DifyStreamCut)
             and mapper.workflow_run_id
             and self.events is not None
+            and running.attempt < FOLLOW_ATTEMPTS
         ):
             raise _FollowLater("the run's stream broke mid-run; its events are followed next")
         verdict = judge_stream(asked.error, started=mapper.started, message_id=mapper.message_id)

@@ -406,6 +406,34 @@ async def test_a_run_waiting_for_a_human_survives_a_nats_restart(apps: Stack) ->
     assert answer_of(frames) == expected_workflow_answer(inputs, action="approve")
 
 
+async def test_a_form_left_to_expire_lets_the_run_go_on_without_it(apps: Stack) -> None:
+    controls = {"form_expiry_s": 8}
+    inputs = {"query": "Nobody will answer this", "tw_sim": controls}
+    request = rid()
+    async with Client(url(apps, "absent")) as client:
+        await client.send({"type": "run", "id": request, "app": "human", "inputs": inputs})
+        frames = await client.finish(request, timeout=60)
+        form_id = _form_event(frames)["data"]["data"]["form_id"]
+        await client.send(
+            {
+                "type": "input",
+                "id": request,
+                "form_id": form_id,
+                "action": "approve",
+                "inputs": {"comment": "too late"},
+            }
+        )
+        late = await client.next_other(timeout=30)
+    assert_seq_complete(frames)
+    assert frames[-1]["type"] == "end" and frames[-1]["status"] == "succeeded", frames[-2:]
+    assert any(f.get("event") == "human_input_form_timeout" for f in frames)
+    assert frames[-1]["outputs"] == expected_workflow_outputs(
+        inputs, {"scenario": "human", **controls}, action="timeout"
+    )
+    assert answer_of(frames) == expected_workflow_answer(inputs, controls, action="timeout")
+    assert late["code"] == "form_expired" and late["id"] == request
+
+
 async def test_stop_while_the_run_waits_for_a_human(apps: Stack) -> None:
     inputs = {"query": "Wait for me, then stop"}
     request = rid()
