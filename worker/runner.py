@@ -259,7 +259,7 @@ class JobRunner:
         redelivered = delivered > 1 or bool(job.replay) or bool(job.continued)
         try:
             waiting = False
-            if redelivered and job.kind == "run":
+            if redelivered:  # a run (or a chatflow) may wait for a human: then it is not ours
                 waiting = await self._still_waiting(job)
             if redelivered:
                 await running.lease.take()

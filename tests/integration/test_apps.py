@@ -34,6 +34,7 @@ KEYS = {
     "chat": "app-chat",
     "completion": "app-completion",
     "agent": "app-agent",
+    "chatflow-human": "app-chatflow-human",
 }
 APPS = {
     **KEYS,
@@ -432,6 +433,32 @@ async def test_a_form_left_to_expire_lets_the_run_go_on_without_it(apps: Stack) 
     )
     assert answer_of(frames) == expected_workflow_answer(inputs, controls, action="timeout")
     assert late["code"] == "form_expired" and late["id"] == request
+
+
+async def test_a_chatflow_waits_for_a_human_too(apps: Stack) -> None:
+    query = "May I send this refund?"
+    async with Client(url(apps, "chatflow-user")) as client:
+        request = await client.chat(query, app="chatflow-human")
+        for _ in range(300):
+            if any(f.get("event") == "workflow_paused" for f in client.frames[request]):
+                break
+            await asyncio.sleep(0.05)
+        form = _form_event(client.frames[request])
+        assert b"form_token" not in orjson.dumps(client.frames[request])
+        await client.send(
+            {
+                "type": "input",
+                "id": request,
+                "form_id": form["data"]["data"]["form_id"],
+                "action": "approve",
+                "inputs": {"comment": "yes"},
+            }
+        )
+        frames = await client.finish(request, timeout=60)
+    assert_seq_complete(frames)
+    assert frames[-1]["type"] == "end", frames[-2:]
+    assert answer_of(frames) == expected_workflow_answer({}, action="approve", query=query)
+    assert frames[-1]["conversation_id"]
 
 
 async def test_stop_while_the_run_waits_for_a_human(apps: Stack) -> None:
