@@ -511,9 +511,24 @@ async def test_the_python_client_runs_a_workflow_and_answers_its_form(apps: Stac
 # --------------------------------------------------------------------------- secrets
 
 
-def test_keys_never_reach_a_frame_a_log_or_the_gateways_environment(apps: Stack) -> None:
+async def test_keys_never_reach_a_frame_a_log_or_the_gateways_environment(apps: Stack) -> None:
     """Runs last in this module: every frame above went through these gateways."""
     secrets = [key.encode() for key in {*KEYS.values(), "app-simulator"}]
+    seen: list[bytes] = []
+    async with Client(url(apps, "key-hunter")) as client:
+        ids = [await client.chat("any key?", app=name) for name in ("chat", "agent", "wf")]
+        for name in ("wf", "completion", "chat", "nope"):
+            request = rid()
+            ids.append(request)
+            await client.send({"type": "run", "id": request, "app": name, "query": "key?"})
+        for request in ids:
+            seen.append(orjson.dumps(await client.finish(request, timeout=60)))
+        seen.append(orjson.dumps([client.hello, *client.other]))
+    assert not [s for s in secrets if any(s in raw for raw in seen)]
+    _no_key_in_logs_or_gateway_environment(apps, secrets)
+
+
+def _no_key_in_logs_or_gateway_environment(apps: Stack, secrets: list[bytes]) -> None:
     for proc in apps.procs:
         if proc.name.startswith("gateway"):
             assert proc.popen is not None
