@@ -117,9 +117,9 @@ class Running:
     attempt: int = 1
 
 
-#: A run whose event stream keeps breaking is followed this many times, then fails
-#: (``upstream_cut``, retryable: the client may ask again).
-FOLLOW_ATTEMPTS: Final = 8
+#: A run whose event stream keeps breaking (or that Dify cannot serve for now) is followed
+#: up to this many deliveries (of ``TOKENWIRE_JOB_MAX_ATTEMPTS``), then fails with that error.
+FOLLOW_ATTEMPTS: Final = 30
 
 
 class _FollowLater(InternalError):
@@ -427,10 +427,11 @@ class JobRunner:
                 metrics.set_breaker_open(False)
             return None
         if (
-            isinstance(asked.error, DifyStreamCut)
+            isinstance(asked.error, DifyStreamCut | DifyUnavailable)
             and mapper.workflow_run_id
             and self.events is not None
-            and running.attempt < FOLLOW_ATTEMPTS
+            and running.attempt < min(FOLLOW_ATTEMPTS, self.settings.job_max_attempts)
+            and (mapper.started or isinstance(asked.error, DifyStreamCut))
         ):
             raise _FollowLater("the run's stream broke mid-run; its events are followed next")
         verdict = judge_stream(asked.error, started=mapper.started, message_id=mapper.message_id)
