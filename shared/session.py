@@ -144,7 +144,7 @@ __all__ = [
 
 SERVER_NAME: Final = "tokenwire/0.1"
 #: What ``hello.features`` announces: the parts of protocol v1's second part this gateway
-#: serves. Add "run" and "input" here when their frames are served.
+#: serves (``call``, ``files``, and ``run``/``input``: one-shot apps and human input).
 FEATURES: Final[tuple[str, ...]] = ("call", "files", "run", "input")
 # How long frames may wait behind a missing one before the request is read from the stream.
 GAP_WAIT_S: Final = 1.0
