@@ -167,15 +167,16 @@ class Stack:
 
 
 @contextlib.contextmanager
-def running_stack(workdir: Path) -> Iterator[Stack]:
-    """A nats-server of its own, the simulator and one worker; the caller adds gateways.
-    On failure the processes' last log lines are printed; everything is stopped after."""
+def running_stack(workdir: Path, **worker_env: str) -> Iterator[Stack]:
+    """A nats-server of its own, the simulator and one worker (with ``worker_env``); the caller
+    adds gateways. On failure the processes' last log lines are printed; everything is stopped
+    after."""
     server = NatsServer(workdir / "nats", stop_grace=5.0)
     server.start()
     stack = Stack(nats_url=server.url, workdir=workdir)
     try:
         stack.simulator()
-        stack.worker()
+        stack.worker(**worker_env)
         yield stack
     except BaseException:
         print(stack.logs())

@@ -76,7 +76,9 @@ class Edge:
 
 @pytest.fixture(scope="module")
 def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
-    with running_stack(tmp_path_factory.mktemp("edge")) as stack:
+    # One frame per token (no coalescing): the slow-consumer test needs a flood of frames, as
+    # a worker of many fast streams sends; the edge's rules are per frame either way.
+    with running_stack(tmp_path_factory.mktemp("edge"), TOKENWIRE_COALESCE_MS="0") as stack:
         a = stack.gateway("gateway-a", **CLUSTER_ENV)
         b = stack.gateway("gateway-b", **CLUSTER_ENV)
         c = stack.gateway("gateway-c", **LIVENESS_ENV)

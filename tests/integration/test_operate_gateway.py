@@ -63,7 +63,8 @@ async def test_gateway_metrics_after_answered_chats(stack: Stack) -> None:
     assert value(m, "tokenwire_gateway_requests_total", outcome="completed") >= 3
     assert value(m, "tokenwire_gateway_frames_in_total", type="chat") >= 3
     assert value(m, "tokenwire_gateway_frames_in_total", type="invalid") >= 1
-    assert value(m, "tokenwire_gateway_frames_out_total", type="delta") >= 3 * 40
+    # At least one delta per answer: coalescing may carry many of an answer's 40 tokens in one.
+    assert value(m, "tokenwire_gateway_frames_out_total", type="delta") >= 3
     assert value(m, "tokenwire_gateway_ttft_seconds_count") >= 3
     assert value(m, "tokenwire_gateway_nats_connected") == 1
     assert not any("gauge" in str(labels) for _, labels in m), "a user id leaked into labels"
