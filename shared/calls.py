@@ -42,6 +42,8 @@ from shared.exceptions import (
     TokenwireError,
     UnknownMethod,
     WrongAppKind,
+    error_from_wire,
+    error_to_wire,
 )
 
 __all__ = [
@@ -476,14 +478,7 @@ def encode_reply(data: dict[str, Any]) -> bytes:
 
 
 def encode_reply_error(exc: TokenwireError) -> bytes:
-    error: dict[str, Any] = {
-        "code": exc.code.value,
-        "message": exc.message,
-        "retryable": exc.retryable,
-    }
-    if exc.retry_after_ms is not None:
-        error["retry_after_ms"] = exc.retry_after_ms
-    return orjson.dumps({"error": error})
+    return orjson.dumps({"error": error_to_wire(exc)})
 
 
 def decode_reply(data: bytes) -> dict[str, Any]:
@@ -498,14 +493,4 @@ def decode_reply(data: bytes) -> dict[str, Any]:
     error = obj.get("error") if isinstance(obj, dict) else None
     if not isinstance(error, dict):
         raise InternalError("a worker's answer to a call has neither data nor error")
-    try:
-        code = ErrorCode(str(error.get("code")))
-    except ValueError:
-        code = ErrorCode.INTERNAL_ERROR
-    exc = TokenwireError(
-        str(error.get("message") or code.value), code=code, retryable=bool(error.get("retryable"))
-    )
-    hint = error.get("retry_after_ms")
-    if isinstance(hint, int) and not isinstance(hint, bool) and hint > 0:
-        exc.retry_after_s = hint / 1000
-    raise exc
+    raise error_from_wire(error)

@@ -92,6 +92,8 @@ __all__ = [
     "close_code_table",
     "close_codes_module",
     "close_policy",
+    "error_from_wire",
+    "error_to_wire",
 ]
 
 
@@ -543,6 +545,35 @@ class BusRetryable(BusUnavailable):
     def __init__(self, message: str, *, maybe_done: bool = False) -> None:
         super().__init__(message)
         self.maybe_done = maybe_done
+
+
+def error_to_wire(exc: TokenwireError) -> dict[str, Any]:
+    """An error as a worker replies with it over NATS: ``{code, message, retryable,
+    retry_after_ms?}`` (the fields of an ``error`` frame, without id and seq)."""
+    body: dict[str, Any] = {
+        "code": exc.code.value,
+        "message": exc.message,
+        "retryable": exc.retryable,
+    }
+    if exc.retry_after_ms is not None:
+        body["retry_after_ms"] = exc.retry_after_ms
+    return body
+
+
+def error_from_wire(body: dict[str, Any]) -> TokenwireError:
+    """The error of :func:`error_to_wire` again, code and retry hint kept (an unknown code
+    becomes ``internal_error``)."""
+    try:
+        code = ErrorCode(str(body.get("code")))
+    except ValueError:
+        code = ErrorCode.INTERNAL_ERROR
+    exc = TokenwireError(
+        str(body.get("message") or code.value), code=code, retryable=bool(body.get("retryable"))
+    )
+    hint = body.get("retry_after_ms")
+    if isinstance(hint, int) and not isinstance(hint, bool) and hint > 0:
+        exc.retry_after_s = hint / 1000
+    return exc
 
 
 def _main(argv: list[str]) -> int:

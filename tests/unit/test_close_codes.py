@@ -122,3 +122,14 @@ def test_retry_hints_become_whole_milliseconds_on_the_wire() -> None:
     assert "retry_after_ms" not in json.loads(encode(error_frame(Unauthorized("x"))))
     conn_level = json.loads(encode(error_frame(TooManyConnections("x", retry_after_s=2.5))))
     assert conn_level["retry_after_ms"] == 2500 and "id" not in conn_level
+
+
+def test_an_error_crosses_nats_with_its_code_and_hint() -> None:
+    from shared.exceptions import BusFull, ErrorCode, error_from_wire, error_to_wire
+
+    sent = BusFull("cannot store the request: storage is full")
+    back = error_from_wire(error_to_wire(sent))
+    assert (back.code, back.message, back.retryable) == (sent.code, sent.message, True)
+    assert back.retry_after_ms == 5000
+    odd = error_from_wire({"code": "no_such_code", "message": "?"})
+    assert odd.code is ErrorCode.INTERNAL_ERROR and odd.retry_after_ms is None
