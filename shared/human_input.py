@@ -36,7 +36,7 @@ from typing import Any, Final
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shared.exceptions import ErrorCode, InternalError, TokenwireError
+from shared.exceptions import InternalError, TokenwireError, error_from_wire, error_to_wire
 from shared.jobs import Job
 
 __all__ = [
@@ -139,18 +139,9 @@ class InputRequest(BaseModel):
 
 
 def input_reply(error: TokenwireError | None = None) -> bytes:
-    """A worker's reply to an :class:`InputRequest`: ``{}`` (the answer went to Dify) or
-    ``{"error": {code, message, retryable, retry_after_ms?}}``."""
-    if error is None:
-        return b"{}"
-    body: dict[str, Any] = {
-        "code": error.code.value,
-        "message": error.message,
-        "retryable": error.retryable,
-    }
-    if error.retry_after_ms is not None:
-        body["retry_after_ms"] = error.retry_after_ms
-    return orjson.dumps({"error": body})
+    """A worker's reply to an :class:`InputRequest`: ``{}`` (the answer was kept) or
+    ``{"error": …}`` in the catalogue's wire form (:func:`~shared.exceptions.error_to_wire`)."""
+    return b"{}" if error is None else orjson.dumps({"error": error_to_wire(error)})
 
 
 def decode_input_reply(data: bytes) -> TokenwireError | None:
@@ -164,14 +155,4 @@ def decode_input_reply(data: bytes) -> TokenwireError | None:
         return None
     if not isinstance(error, dict):
         return InternalError("a worker's reply to an answer is malformed")
-    try:
-        code = ErrorCode(str(error.get("code")))
-    except ValueError:
-        code = ErrorCode.INTERNAL_ERROR
-    exc = TokenwireError(
-        str(error.get("message") or code.value), code=code, retryable=bool(error.get("retryable"))
-    )
-    hint = error.get("retry_after_ms")
-    if isinstance(hint, int) and not isinstance(hint, bool) and hint > 0:
-        exc.retry_after_s = hint / 1000
-    return exc
+    return error_from_wire(error)
