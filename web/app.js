@@ -25,6 +25,36 @@ const input = $('q');
 const sendButton = $('send');
 const stopButton = $('stop');
 const newButton = $('new');
+const welcomeEl = $('welcome');
+const openingEl = $('opening');
+const suggestionsEl = $('suggestions');
+const appPicker = $('app-picker');
+const sidebarEl = $('sidebar');
+const sidebarToggle = $('sidebar-toggle');
+const convList = $('conversations');
+const convEmpty = $('conversations-empty');
+const convMore = $('conversations-more');
+const inputsForm = $('inputs-form');
+const inputsFields = $('inputs-fields');
+const attachButton = $('attach');
+const fileInput = $('file');
+const attachmentsEl = $('attachments');
+const APP_KEY = 'tokenwire.app';
+const ONE_SHOT = new Set(['workflow', 'completion']);
+
+function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props)) {
+    if (value == null || value === false) continue;
+    if (key === 'class') node.className = value;
+    else if (key === 'text') node.textContent = value;
+    else if (key === 'testid') node.dataset.testid = value;
+    else if (key.startsWith('on')) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value === true ? '' : value);
+  }
+  node.append(...children.filter((c) => c != null));
+  return node;
+}
 
 function userId() {
   let user = localStorage.getItem(USER_KEY);
@@ -139,8 +169,13 @@ class Turn {
     this.answerEl.className = 'answer';
     this.answerEl.dataset.testid = 'answer';
     this.answerEl.setAttribute('aria-busy', 'true');
-    reply.append(this.statusEl, this.thoughts.el, this.workflow.el, this.answerEl);
-    this.el.append(question, reply);
+    this.formEl = el('div', { class: 'hitl', testid: 'human-input', hidden: true });
+    this.outputsEl = el('div', { class: 'outputs', testid: 'outputs', hidden: true });
+    this.sources = makeTrace('sources', 'Sources');
+    this.toolsEl = el('div', { class: 'tools', testid: 'answer-tools', role: 'group', 'aria-label': 'Answer actions', hidden: true });
+    this.followupsEl = el('div', { class: 'suggestions followups', testid: 'follow-ups', role: 'group', 'aria-label': 'Suggested follow-ups', hidden: true });
+    reply.append(this.statusEl, this.thoughts.el, this.workflow.el, this.answerEl, this.formEl, this.outputsEl, this.sources.el, this.toolsEl);
+    this.el.append(question, reply, this.followupsEl);
     this.writer = new Typewriter(this.answerEl);
     this.steps = new Map();
     this.thoughtItems = new Map();
@@ -161,16 +196,24 @@ class Turn {
     request.on('frame', (frame) => {
       if (frame.type === 'event') this.addEvent({ event: frame.event, data: frame.data });
       if (frame.type === 'reset') this.clearEvents();
+      if (frame.type === 'event' || frame.type === 'error') this.renderForm();
     });
+    this.renderForm();
     request.on('status', () => this.showStatus(request));
     request.done.then(() => {
       this.record.text = request.text;
       this.record.status = request.status;
       this.record.error = request.error ? `${request.error.code}: ${request.error.frame?.message ?? request.error.message}` : null;
       this.record.events = request.events.map(({ event, data }) => ({ event, data }));
+      const end = request.end;
+      this.record.messageId = end?.message_id ?? request.start?.messageId ?? null;
+      this.record.outputs = end?.outputs ?? null;
+      this.record.sources = end?.retriever_resources ?? [];
       this.writer.finish(request.status);
       this.showStatus(request);
-      page.onRequestFinished(request);
+      this.renderForm();
+      this.showExtras();
+      page.onRequestFinished(request, this);
     });
   }
 
@@ -190,6 +233,13 @@ class Turn {
     } else if (s === 'answering' && connection.state !== 'open') {
       text = 'Connection lost — the answer will continue after reconnecting…';
       kind = 'waiting';
+      this.interrupted = true;
+    } else if (s === 'answering' && request.form) {
+      text = 'Waiting for your answer to the form below';
+      kind = 'form';
+    } else if (s === 'answering' && (this.interrupted || request.restored)) {
+      text = 'Resumed — the answer continues';
+      kind = 'resumed';
     } else if (s === 'stopped') {
       text = 'Stopped';
     } else if (s === 'error') {
@@ -207,6 +257,148 @@ class Turn {
     this.statusEl.dataset.kind = r.status;
     if (r.status === 'stopped') this.statusEl.textContent = 'Stopped';
     else if (r.status === 'error') this.statusEl.textContent = `Failed: ${r.error ?? 'interrupted'}`;
+    this.showExtras({ followups: false });
+  }
+
+  /** Outputs, sources, feedback and copy (and follow-ups) of a finished answer. */
+  showExtras({ followups = true } = {}) {
+    const r = this.record;
+    if (r.outputs && typeof r.outputs === 'object' && Object.keys(r.outputs).length) {
+      const dl = el('dl');
+      for (const [key, value] of Object.entries(r.outputs)) {
+        dl.append(el('dt', { text: key }), el('dd', { text: typeof value === 'string' ? value : JSON.stringify(value, null, 2) }));
+      }
+      this.outputsEl.replaceChildren(el('h3', { text: 'Outputs' }), dl);
+      this.outputsEl.hidden = false;
+    }
+    const sources = Array.isArray(r.sources) ? r.sources : [];
+    this.sources.list.replaceChildren(
+      ...sources.map((s) => el('li', {}, el('span', { class: 'label', text: `${s.document_name ?? s.dataset_name ?? 'Source'}` }),
+        el('br'), el('span', { text: String(s.content ?? '').slice(0, 400) }))),
+    );
+    this.sources.update(sources.length, 'source');
+    if (r.status === 'error' || (!r.text && r.status !== 'done')) return;
+    const buttons = [];
+    if (r.messageId && r.kind !== 'run') {
+      for (const [rating, label] of [['like', 'Like'], ['dislike', 'Dislike']]) {
+        const b = el('button', { type: 'button', class: 'ghost small', testid: rating, 'aria-pressed': String(r.rating === rating), title: `${label} this answer`, text: label, onclick: () => this.rate(rating) });
+        buttons.push(b);
+      }
+    }
+    if (r.text) {
+      buttons.push(el('button', { type: 'button', class: 'ghost small', testid: 'copy', title: 'Copy the answer', text: 'Copy', onclick: () => this.copy() }));
+    }
+    this.toolNote = el('span', { class: 'muted note', role: 'status', testid: 'tool-note' });
+    this.toolsEl.replaceChildren(...buttons, this.toolNote);
+    this.toolsEl.hidden = buttons.length === 0;
+    if (followups && r.messageId && page.features.followups && r.kind !== 'run') page.loadFollowups(this);
+  }
+
+  async rate(rating) {
+    const r = this.record;
+    const next = r.rating === rating ? null : rating;
+    try {
+      await connection.feedback(r.messageId, next, page.appParams());
+      r.rating = next;
+      page.save();
+      for (const b of this.toolsEl.querySelectorAll('[aria-pressed]')) b.setAttribute('aria-pressed', String(b.dataset.testid === next));
+      this.toolNote.textContent = next ? 'Thanks for the feedback.' : 'Feedback removed.';
+      this.commentForm?.remove();
+      if (next) this.askComment(next);
+    } catch (error) {
+      this.toolNote.textContent = `Feedback failed: ${error.code ?? error.message}`;
+    }
+  }
+
+  askComment(rating) {
+    const field = el('input', { type: 'text', 'aria-label': 'Comment on this answer (optional)', placeholder: 'Add a comment (optional)', testid: 'feedback-comment' });
+    const formEl = el('form', { class: 'comment', testid: 'feedback-form' }, field, el('button', { type: 'submit', class: 'small', text: 'Send comment' }));
+    formEl.addEventListener('submit', async (event) => {
+      event.preventDefault();
+      const content = field.value.trim();
+      if (!content) return;
+      try {
+        await connection.feedback(this.record.messageId, rating, { ...page.appParams(), content });
+        formEl.remove();
+        this.toolNote.textContent = 'Comment sent.';
+      } catch (error) {
+        this.toolNote.textContent = `Comment failed: ${error.code ?? error.message}`;
+      }
+    });
+    field.addEventListener('keydown', (event) => { if (event.key === 'Escape') { formEl.remove(); } });
+    this.commentForm = formEl;
+    this.toolsEl.after(formEl);
+  }
+
+  async copy() {
+    try {
+      await navigator.clipboard.writeText(this.record.text ?? '');
+      this.toolNote.textContent = 'Copied.';
+    } catch {
+      const area = el('textarea', { class: 'sr-only' });
+      area.value = this.record.text ?? '';
+      document.body.append(area);
+      area.select();
+      document.execCommand('copy');
+      area.remove();
+      this.toolNote.textContent = 'Copied.';
+    }
+  }
+
+  /** The human-input form the request waits on: its text, its fields and its action buttons. */
+  renderForm() {
+    const request = this.request;
+    const form = request && !request.finished ? request.form : null;
+    if (!form) {
+      this.formEl.hidden = true;
+      this.formEl.replaceChildren();
+      this.formId = null;
+      return;
+    }
+    const refusals = request.refusals ?? [];
+    if (this.formId === form.form_id) {
+      if (refusals.length) this.formNote.textContent = `Refused: ${refusals[refusals.length - 1].code}`;
+      return;
+    }
+    this.formId = form.form_id;
+    const content = String(form.form_content ?? '').replace(/\{\{#\$output\.[^#]*#\}\}/g, '').trim();
+    const fields = [];
+    const htmlForm = el('form', { class: 'hitl-form', 'aria-label': form.node_title ?? 'Form' });
+    for (const [i, item] of (form.inputs ?? []).entries()) {
+      const name = String(item.output_variable_name ?? item.variable ?? `field${i}`);
+      const id = `hitl-${this.record.id}-${i}`;
+      const preset = form.resolved_default_values?.[name] ?? item.default?.value ?? '';
+      const control = item.type === 'paragraph'
+        ? el('textarea', { id, name, rows: 3 })
+        : el('input', { id, name, type: item.type === 'number' ? 'number' : 'text' });
+      control.value = preset;
+      fields.push([name, control]);
+      htmlForm.append(el('label', { for: id, text: item.label ?? name }), control);
+    }
+    const buttons = el('div', { class: 'actions' });
+    for (const action of form.actions ?? []) {
+      buttons.append(el('button', {
+        type: 'submit', value: action.id, testid: `form-action-${action.id}`,
+        class: action.button_style === 'primary' ? '' : 'ghost', text: action.title ?? action.id,
+      }));
+    }
+    htmlForm.append(buttons);
+    htmlForm.addEventListener('submit', (event) => {
+      event.preventDefault();
+      const action = event.submitter?.value ?? form.actions?.[0]?.id;
+      const inputs = Object.fromEntries(fields.map(([name, control]) => [name, control.value]));
+      try {
+        request.answer(action, inputs);
+        for (const b of htmlForm.querySelectorAll('button')) b.disabled = true;
+        this.formNote.textContent = 'Sent — the run continues…';
+      } catch (error) {
+        this.formNote.textContent = `Could not answer: ${error.message}`;
+      }
+    });
+    this.formNote = el('p', { class: 'muted', role: 'status' });
+    this.formEl.replaceChildren(el('h3', { text: form.node_title ?? 'Your input is needed' }), el('p', { class: 'form-content', text: content }), htmlForm, this.formNote);
+    this.formEl.hidden = false;
+    this.showStatus(request);
   }
 
   clearEvents() {
@@ -310,6 +502,337 @@ const connection = new Connection({
 const page = {
   conversationId: null,
   turns: [],
+  app: localStorage.getItem(APP_KEY) || null, // null: the gateway's default app
+  apps: [],
+  params: null,
+  features: { followups: false },
+  attachments: [], // {file, status, ref, el}
+  convCursor: null,
+
+  appParams() {
+    return this.app ? { app: this.app } : {};
+  },
+
+  mode() {
+    return this.apps.find((a) => a.app === (this.app ?? 'default'))?.mode ?? 'chat';
+  },
+
+  /** The app list, then the chosen app's parameters and conversations. */
+  async setup() {
+    try {
+      this.apps = await connection.apps();
+    } catch {
+      this.apps = [];
+    }
+    const names = this.apps.map((a) => a.app);
+    if (this.app && !names.includes(this.app)) this.app = null;
+    appPicker.replaceChildren(...this.apps.map((a) => el('option', { value: a.app, text: `${a.name ?? a.app}${a.mode ? ` (${a.mode})` : ''}` })));
+    appPicker.value = this.app ?? 'default';
+    $('app-picker-label').hidden = this.apps.length < 2;
+    await this.loadApp();
+  },
+
+  async loadApp() {
+    let params = {};
+    try {
+      params = await connection.parameters(this.appParams());
+    } catch {
+      params = {};
+    }
+    this.params = params;
+    this.features.followups = Boolean(params.suggested_questions_after_answer?.enabled);
+    this.renderWelcome();
+    this.renderInputs();
+    this.renderAttachControls();
+    this.loadConversations();
+  },
+
+  renderWelcome() {
+    const p = this.params ?? {};
+    openingEl.textContent = p.opening_statement ?? '';
+    openingEl.hidden = !p.opening_statement;
+    const questions = Array.isArray(p.suggested_questions) ? p.suggested_questions.filter((q) => typeof q === 'string' && q) : [];
+    suggestionsEl.replaceChildren(...questions.map((q) => el('button', { type: 'button', class: 'chip', testid: 'suggested-question', text: q, onclick: () => this.ask(q) })));
+    suggestionsEl.hidden = questions.length === 0 || ONE_SHOT.has(this.mode());
+    $('empty').hidden = Boolean(p.opening_statement) && this.app != null;
+  },
+
+  /** The app's input form (user_input_form): a one-shot app's run form, a chat app's inputs. */
+  renderInputs() {
+    const items = Array.isArray(this.params?.user_input_form) ? this.params.user_input_form : [];
+    const oneShot = ONE_SHOT.has(this.mode());
+    inputsFields.replaceChildren();
+    this.inputControls = [];
+    for (const [i, wrapper] of items.entries()) {
+      const [type, spec] = Object.entries(wrapper)[0] ?? [];
+      if (!spec) continue;
+      const id = `input-${i}`;
+      const label = el('label', { for: id, text: `${spec.label ?? spec.variable}${spec.required ? ' *' : ''}` });
+      let control;
+      if (type === 'paragraph') control = el('textarea', { id, rows: 3 });
+      else if (type === 'select') control = el('select', { id }, ...(spec.options ?? []).map((o) => el('option', { value: o, text: o })));
+      else if (type === 'number') control = el('input', { id, type: 'number' });
+      else if (type === 'file' || type === 'file-list') control = el('input', { id, type: 'file', multiple: type === 'file-list' });
+      else control = el('input', { id, type: 'text', maxlength: spec.max_length || null });
+      if (spec.required) control.required = true;
+      if (spec.default && type !== 'file' && type !== 'file-list') control.value = spec.default;
+      control.name = spec.variable;
+      control.dataset.testid = `input-${spec.variable}`;
+      this.inputControls.push({ type, spec, control });
+      inputsFields.append(el('div', { class: 'field' }, label, control));
+    }
+    inputsForm.hidden = !(oneShot || items.length);
+    $('run').hidden = !oneShot;
+    form.hidden = oneShot;
+  },
+
+  async collectInputs() {
+    const inputs = {};
+    for (const { type, spec, control } of this.inputControls ?? []) {
+      if (type === 'file' || type === 'file-list') {
+        const refs = [];
+        for (const file of control.files ?? []) {
+          const up = await connection.upload(file, { ...this.appParams() });
+          refs.push(fileRef(file, up.id));
+        }
+        if (refs.length) inputs[spec.variable] = type === 'file' ? refs[0] : refs;
+      } else if (type === 'number') {
+        if (control.value !== '') inputs[spec.variable] = Number(control.value);
+      } else if (control.value !== '' || spec.required) {
+        inputs[spec.variable] = control.value;
+      }
+    }
+    return inputs;
+  },
+
+  async runApp() {
+    const inputs = await this.collectInputs();
+    const summary = Object.entries(inputs).map(([k, v]) => `${k}: ${typeof v === 'string' ? v : JSON.stringify(v)}`).join('\n') || 'Run';
+    const options = { ...this.appParams() };
+    if (this.mode() === 'completion') options.query = inputs.query ?? summary;
+    const files = this.takeFiles();
+    if (files.length) options.files = files;
+    const request = connection.run(inputs, options);
+    const turn = this.addTurn({ id: request.id, query: summary, text: '', status: request.status, events: [], kind: 'run', app: this.app });
+    turn.attach(request);
+    this.save();
+    this.refreshControls();
+    return request;
+  },
+
+  // --- attachments ---
+  uploadLimits() {
+    const fu = this.params?.file_upload ?? {};
+    const sys = this.params?.system_parameters ?? {};
+    const image = fu.image ?? {};
+    const enabled = Boolean(fu.enabled || image.enabled);
+    const imageOnly = !fu.enabled && image.enabled;
+    const maxFiles = fu.number_limits ?? image.number_limits ?? 3;
+    const mb = (n, fallback) => (typeof n === 'number' && n > 0 ? n : fallback) * 1024 * 1024;
+    return {
+      enabled,
+      imageOnly,
+      maxFiles,
+      maxImage: mb(sys.image_file_size_limit, 10),
+      maxFile: mb(sys.file_size_limit, 15),
+      accept: imageOnly ? 'image/*' : (fu.allowed_file_extensions ?? []).join(',') || null,
+    };
+  },
+
+  renderAttachControls() {
+    const limits = this.uploadLimits();
+    attachButton.hidden = !limits.enabled;
+    if (limits.accept) fileInput.accept = limits.accept;
+    else fileInput.removeAttribute('accept');
+    if (!limits.enabled) this.clearAttachments();
+  },
+
+  addFiles(files) {
+    const limits = this.uploadLimits();
+    if (!limits.enabled) return;
+    for (const file of files) {
+      const item = { file, status: 'uploading', ref: null };
+      const remove = el('button', { type: 'button', class: 'ghost small', title: `Remove ${file.name}`, text: '×', onclick: () => this.removeAttachment(item) });
+      const note = el('span', { class: 'muted' });
+      item.el = el('span', { class: 'attachment', testid: 'attachment' }, el('span', { text: file.name || 'pasted file' }), note, remove);
+      item.note = note;
+      attachmentsEl.append(item.el);
+      attachmentsEl.hidden = false;
+      const isImage = file.type.startsWith('image/');
+      let problem = null;
+      if (this.attachments.length >= limits.maxFiles) problem = `at most ${limits.maxFiles} files`;
+      else if (limits.imageOnly && !isImage) problem = 'only images';
+      else if (file.size > (isImage ? limits.maxImage : limits.maxFile)) problem = `over ${Math.round((isImage ? limits.maxImage : limits.maxFile) / 1048576)} MB`;
+      if (problem) {
+        item.status = 'error';
+        note.textContent = ` — refused: ${problem}`;
+        item.el.dataset.state = 'error';
+        setTimeout(() => item.el.remove(), 6000);
+        continue;
+      }
+      this.attachments.push(item);
+      note.textContent = ' — uploading…';
+      item.el.dataset.state = 'uploading';
+      connection.upload(file, { ...this.appParams() }).then((up) => {
+        item.status = 'ready';
+        item.ref = fileRef(file, up.id);
+        note.textContent = '';
+        item.el.dataset.state = 'ready';
+        this.refreshControls();
+      }, (error) => {
+        item.status = 'error';
+        note.textContent = ` — failed: ${error.code ?? error.message}`;
+        item.el.dataset.state = 'error';
+        this.attachments = this.attachments.filter((a) => a !== item);
+        this.refreshControls();
+      });
+    }
+    this.refreshControls();
+  },
+
+  removeAttachment(item) {
+    this.attachments = this.attachments.filter((a) => a !== item);
+    item.el.remove();
+    attachmentsEl.hidden = attachmentsEl.children.length === 0;
+    this.refreshControls();
+  },
+
+  clearAttachments() {
+    this.attachments = [];
+    attachmentsEl.replaceChildren();
+    attachmentsEl.hidden = true;
+  },
+
+  takeFiles() {
+    const refs = this.attachments.filter((a) => a.ref).map((a) => a.ref);
+    this.clearAttachments();
+    return refs;
+  },
+
+  // --- conversations ---
+  async loadConversations({ more = false } = {}) {
+    if (ONE_SHOT.has(this.mode())) {
+      convList.replaceChildren();
+      convEmpty.hidden = false;
+      convEmpty.textContent = 'This app runs one-shot: no conversations.';
+      convMore.hidden = true;
+      return;
+    }
+    let pageData;
+    try {
+      pageData = await connection.conversations.list({ ...this.appParams(), limit: 20, ...(more && this.convCursor ? { last_id: this.convCursor } : {}) });
+    } catch {
+      return;
+    }
+    if (!more) convList.replaceChildren();
+    for (const c of pageData.data ?? []) convList.append(this.conversationItem(c));
+    this.convCursor = pageData.data?.length ? pageData.data[pageData.data.length - 1].id : this.convCursor;
+    convMore.hidden = !pageData.has_more;
+    convEmpty.textContent = 'No conversations yet.';
+    convEmpty.hidden = convList.children.length > 0;
+    this.markCurrent();
+  },
+
+  markCurrent() {
+    for (const li of convList.children) {
+      const current = li.dataset.conversationId === this.conversationId;
+      li.querySelector('.pick')?.setAttribute('aria-current', current ? 'true' : 'false');
+    }
+  },
+
+  conversationItem(c) {
+    const li = el('li', { testid: 'conversation' });
+    li.dataset.conversationId = c.id;
+    const pick = el('button', { type: 'button', class: 'pick', testid: 'conversation-pick', text: c.name || 'Untitled', title: c.name || 'Untitled', onclick: () => this.openConversation(c.id) });
+    const rename = el('button', { type: 'button', class: 'ghost small', testid: 'conversation-rename', title: `Rename “${c.name}”`, 'aria-label': `Rename “${c.name}”`, text: 'Rename', onclick: () => this.renameInline(li, c) });
+    const del = el('button', { type: 'button', class: 'ghost small', testid: 'conversation-delete', title: `Delete “${c.name}”`, 'aria-label': `Delete “${c.name}”`, text: 'Delete', onclick: () => this.deleteInline(li, c, del) });
+    li.append(pick, rename, del);
+    return li;
+  },
+
+  renameInline(li, c) {
+    const field = el('input', { type: 'text', 'aria-label': 'New name', testid: 'conversation-name' });
+    field.value = c.name ?? '';
+    const f = el('form', { class: 'rename' }, field);
+    const saved = [...li.children];
+    li.replaceChildren(f);
+    field.focus();
+    field.select();
+    const restore = () => { li.replaceChildren(...saved); saved[0].focus(); };
+    field.addEventListener('keydown', (event) => { if (event.key === 'Escape') restore(); });
+    f.addEventListener('submit', async (event) => {
+      event.preventDefault();
+      const name = field.value.trim();
+      if (!name) return restore();
+      try {
+        await connection.conversations.rename({ ...this.appParams(), conversation_id: c.id, name });
+        c.name = name;
+        saved[0].textContent = name;
+      } catch {
+        // keep the old name
+      }
+      restore();
+    });
+  },
+
+  async deleteInline(li, c, button) {
+    if (button.dataset.confirm !== '1') {
+      button.dataset.confirm = '1';
+      button.textContent = 'Delete?';
+      button.setAttribute('aria-label', `Confirm deleting “${c.name}”`);
+      setTimeout(() => {
+        if (!button.isConnected) return;
+        button.dataset.confirm = '';
+        button.textContent = 'Delete';
+        button.setAttribute('aria-label', `Delete “${c.name}”`);
+      }, 5000);
+      return;
+    }
+    try {
+      await connection.conversations.delete({ ...this.appParams(), conversation_id: c.id });
+      li.remove();
+      convEmpty.hidden = convList.children.length > 0;
+      if (this.conversationId === c.id) this.reset();
+    } catch {
+      button.textContent = 'Delete';
+    }
+  },
+
+  async openConversation(id) {
+    this.stopAll();
+    let history = [];
+    try {
+      const got = await connection.messages.list({ ...this.appParams(), conversation_id: id, limit: 100 });
+      history = [...(got.data ?? [])].sort((a, b) => (a.created_at ?? 0) - (b.created_at ?? 0));
+    } catch {
+      return;
+    }
+    this.clearTranscript();
+    this.conversationId = id;
+    for (const m of history) {
+      const turn = this.addTurn({ id: `history-${m.id}`, query: m.query ?? '', text: m.answer ?? '', status: 'done', messageId: m.id, rating: m.feedback?.rating ?? null, sources: m.retriever_resources ?? [], app: this.app });
+      turn.showStored();
+    }
+    this.save();
+    this.markCurrent();
+    this.refreshControls();
+    closeSidebarOnPhone();
+    input.focus();
+  },
+
+  async loadFollowups(turn) {
+    let questions = [];
+    try {
+      questions = await connection.suggested(turn.record.messageId, this.appParams());
+    } catch {
+      return;
+    }
+    if (turn !== this.turns[this.turns.length - 1]) return;
+    for (const t of this.turns) if (t !== turn) t.followupsEl.hidden = true;
+    turn.followupsEl.replaceChildren(...questions.map((q) => el('button', { type: 'button', class: 'chip', testid: 'follow-up', text: q, onclick: () => this.ask(q) })));
+    turn.followupsEl.hidden = questions.length === 0;
+    keepScrolled();
+  },
 
   load() {
     let saved = null;
@@ -321,6 +844,7 @@ const page = {
     const restored = new Map(connection.restored.map((r) => [r.id, r]));
     if (saved && Array.isArray(saved.turns)) {
       this.conversationId = saved.conversationId ?? null;
+      if (saved.app !== undefined && (saved.app ?? null) !== this.app) this.conversationId = null;
       for (const record of saved.turns) {
         const turn = this.addTurn(record);
         const request = restored.get(record.id);
@@ -346,6 +870,7 @@ const page = {
 
   save() {
     const data = {
+      app: this.app,
       conversationId: this.conversationId,
       turns: this.turns.map((t) => t.record),
     };
@@ -359,15 +884,19 @@ const page = {
   addTurn(record) {
     const turn = new Turn(record);
     this.turns.push(turn);
-    emptyEl.hidden = true;
+    welcomeEl.hidden = true;
     transcriptEl.append(turn.el);
     transcriptEl.scrollTop = transcriptEl.scrollHeight;
     return turn;
   },
 
   ask(query, options = {}) {
-    const request = connection.chat(query, { conversationId: this.conversationId, ...options });
-    const turn = this.addTurn({ id: request.id, query, text: '', status: request.status, events: [] });
+    const extra = { ...this.appParams() };
+    const files = this.takeFiles();
+    if (files.length) extra.files = files;
+    for (const t of this.turns) t.followupsEl.hidden = true;
+    const request = connection.chat(query, { conversationId: this.conversationId, ...extra, ...options });
+    const turn = this.addTurn({ id: request.id, query, text: '', status: request.status, events: [], app: this.app, files: files.length });
     turn.attach(request);
     this.save();
     this.refreshControls();
@@ -379,30 +908,39 @@ const page = {
   },
 
   onRequestFinished(request) {
-    if (request.conversationId && request.status !== 'error') this.conversationId = request.conversationId;
+    const fresh = request.conversationId && request.conversationId !== this.conversationId;
+    if (request.conversationId && request.status !== 'error' && request.kind !== 'run') this.conversationId = request.conversationId;
     this.save();
     this.refreshControls();
+    if (fresh && request.kind !== 'run') this.loadConversations();
   },
 
   stopAll() {
     for (const request of this.running()) request.stop();
   },
 
+  clearTranscript() {
+    for (const turn of this.turns) turn.el.remove();
+    this.turns = [];
+    welcomeEl.hidden = false;
+  },
+
   reset() {
     this.stopAll();
     this.conversationId = null;
-    for (const turn of this.turns) turn.el.remove();
-    this.turns = [];
-    emptyEl.hidden = false;
+    this.clearTranscript();
     this.save();
+    this.markCurrent();
     this.refreshControls();
-    input.focus();
+    (form.hidden ? inputsFields.querySelector('input,textarea,select') ?? $('run') : input).focus();
   },
 
   refreshControls() {
     const busy = this.running().length > 0;
+    const uploading = this.attachments.some((a) => a.status === 'uploading');
     stopButton.disabled = !busy;
-    sendButton.disabled = busy;
+    sendButton.disabled = busy || uploading;
+    $('run').disabled = busy;
   },
 };
 
@@ -450,7 +988,89 @@ input.addEventListener('input', autosize);
 stopButton.addEventListener('click', () => page.stopAll());
 newButton.addEventListener('click', () => page.reset());
 
+function fileRef(file, id) {
+  const t = file.type || '';
+  const type = t.startsWith('image/') ? 'image' : t.startsWith('audio/') ? 'audio' : t.startsWith('video/') ? 'video' : 'document';
+  return { type, transfer_method: 'local_file', upload_file_id: id };
+}
+
+attachButton.addEventListener('click', () => fileInput.click());
+fileInput.addEventListener('change', () => {
+  page.addFiles([...fileInput.files]);
+  fileInput.value = '';
+  input.focus();
+});
+input.addEventListener('paste', (event) => {
+  const files = [...(event.clipboardData?.files ?? [])];
+  if (files.length) {
+    event.preventDefault();
+    page.addFiles(files);
+  }
+});
+for (const target of [transcriptEl, form]) {
+  target.addEventListener('dragover', (event) => {
+    if (!page.uploadLimits().enabled || !event.dataTransfer?.types.includes('Files')) return;
+    event.preventDefault();
+    document.body.classList.add('dropping');
+  });
+  target.addEventListener('dragleave', () => document.body.classList.remove('dropping'));
+  target.addEventListener('drop', (event) => {
+    document.body.classList.remove('dropping');
+    const files = [...(event.dataTransfer?.files ?? [])];
+    if (!files.length) return;
+    event.preventDefault();
+    page.addFiles(files);
+  });
+}
+
+inputsForm.addEventListener('submit', (event) => {
+  event.preventDefault();
+  if (!ONE_SHOT.has(page.mode()) || $('run').disabled) return;
+  page.runApp().catch((error) => console.warn('tokenwire: run failed', error));
+});
+
+appPicker.addEventListener('change', () => {
+  page.app = appPicker.value === 'default' ? null : appPicker.value;
+  if (page.app) localStorage.setItem(APP_KEY, page.app);
+  else localStorage.removeItem(APP_KEY);
+  page.reset();
+  page.loadApp();
+});
+
+convMore.addEventListener('click', () => page.loadConversations({ more: true }));
+
+const phone = matchMedia('(max-width: 760px)');
+function closeSidebarOnPhone() {
+  if (phone.matches) setSidebar(false);
+}
+function setSidebar(open) {
+  document.body.classList.toggle('sidebar-open', open);
+  sidebarToggle.setAttribute('aria-expanded', String(open));
+  if (open) convList.querySelector('button')?.focus();
+}
+sidebarToggle.addEventListener('click', () => {
+  const open = phone.matches ? !document.body.classList.contains('sidebar-open') : document.body.classList.contains('sidebar-hidden');
+  if (phone.matches) setSidebar(open);
+  else {
+    document.body.classList.toggle('sidebar-hidden', !open);
+    sidebarToggle.setAttribute('aria-expanded', String(open));
+  }
+});
+sidebarEl.addEventListener('keydown', (event) => {
+  if (event.key === 'Escape' && phone.matches) {
+    setSidebar(false);
+    sidebarToggle.focus();
+  }
+});
+sidebarToggle.setAttribute('aria-expanded', String(!phone.matches));
+
 page.load();
+let setupDone = false;
+connection.on('hello', () => {
+  if (setupDone) return;
+  setupDone = true;
+  page.setup();
+});
 connection.connect().catch(() => {});
 input.focus();
 
