@@ -39,6 +39,7 @@ const inputsFields = $('inputs-fields');
 const attachButton = $('attach');
 const fileInput = $('file');
 const attachmentsEl = $('attachments');
+const micButton = $('mic');
 const APP_KEY = 'tokenwire.app';
 const ONE_SHOT = new Set(['workflow', 'completion']);
 
@@ -544,6 +545,7 @@ const page = {
     this.renderWelcome();
     this.renderInputs();
     this.renderAttachControls();
+    micButton.hidden = !(params.speech_to_text?.enabled && voice.supported() && !ONE_SHOT.has(this.mode()));
     this.loadConversations();
   },
 
@@ -890,8 +892,22 @@ const page = {
     return turn;
   },
 
+  /** A chat app's inputs (non-file fields), sent with the first message of a conversation. */
+  chatInputs() {
+    if (this.conversationId || ONE_SHOT.has(this.mode())) return null;
+    const inputs = {};
+    for (const { type, spec, control } of this.inputControls ?? []) {
+      if (type === 'file' || type === 'file-list' || control.value === '') continue;
+      inputs[spec.variable] = type === 'number' ? Number(control.value) : control.value;
+    }
+    return Object.keys(inputs).length ? inputs : null;
+  },
+
   ask(query, options = {}) {
     const extra = { ...this.appParams() };
+    const inputs = this.chatInputs();
+    if (inputs) extra.inputs = inputs;
+    if (!ONE_SHOT.has(this.mode())) inputsForm.hidden = true;
     const files = this.takeFiles();
     if (files.length) extra.files = files;
     for (const t of this.turns) t.followupsEl.hidden = true;
@@ -923,6 +939,7 @@ const page = {
     for (const turn of this.turns) turn.el.remove();
     this.turns = [];
     welcomeEl.hidden = false;
+    inputsForm.hidden = !(ONE_SHOT.has(this.mode()) || (this.inputControls ?? []).length);
   },
 
   reset() {
@@ -1028,6 +1045,77 @@ inputsForm.addEventListener('submit', (event) => {
   if (!ONE_SHOT.has(page.mode()) || $('run').disabled) return;
   page.runApp().catch((error) => console.warn('tokenwire: run failed', error));
 });
+
+// --- voice input: record, encode as 16 kHz mono WAV (what every Dify accepts), transcribe ---
+const voice = {
+  recorder: null,
+  chunks: [],
+  supported() {
+    return Boolean(navigator.mediaDevices?.getUserMedia && window.MediaRecorder && window.AudioContext);
+  },
+  async toggle() {
+    if (this.recorder) {
+      this.recorder.stop();
+      return;
+    }
+    let stream;
+    try {
+      stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+    } catch (error) {
+      micButton.title = `No microphone: ${error.message}`;
+      return;
+    }
+    this.chunks = [];
+    this.recorder = new MediaRecorder(stream);
+    this.recorder.ondataavailable = (event) => this.chunks.push(event.data);
+    this.recorder.onstop = async () => {
+      for (const track of stream.getTracks()) track.stop();
+      this.recorder = null;
+      micButton.setAttribute('aria-pressed', 'false');
+      micButton.textContent = 'Mic';
+      micButton.disabled = true;
+      input.placeholder = 'Transcribing…';
+      try {
+        const wav = await toWav(new Blob(this.chunks, { type: this.chunks[0]?.type || 'audio/webm' }));
+        const text = await connection.audioToText(wav, { ...page.appParams(), filename: 'voice.wav' });
+        input.value = input.value ? `${input.value} ${text}` : text;
+        autosize();
+      } catch (error) {
+        input.placeholder = `Voice input failed: ${error.code ?? error.message}`;
+      } finally {
+        micButton.disabled = false;
+        if (input.placeholder === 'Transcribing…') input.placeholder = 'Ask something…';
+        input.focus();
+      }
+    };
+    this.recorder.start();
+    micButton.setAttribute('aria-pressed', 'true');
+    micButton.textContent = 'Stop rec';
+  },
+};
+
+async function toWav(blob) {
+  const context = new AudioContext();
+  const decoded = await context.decodeAudioData(await blob.arrayBuffer());
+  context.close();
+  const rate = 16000;
+  const offline = new OfflineAudioContext(1, Math.max(1, Math.ceil(decoded.duration * rate)), rate);
+  const source = offline.createBufferSource();
+  source.buffer = decoded;
+  source.connect(offline.destination);
+  source.start();
+  const samples = (await offline.startRendering()).getChannelData(0);
+  const view = new DataView(new ArrayBuffer(44 + samples.length * 2));
+  const text = (offset, s) => { for (let i = 0; i < s.length; i += 1) view.setUint8(offset + i, s.charCodeAt(i)); };
+  text(0, 'RIFF'); view.setUint32(4, 36 + samples.length * 2, true); text(8, 'WAVE'); text(12, 'fmt ');
+  view.setUint32(16, 16, true); view.setUint16(20, 1, true); view.setUint16(22, 1, true);
+  view.setUint32(24, rate, true); view.setUint32(28, rate * 2, true); view.setUint16(32, 2, true); view.setUint16(34, 16, true);
+  text(36, 'data'); view.setUint32(40, samples.length * 2, true);
+  for (let i = 0; i < samples.length; i += 1) view.setInt16(44 + i * 2, Math.max(-1, Math.min(1, samples[i])) * 0x7fff, true);
+  return new Blob([view], { type: 'audio/wav' });
+}
+
+micButton.addEventListener('click', () => voice.toggle());
 
 appPicker.addEventListener('change', () => {
   page.app = appPicker.value === 'default' ? null : appPicker.value;

@@ -21,6 +21,9 @@ const CHROMIUM_ARGS = [
   '--disable-sync',
   '--no-first-run',
   '--disable-gpu',
+  // A fake microphone (a beep) that needs no permission prompt, for voice input.
+  '--use-fake-ui-for-media-stream',
+  '--use-fake-device-for-media-stream',
 ];
 const DOCS_SHOTS = join(REPO_DIR, 'docs', 'screenshots');
 // A 1×1 PNG.
@@ -290,6 +293,39 @@ describe('the web client at / (Chromium, tokenwire dev)', { timeout: 300000 }, (
     assert.equal(await page.locator('[data-testid=turn]').count(), 0);
     assert.equal(await page.evaluate(() => document.activeElement.dataset.testid), 'question', 'New chat gives the focus back');
     assert.ok(log.sent.some((f) => f.type === 'stop'));
+    await context.close();
+  });
+
+  test('voice input: recorded, transcribed by Dify (audio-to-text), put in the question', async () => {
+    const { page, context } = await openPage({ app: 'chat' });
+    await context.grantPermissions(['microphone']);
+    await page.waitForSelector('[data-testid=voice]:not([hidden])');
+    await page.click('[data-testid=voice]');
+    await page.waitForSelector('[data-testid=voice][aria-pressed=true]');
+    await page.waitForTimeout(1200);
+    await page.click('[data-testid=voice]');
+    await page.waitForFunction(() => document.querySelector('[data-testid=question]').value.length > 0, null, { timeout: 20000 });
+    const calls = await sim('/_sim/calls');
+    assert.ok(calls.some((c) => c.method === 'POST' && c.path === '/v1/audio-to-text'), 'Dify transcribed it');
+    await context.close();
+  });
+
+  test('the sidebar pages: more than a page of conversations shows "Load more"', async () => {
+    const { page, context } = await openPage({ app: 'agent' });
+    // 21 conversations of a fresh app (one page is 20), started over the SDK.
+    await page.evaluate(async () => {
+      const { connection } = window.__tokenwire;
+      for (let i = 0; i < 21; i += 1) await connection.chat(`Paging ${i}`, { app: 'agent' }).done;
+    });
+    await page.reload();
+    await page.waitForSelector('[data-testid=connection-status][data-state=open]');
+    await page.waitForSelector('[data-testid=conversations-more]:not([hidden])');
+    assert.equal(await page.locator('[data-testid=conversation]').count(), 20);
+    await page.click('[data-testid=conversations-more]');
+    await waitFor(async () => (await page.locator('[data-testid=conversation]').count()) === 21, { what: 'the second page' });
+    assert.equal(await page.isHidden('[data-testid=conversations-more]'), true);
+    const ids = await page.locator('[data-testid=conversation]').evaluateAll((els) => els.map((e) => e.dataset.conversationId));
+    assert.equal(new Set(ids).size, 21, 'no conversation twice');
     await context.close();
   });
 
