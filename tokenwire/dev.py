@@ -156,8 +156,12 @@ class _Supervisor:
             [*python, "worker", "--metrics-port", str(worker_port), "--host", "127.0.0.1"],
             env,
         )
+        # Only workers hold Dify's keys, in dev as in production.
+        gateway_env = {k: v for k, v in env.items() if not _dify_secret(k)}
         self._spawn(
-            "gateway", [*python, "gateway", "--host", self.host, "--port", str(self.port)], env
+            "gateway",
+            [*python, "gateway", "--host", self.host, "--port", str(self.port)],
+            gateway_env,
         )
 
         deadline = time.monotonic() + self.ready_timeout_s
@@ -381,6 +385,13 @@ class _WorkerProbe:
         else:
             self.why = "its /readyz does not answer yet"
         return False
+
+
+def _dify_secret(name: str) -> bool:
+    """A variable that holds (or points at) Dify's keys: the worker's alone."""
+    return name in ("DIFY_API_KEY", "TOKENWIRE_DIFY_API_KEY") or name.startswith(
+        "TOKENWIRE_DIFY_APPS"
+    )
 
 
 def demo_apps() -> dict[str, str]:

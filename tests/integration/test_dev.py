@@ -133,6 +133,13 @@ def test_dev_starts_everything_and_ctrl_c_stops_it_all(tmp_path: Path) -> None:
         commands = " | ".join(cmdline(c.pid) for c in children)
         for part in ("nats-server", "simulate-dify", "worker", "gateway"):
             assert part in commands, f"no {part} among dev's children: {commands}"
+        # Dify's keys reach the worker only, in dev as in production.
+        (gateway,) = [c for c in children if " gateway " in cmdline(c.pid) + " "]
+        (worker,) = [c for c in children if " worker " in cmdline(c.pid) + " "]
+        gateway_env = Path(f"/proc/{gateway.pid}/environ").read_bytes().split(b"\0")
+        worker_env = Path(f"/proc/{worker.pid}/environ").read_bytes().split(b"\0")
+        assert not [v for v in gateway_env if v.startswith((b"DIFY_API_KEY=", b"TOKENWIRE_DIFY_APPS"))]
+        assert any(v.startswith(b"DIFY_API_KEY=") for v in worker_env)
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=EXIT_TIMEOUT_S) == 0, output.text
