@@ -228,6 +228,50 @@ describe('the web client at / (Chromium, tokenwire dev)', { timeout: 300000 }, (
     await context.close();
   });
 
+  test('paste and drag-and-drop attach too; the limits of the app are kept; no attach where uploads are off', async () => {
+    const { page, context, log } = await openPage({ app: 'chat' });
+    await page.waitForSelector('[data-testid=attach]:not([hidden])');
+    const b64 = PNG.toString('base64');
+    await page.evaluate((data) => {
+      const file = (name) => new File([Uint8Array.from(atob(data), (c) => c.charCodeAt(0))], name, { type: 'image/png' });
+      const paste = new DataTransfer();
+      paste.items.add(file('pasted.png'));
+      document.querySelector('[data-testid=question]').dispatchEvent(new ClipboardEvent('paste', { clipboardData: paste, bubbles: true, cancelable: true }));
+      const drop = new DataTransfer();
+      for (const name of ['dropped-1.png', 'dropped-2.png', 'dropped-3.png']) drop.items.add(file(name));
+      document.querySelector('[data-testid=transcript]').dispatchEvent(new DragEvent('drop', { dataTransfer: drop, bubbles: true, cancelable: true }));
+    }, b64);
+    // The demo app takes 3 images: the 4th is refused on the page, before any upload.
+    await waitFor(async () => (await page.locator('[data-testid=attachment][data-state=ready]').count()) === 3, { what: '3 uploads' });
+    assert.equal(await page.locator('[data-testid=attachment][data-state=error]').count(), 1);
+    assert.match(await page.locator('[data-testid=attachment][data-state=error]').innerText(), /at most 3 files/);
+    const query = `Three images ${Date.now()}`;
+    const i = await ask(page, query);
+    await finished(page, i);
+    const chat = log.sent.find((f) => f.type === 'chat' && f.query === query);
+    assert.equal(chat.files.length, 3);
+    const atDify = (await sim('/_sim/requests')).find((r) => r.query === query);
+    assert.deepEqual(atDify.files.map((f) => f.upload_file_id), chat.files.map((f) => f.upload_file_id));
+    await context.close();
+
+    // The default app has uploads off: no attach button.
+    const plain = await openPage();
+    await plain.page.waitForSelector('[data-testid=opening-statement]:not([hidden])');
+    assert.equal(await plain.page.isHidden('[data-testid=attach]'), true);
+    await plain.context.close();
+  });
+
+  test('a reload mid-answer says the answer was resumed', async () => {
+    const { page, context } = await openPage({ app: 'chat' });
+    const i = await ask(page, '/slow resumed after a reload');
+    await page.waitForFunction((k) => document.querySelectorAll('[data-testid=answer]')[k].textContent.length > 5, i);
+    await page.reload();
+    await page.waitForSelector('[data-testid=request-status][data-kind=resumed]');
+    const got = await finished(page, 0);
+    assert.equal(got.state, 'done', got.status);
+    await context.close();
+  });
+
   test('a workflow waits for a person: the form is answered from the page after a reload, the run finishes', async () => {
     const { page, context, log } = await openPage({ app: 'human' });
     await page.waitForSelector('[data-testid=run-form]:not([hidden])');
