@@ -306,6 +306,35 @@ describe('the web client at / (Chromium, tokenwire dev)', { timeout: 300000 }, (
     await context.close();
   });
 
+  test('the app picker switches apps; a workflow shows its outputs, a completion its answer', async () => {
+    const { page, context, log } = await openPage();
+    await page.waitForSelector('[data-testid=app-picker]');
+    const options = await page.locator('[data-testid=app-picker] option').evaluateAll((els) => els.map((e) => e.value));
+    for (const name of ['default', 'chat', 'agent', 'chatflow', 'workflow', 'completion', 'human']) assert.ok(options.includes(name), name);
+    await page.selectOption('[data-testid=app-picker]', 'workflow');
+    await page.waitForSelector('[data-testid=input-query]');
+    await page.fill('[data-testid=input-query]', 'Printer broken; toner empty');
+    await page.click('[data-testid=run]');
+    const wf = await finished(page, 0, 60000);
+    assert.equal(wf.state, 'done', wf.status);
+    await page.waitForSelector('[data-testid=outputs]:not([hidden])');
+    assert.equal(await page.isHidden('[data-testid=workflow]'), false, 'the steps are shown');
+    await snap(page, 'workflow', { docs: true });
+
+    await page.selectOption('[data-testid=app-picker]', 'completion');
+    await page.waitForSelector('[data-testid=input-topic]');
+    assert.equal(await page.locator('[data-testid=turn]').count(), 0, 'another app starts over');
+    await page.fill('[data-testid=input-topic]', 'queues');
+    await page.press('[data-testid=input-topic]', 'Enter'); // Enter in a text field runs it
+    const c = await finished(page, 0, 60000);
+    assert.equal(c.state, 'done', c.status);
+    assert.ok(c.text.length > 0);
+    const runs = log.sent.filter((f) => f.type === 'run');
+    assert.deepEqual(runs.map((r) => r.app), ['workflow', 'completion']);
+    assert.equal(runs[1].inputs.topic, 'queues');
+    await context.close();
+  });
+
   test('keyboard only: send, stop, new chat, feedback', async () => {
     const { page, context, log } = await openPage({ app: 'chat' });
     await page.waitForSelector('[data-testid=opening-statement]:not([hidden])');
