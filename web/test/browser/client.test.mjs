@@ -261,6 +261,20 @@ describe('the web client at / (Chromium, tokenwire dev)', { timeout: 300000 }, (
     await plain.context.close();
   });
 
+  test('a request Dify refuses for good shows failed, with its code; the page goes on', async () => {
+    const { page, context } = await openPage({ app: 'chat' });
+    await page.waitForSelector('[data-testid=opening-statement]:not([hidden])');
+    await page.evaluate(() => window.__tokenwire.page.ask('Refused at Dify', { inputs: { tw_sim: { fault: '400' } } }));
+    const got = await finished(page, 0);
+    assert.equal(got.state, 'error');
+    assert.match(got.status, /^Failed: \S+/);
+    assert.equal(await page.locator('[data-testid=turn] >> nth=0 >> [data-testid=like]').count(), 0, 'no feedback on a failure');
+    const i = await ask(page, 'And now a good one');
+    assert.equal((await finished(page, i)).state, 'done');
+    await snap(page, 'failed');
+    await context.close();
+  });
+
   test('a reload mid-answer says the answer was resumed', async () => {
     const { page, context } = await openPage({ app: 'chat' });
     const i = await ask(page, '/slow resumed after a reload');
