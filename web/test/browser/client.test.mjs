@@ -432,6 +432,14 @@ describe('the web client at / (Chromium, tokenwire dev)', { timeout: 300000 }, (
           await page.waitForSelector('[data-testid=sidebar] [data-testid=conversation]');
           assert.equal(await page.isVisible('[data-testid=sidebar]'), true);
           await snap(page, `phone-sidebar-${colorScheme}`, { docs: colorScheme === 'light' });
+          assert.equal(await page.evaluate(() => document.activeElement.dataset.testid), 'conversation-pick', 'the opened list has the focus');
+          await page.keyboard.press('Escape');
+          assert.equal(await page.isVisible('[data-testid=sidebar]'), false, 'Escape closes it');
+          assert.equal(await page.evaluate(() => document.activeElement.dataset.testid), 'sidebar-toggle');
+          await page.keyboard.press('Enter');
+          await page.keyboard.press('Enter'); // picks the conversation: its history, the list closes
+          await page.waitForSelector('[data-testid=sidebar]', { state: 'hidden' });
+          assert.equal(await page.locator('[data-testid=turn]').count(), 1);
         }
         assert.deepEqual(log.errors, []);
         await context.close();
