@@ -134,7 +134,10 @@ QUEUE_WAIT_BUCKETS: Final = (
 
 #: completed, stopped, error, handed_back, dead_lettered, dropped.
 JOB_OUTCOMES: Final = frozenset(outcome.value for outcome in Outcome)
-DIFY_ENDPOINTS: Final = frozenset({"chat", "stop", "messages", "info"})
+DIFY_ENDPOINTS: Final = frozenset(
+    {"chat", "stop", "messages", "info", "workflow", "completion", "workflow_events", "form"}
+    | {"call", "upload"}
+)
 
 JOBS_RECEIVED: Final = Counter(
     "tokenwire_worker_jobs_received",
