@@ -77,6 +77,10 @@ def app_names(settings: Settings) -> list[str]:
     return ["default", *sorted(name for name in settings.dify_apps if name != "default")]
 
 
+async def _log_nats_error(exc: Exception) -> None:
+    log.warning("NATS error", extra={"error": f"{type(exc).__name__}: {exc}"})
+
+
 def create_app(settings: Settings) -> AsgiFastStream:
     """Build the worker app: broker, job subscriber, stop subscriber, HTTP routes."""
     broker = NatsBroker(
@@ -84,6 +88,9 @@ def create_app(settings: Settings) -> AsgiFastStream:
         name="tokenwire-worker",
         **RECONNECT_FOREVER,
         security=broker_security(settings),
+        # Said each time NATS refuses or cannot be reached, also while the first connect
+        # retries: without it a worker waiting for NATS at start is silent.
+        error_cb=_log_nats_error,
         logger=None,
         middlewares=nats_middlewares(settings.otel_endpoint),
     )
