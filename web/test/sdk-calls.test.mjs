@@ -2,40 +2,12 @@
 // and fetch through a function that records what it was asked.
 
 import assert from 'node:assert/strict';
-import { afterEach, beforeEach, test } from 'node:test';
+import { test } from 'node:test';
 
-import { Connection, TokenwireError } from '../sdk/tokenwire.js';
+import { TokenwireError } from '../sdk/tokenwire.js';
+import { connection, opened } from './helpers/fakeconn.mjs';
 import { FakeWebSocket } from './helpers/fakews.mjs';
 import { waitFor } from './helpers/stack.mjs';
-
-const made = [];
-
-function connection(options = {}) {
-  const conn = new Connection({
-    url: 'ws://gw.test/v1/ws',
-    user: 'u1',
-    WebSocket: FakeWebSocket,
-    storage: null,
-    backoff: { initialMs: 5, maxMs: 40, factor: 2, jitter: 0 },
-    pingIntervalMs: 0,
-    ...options,
-  });
-  made.push(conn);
-  return conn;
-}
-
-async function opened(conn) {
-  const pending = conn.connect();
-  await waitFor(() => FakeWebSocket.last?.onmessage, { what: 'a socket' });
-  FakeWebSocket.last.accept();
-  await pending;
-  return FakeWebSocket.last;
-}
-
-beforeEach(() => FakeWebSocket.reset());
-afterEach(() => {
-  for (const conn of made.splice(0)) conn.close();
-});
 
 test('a call sends one call frame and resolves with its result', async () => {
   const conn = connection();

@@ -1,39 +1,9 @@
 // SDK: run() for workflow and completion apps, and answering a human-input form.
 
 import assert from 'node:assert/strict';
-import { afterEach, beforeEach, describe, test } from 'node:test';
+import { describe, test } from 'node:test';
 
-import { Connection } from '../sdk/tokenwire.js';
-import { FakeWebSocket } from './helpers/fakews.mjs';
-import { waitFor } from './helpers/stack.mjs';
-
-const made = [];
-
-function connection() {
-  const conn = new Connection({
-    url: 'ws://gw.test/v1/ws',
-    user: 'u1',
-    WebSocket: FakeWebSocket,
-    storage: null,
-    backoff: { initialMs: 5, maxMs: 40, factor: 2, jitter: 0 },
-    pingIntervalMs: 0,
-  });
-  made.push(conn);
-  return conn;
-}
-
-async function opened(conn) {
-  const pending = conn.connect();
-  await waitFor(() => FakeWebSocket.last?.onmessage, { what: 'a socket' });
-  FakeWebSocket.last.accept();
-  await pending;
-  return FakeWebSocket.last;
-}
-
-beforeEach(() => FakeWebSocket.reset());
-afterEach(() => {
-  for (const conn of made.splice(0)) conn.close();
-});
+import { connection, opened } from './helpers/fakeconn.mjs';
 
 const FORM = { form_id: 'f-1', node_title: 'Approval', actions: [{ id: 'approve', title: 'OK' }] };
 

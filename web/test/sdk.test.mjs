@@ -1,45 +1,16 @@
 // SDK unit tests: the test plays the gateway through an in-process fake WebSocket.
 
 import assert from 'node:assert/strict';
-import { afterEach, beforeEach, describe, test } from 'node:test';
+import { describe, test } from 'node:test';
 
 import { CLOSE_CODES } from '../sdk/close-codes.js';
-import { Connection, MAX_REFRESH_TRIES, backoffDelay, closePolicy, defaultUrl } from '../sdk/tokenwire.js';
+import { MAX_REFRESH_TRIES, backoffDelay, closePolicy, defaultUrl } from '../sdk/tokenwire.js';
+import { connection, opened } from './helpers/fakeconn.mjs';
 import { FakeWebSocket, MemoryStorage, answerFrames } from './helpers/fakews.mjs';
 import { sleep, waitFor } from './helpers/stack.mjs';
 
 const TOKENS = ['Hello', ' wor', 'ld', ' — ', '你好', ' 👋🏽', '.'];
 const ANSWER = TOKENS.join('');
-
-const made = [];
-
-function connection(options = {}) {
-  const conn = new Connection({
-    url: 'ws://gw.test/v1/ws',
-    user: 'u1',
-    WebSocket: FakeWebSocket,
-    storage: null,
-    backoff: { initialMs: 5, maxMs: 40, factor: 2, jitter: 0 },
-    pingIntervalMs: 0,
-    ...options,
-  });
-  made.push(conn);
-  return conn;
-}
-
-async function opened(conn) {
-  const pending = conn.connect();
-  await waitFor(() => FakeWebSocket.last?.onmessage, { what: 'a socket' });
-  FakeWebSocket.last.accept();
-  await pending;
-  return FakeWebSocket.last;
-}
-
-beforeEach(() => FakeWebSocket.reset());
-afterEach(() => {
-  // A connection left open would keep reconnecting into the next test's sockets.
-  for (const conn of made.splice(0)) conn.close();
-});
 
 describe('one answer', () => {
   test('frames build the running text, the status and the end', async () => {
