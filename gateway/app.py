@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 from opentelemetry import trace
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, PlainTextResponse, Response
@@ -41,9 +41,7 @@ def default_web_dir() -> Path:
     ``tokenwire.web``): site-packages for a wheel, the clone's ``web/`` for ``pip install -e``."""
     root = resources.files("tokenwire.web")
     if not isinstance(root, Path):  # a zipped install: Starlette serves only real files
-        raise OSError(
-            f"the web page is not on the file system ({root}); set TOKENWIRE_WEB_DIR"
-        )
+        raise OSError(f"the web page is not on the file system ({root}); set TOKENWIRE_WEB_DIR")
     return root
 
 
@@ -104,7 +102,7 @@ def create_app(settings: Settings) -> Starlette:
         return PlainTextResponse("ready")
 
     async def prometheus(request: Request) -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     web_dir = settings.web_dir or default_web_dir()
     if not (web_dir / "index.html").is_file() or not (web_dir / "sdk").is_dir():

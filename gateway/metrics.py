@@ -34,17 +34,22 @@ name                              type       labels          what
 ``nats_connected``                gauge      —               1 while the NATS link is up
 ================================  =========  ==============  ==================================
 
-One process per pod: ``tokenwire gateway`` runs a single uvicorn process, so the default
-registry is the whole truth. The gauges still name a ``multiprocess_mode``, so that a future
-multi-process mode only has to set ``PROMETHEUS_MULTIPROC_DIR`` and serve a
-``MultiProcessCollector`` for the sums to stay right.
+``tokenwire gateway --workers N`` runs N processes on one port and ``/metrics`` is answered by
+whichever of them accepts the scrape, so with N > 1 the supervisor sets
+``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess mode) and :func:`exposition`
+serves the sum of every child, also of those that died (a counter never goes back). Each gauge
+names how its children combine (``multiprocess_mode``): connections add up over the live
+processes, ``draining`` is the highest, ``nats_connected`` the lowest. With one process the
+default registry is the whole truth, as before.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Final, get_args
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from shared.exceptions import CloseCode
 from shared.frames import (
@@ -80,6 +85,7 @@ __all__ = [
     "TTFT_BUCKETS",
     "connection_closed",
     "connection_opened",
+    "exposition",
     "frame_in",
     "frame_out",
     "observe_ttft",
@@ -250,3 +256,13 @@ def record(tally: Tally) -> None:
         connection_opened()
     elif metric is Metric.CLOSED:
         connection_closed(int(tally.label))
+
+
+def exposition() -> bytes:
+    """What ``/metrics`` answers: this process's families, or, under a supervisor
+    (``PROMETHEUS_MULTIPROC_DIR`` set), the sums over every gateway process of the pod."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return generate_latest()
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return generate_latest(registry)

@@ -155,6 +155,9 @@ class Settings(BaseSettings):
     # SO_SNDBUF of client sockets (0: the kernel's autotuning, up to 4 MiB on Linux): what the
     # kernel may hold for a client that stops reading, before the send queue fills (4101).
     send_buffer_bytes: int = Field(default=0, ge=0)
+    # Gateway processes of one `tokenwire gateway` (docs/operations.md, "Every core of a pod"):
+    # 1 is one process and no supervisor; N > 1 shares one listening socket among N children.
+    gateway_workers: int = Field(default=1, ge=1, le=256)
 
     # --- worker --------------------------------------------------------------------------
     worker_concurrency: int = Field(default=64, ge=1)
@@ -168,6 +171,9 @@ class Settings(BaseSettings):
     # Keep the pod's terminationGracePeriodSeconds above it (deploy/k8s: 75 s).
     worker_drain_s: float = Field(default=60.0, ge=0)
     worker_metrics_port: int = 9100
+    # Worker processes of one `tokenwire worker`: N > 1 runs N children, each its own worker,
+    # behind one /metrics, /healthz and /readyz port served by their supervisor.
+    worker_processes: int = Field(default=1, ge=1, le=256)
     # Dify apps by name, chosen by a frame's `app` field (shared/apps.py): {"sales": "app-..."}
     # or {"sales": {"url": ".../v1", "key": "app-...", "max_active": 4}}; or the same JSON in
     # the file TOKENWIRE_DIFY_APPS_FILE (a mounted Secret; the environment's entries win).

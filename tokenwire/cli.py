@@ -73,12 +73,20 @@ def gateway(
     port: int = typer.Option(8000, help="Port to listen on."),
     ssl_certfile: Path | None = typer.Option(None, help="TLS certificate (serves wss://)."),
     ssl_keyfile: Path | None = typer.Option(None, help="TLS private key."),
+    workers: int | None = typer.Option(
+        None,
+        min=1,
+        help="Gateway processes sharing the port, each a gateway of its own, supervised "
+        "and drained together [default: TOKENWIRE_GATEWAY_WORKERS, or 1].",
+    ),
+    fd: int | None = typer.Option(
+        None, hidden=True, help="A listening socket inherited from `--workers N`."
+    ),
 ) -> None:
-    """One gateway process (WebSocket, page, probes, metrics); connects to TOKENWIRE_NATS_URL."""
-    import uvicorn
+    """A gateway (WebSocket, page, probes, metrics); connects to TOKENWIRE_NATS_URL."""
+    import socket
 
-    from gateway.app import create_app
-    from gateway.server import DrainingServer
+    from gateway.server import DrainingServer, run_gateway_pod
 
     settings = _process_settings("gateway")
     if settings.auth == "none" and not settings.allow_insecure:
@@ -91,6 +99,15 @@ def gateway(
     if bool(ssl_certfile) != bool(ssl_keyfile):
         typer.echo("refusing to start: give both --ssl-certfile and --ssl-keyfile", err=True)
         raise typer.Exit(2)
+    count = workers or settings.gateway_workers
+    if count > 1 and fd is None:
+        tls = ["--ssl-certfile", str(ssl_certfile), "--ssl-keyfile", str(ssl_keyfile)]
+        raise typer.Exit(run_gateway_pod(settings, host, port, count, tls if ssl_certfile else []))
+
+    import uvicorn
+
+    from gateway.app import create_app
+
     try:
         asgi_app = create_app(settings)
     except (ValueError, OSError) as exc:
@@ -116,16 +133,13 @@ def gateway(
         timeout_graceful_shutdown=10,
     )
     sockets = None
-    if settings.send_buffer_bytes:
-        # Accepted connections inherit the listener's send buffer: it bounds what the kernel
-        # holds for a client that stops reading (autotuned, it grows to megabytes).
-        import socket
+    if fd is not None:
+        # One of `--workers N`: the supervisor's socket (its send buffer already set).
+        sockets = [socket.socket(fileno=fd)]
+    elif settings.send_buffer_bytes:
+        from tokenwire.supervisor import listen
 
-        listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.send_buffer_bytes)
-        listener.bind((host, port))
-        sockets = [listener]
+        sockets = [listen(host, port, send_buffer_bytes=settings.send_buffer_bytes)]
     server = DrainingServer(config, asgi_app)
     server.run(sockets=sockets)
     if not server.started:
@@ -136,27 +150,50 @@ def gateway(
 def worker(
     metrics_port: int = typer.Option(None, help="Port of /metrics and /healthz [default 9100]."),
     host: str = typer.Option("0.0.0.0", help="Interface for /metrics and /healthz."),
+    processes: int | None = typer.Option(
+        None,
+        min=1,
+        help="Worker processes, each a worker of its own, supervised and drained together "
+        "behind one metrics port [default: TOKENWIRE_WORKER_PROCESSES, or 1].",
+    ),
+    uds: Path | None = typer.Option(
+        None, hidden=True, help="Serve the probes on this Unix socket (one of `--processes N`)."
+    ),
 ) -> None:
-    """One worker process: answers jobs from NATS by streaming from Dify."""
-    import uvicorn
-
-    from worker.app import create_app
-
+    """A worker: answers jobs from NATS by streaming from Dify."""
     settings = _process_settings("worker")
     if settings.dify_api_key is None:
         typer.echo(
             "refusing to start: DIFY_API_KEY is not set, so the worker cannot call Dify", err=True
         )
         raise typer.Exit(2)
-    uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=metrics_port or settings.worker_metrics_port,
-        log_config=None,
-        access_log=False,
-        # Lifespan shutdown runs the drain: running answers get worker_drain_s to finish.
-        timeout_graceful_shutdown=int(settings.worker_drain_s) + 10,
+    port = metrics_port or settings.worker_metrics_port
+    count = processes or settings.worker_processes
+    if count > 1 and uds is None:
+        from worker.pod import run_worker_pod
+
+        raise typer.Exit(run_worker_pod(settings, host, port, count))
+
+    import uvicorn
+
+    from worker.app import create_app
+    from worker.server import WorkerServer
+
+    server = WorkerServer(
+        uvicorn.Config(
+            create_app(settings),
+            host=host,
+            port=port,
+            uds=str(uds) if uds else None,
+            log_config=None,
+            access_log=False,
+            # Lifespan shutdown runs the drain: running answers get worker_drain_s to finish.
+            timeout_graceful_shutdown=int(settings.worker_drain_s) + 10,
+        )
     )
+    server.run()
+    if not server.started:
+        raise typer.Exit(3)
 
 
 @app.command("simulate-dify")

@@ -69,11 +69,13 @@ def spawn(
     stdout: IO[Any] | int | None = None,
     stderr: IO[Any] | int | None = None,
     death_signal: signal.Signals = signal.SIGKILL,
+    pass_fds: Sequence[int] = (),
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` in its own process group, tied to this process's life.
 
     stdin is always ``/dev/null``: the children are services, and a child of a background
-    process group that reads the terminal would be stopped by SIGTTIN.
+    process group that reads the terminal would be stopped by SIGTTIN. ``pass_fds`` stay
+    open in the child under the same numbers (a listening socket shared by a supervisor).
     """
     proc = subprocess.Popen(
         [os.fspath(a) for a in argv],
@@ -83,6 +85,7 @@ def spawn(
         stdout=stdout,
         stderr=stderr,
         process_group=0,
+        pass_fds=tuple(pass_fds),
         # The only way to set PR_SET_PDEATHSIG in the child; the hook calls nothing that
         # takes a lock, which is what makes preexec_fn risky with threads.
         preexec_fn=_death_signal_preexec(death_signal),  # noqa: PLW1509

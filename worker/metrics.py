@@ -45,17 +45,24 @@ The four JetStream gauges describe the whole cluster, not this worker: every wor
 from ``consumer_info``/``stream_info`` now and then (:func:`set_consumer_lag`,
 :func:`set_queue_age`, :func:`set_dead_letters`), so aggregate them with ``max``, never ``sum``.
 
-One process per pod: ``tokenwire worker`` runs a single process. The gauges still name a
-``multiprocess_mode`` so a future multi-process mode stays correct.
+``tokenwire worker --processes N`` runs N worker processes behind one metrics port served by
+their supervisor: each child writes its values into the supervisor's
+``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess mode) and :func:`exposition`
+sums them, also those of children that died (a counter never goes back). Each gauge names how
+the children combine (``multiprocess_mode``): ``streams_running`` adds up over the live
+processes, the breaker and ``draining`` are the highest, and the cluster-wide gauges are the
+value most recently set by any child. With one process the default registry serves, as before.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Final
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from shared.delivery import Outcome
 from shared.metric_labels import ERROR_CODES, LATENCY_BUCKETS, SERVER_FRAME_TYPES
@@ -93,6 +100,7 @@ __all__ = [
     "answer_tokens",
     "dify_error",
     "dify_response",
+    "exposition",
     "frame_published",
     "job_finished",
     "job_queued",
@@ -374,3 +382,11 @@ def set_stream_bytes(stream: str, used: int, limit: int) -> None:
 
 def set_draining(draining: bool) -> None:
     DRAINING.set(1 if draining else 0)
+
+
+def exposition(multiprocess_dir: Path) -> bytes:
+    """What the supervisor's ``/metrics`` answers: the sums over every worker process that
+    wrote into ``multiprocess_dir`` (their ``PROMETHEUS_MULTIPROC_DIR``)."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(multiprocess_dir))  # type: ignore[no-untyped-call]
+    return generate_latest(registry)

@@ -18,7 +18,10 @@ from dataclasses import dataclass
 
 from shared.exceptions import DifyRejected, TokenwireError
 
-__all__ = ["DifyCheck", "Readiness"]
+__all__ = ["READY_FACTS", "DifyCheck", "Readiness"]
+
+#: The facts of a worker that is ready, as ``/readyz`` words them.
+READY_FACTS: dict[str, str] = {"nats": "connected", "jobs": "subscribed", "dify": "ok"}
 
 #: How long a successful Dify check stands, and how soon a failed one is tried again.
 OK_FOR_S = 10.0
@@ -77,5 +80,5 @@ class Readiness:
             "jobs": "subscribed" if self.subscribed else "starting",
         }
         facts["dify"] = (await self.dify()).state if self.subscribed else "not checked yet"
-        ready = facts == {"nats": "connected", "jobs": "subscribed", "dify": "ok"}
+        ready = facts == READY_FACTS
         return ready, facts
