@@ -77,7 +77,7 @@ def gateway(
         None,
         min=1,
         help="Gateway processes sharing the port, each a gateway of its own, supervised "
-        "and drained together [default: TOKENWIRE_GATEWAY_WORKERS, or 1].",
+        "and drained together (default: TOKENWIRE_GATEWAY_WORKERS, or 1).",
     ),
     fd: int | None = typer.Option(
         None, hidden=True, help="A listening socket inherited from `--workers N`."
@@ -154,7 +154,7 @@ def worker(
         None,
         min=1,
         help="Worker processes, each a worker of its own, supervised and drained together "
-        "behind one metrics port [default: TOKENWIRE_WORKER_PROCESSES, or 1].",
+        "behind one metrics port (default: TOKENWIRE_WORKER_PROCESSES, or 1).",
     ),
     uds: Path | None = typer.Option(
         None, hidden=True, help="Serve the probes on this Unix socket (one of `--processes N`)."

@@ -208,6 +208,9 @@ def test_every_command_and_its_help_start_from_a_plain_install(
     for command in commands:
         assert command in top, f"{command} is missing from tokenwire --help"
         assert "Usage" in run([venv / "tokenwire", command, "--help"], cwd=elsewhere).stdout
+    # Every core of a pod: the process-count flags are part of each command's help.
+    assert "--workers" in run([venv / "tokenwire", "gateway", "--help"], cwd=elsewhere).stdout
+    assert "--processes" in run([venv / "tokenwire", "worker", "--help"], cwd=elsewhere).stdout
     for sub in ("list", "show", "replay", "purge"):
         assert "Usage" in run([venv / "tokenwire", "jobs", sub, "--help"], cwd=elsewhere).stdout
     assert "Usage" in run([venv / "python", "-m", "tokenwire", "--help"], cwd=elsewhere).stdout
