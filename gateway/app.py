@@ -149,7 +149,8 @@ def _redact(url: str) -> str:
 
 
 def _flush_traces() -> None:
-    """Export buffered spans now: uvicorn re-raises SIGTERM on exit, so atexit never runs."""
+    """Export buffered spans now: uvicorn re-raises SIGINT (or a second signal) on exit, so
+    atexit may never run."""
     flush = getattr(trace.get_tracer_provider(), "force_flush", None)
     if flush is not None:
         flush()

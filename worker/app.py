@@ -228,7 +228,8 @@ def create_app(settings: Settings) -> AsgiFastStream:
             await runner.drain(settings.worker_drain_s)
 
     async def shutdown() -> None:
-        # uvicorn re-raises SIGTERM on exit, so atexit never runs: export buffered spans now.
+        # uvicorn re-raises SIGINT (or a second signal) on exit, so atexit may never run:
+        # export buffered spans now.
         flush = getattr(trace.get_tracer_provider(), "force_flush", None)
         if flush is not None:
             flush()

@@ -104,7 +104,7 @@ async def test_sigterm_gateway_clients_resume_on_another_and_lose_nothing(stack:
         assert [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
         assert frames[-1]["type"] == "end" and answer_of(frames) == expected[i]
         assert client.reconnects >= 1
-    assert first.popen is not None and await asyncio.to_thread(first.popen.wait, 30) in (0, -15)
+    assert first.popen is not None and await asyncio.to_thread(first.popen.wait, 30) == 0
     assert "draining" in first.log_text()
 
 
