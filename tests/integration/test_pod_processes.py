@@ -110,6 +110,10 @@ async def test_gateway_workers_answer_from_two_processes_survive_a_kill_and_drai
                 expected_final_answer(query)
             )
         # Whichever process answers the scrape, it counts every process's connections.
+        await until(
+            lambda: samples(f"http://127.0.0.1:{port}/metrics"),
+            lambda m: value(m, "tokenwire_gateway_requests_total", outcome="completed") == 2,
+        )
         for _ in range(4):
             m = samples(f"http://127.0.0.1:{port}/metrics")
             assert value(m, "tokenwire_gateway_connections_opened_total") == opened
@@ -194,9 +198,15 @@ async def test_worker_processes_answer_at_once_and_drain_together(stack: Stack) 
             assert answer_of(frames) == expected_final_answer(query, controls)
     assert len(workers) == 2, workers
     assert {int(w.rsplit(":", 1)[1]) for w in workers} == pids
-    m = samples(worker.health_url.replace("/healthz", "/metrics"))
-    assert value(m, "tokenwire_worker_jobs_total", outcome="completed") == 4
-    assert value(m, "tokenwire_worker_streams_running") == 0
+    metrics_url = worker.health_url.replace("/healthz", "/metrics")
+    # The pod's port sums both processes (a job is counted once acked, after its `end`).
+    m = await until(
+        lambda: samples(metrics_url),
+        lambda m: value(m, "tokenwire_worker_jobs_total", outcome="completed") == 4,
+    )
+    await until(
+        lambda: value(samples(metrics_url), "tokenwire_worker_streams_running"), lambda v: v == 0
+    )
 
     # SIGTERM with an answer in flight: it finishes, exact and gapless; every child drains.
     query = f"through the drain {uuid.uuid4().hex[:4]}"
