@@ -22,9 +22,11 @@ app = typer.Typer(
 )
 
 
-def _process_settings(service: str) -> Settings:
+def _process_settings(service: str, *, child: bool = False) -> Settings:
     """Settings, logging and tracing for a gateway or worker process; a bad setting or a
-    missing extra ends it with one line (exit code 2) instead of a traceback."""
+    missing extra ends it with one line (exit code 2) instead of a traceback. A ``child`` of
+    ``--workers N`` / ``--processes N`` adds its ``pid`` to every log line: the children share
+    the pod's log, and the supervisor names each child by its pid."""
     from pydantic import ValidationError
 
     from shared.logs import configure_logging
@@ -42,6 +44,17 @@ def _process_settings(service: str) -> Settings:
         typer.echo(f"refusing to start: bad configuration: {problems}", err=True)
         raise typer.Exit(2) from None
     configure_logging(service, settings.log_level, json=settings.log_json)
+    if child:
+        import logging
+
+        pid = os.getpid()
+
+        def add_pid(record: logging.LogRecord) -> bool:
+            record.pid = pid
+            return True
+
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(add_pid)
     try:
         configure_tracing(service, settings.otel_endpoint)
     except TracingUnavailable as exc:
@@ -88,7 +101,7 @@ def gateway(
 
     from gateway.server import DrainingServer, run_gateway_pod
 
-    settings = _process_settings("gateway")
+    settings = _process_settings("gateway", child=fd is not None)
     if settings.auth == "none" and not settings.allow_insecure:
         typer.echo(
             "refusing to start: TOKENWIRE_AUTH=none lets anyone claim any user. "
@@ -161,7 +174,7 @@ def worker(
     ),
 ) -> None:
     """A worker: answers jobs from NATS by streaming from Dify."""
-    settings = _process_settings("worker")
+    settings = _process_settings("worker", child=uds is not None)
     if settings.dify_api_key is None:
         typer.echo(
             "refusing to start: DIFY_API_KEY is not set, so the worker cannot call Dify", err=True

@@ -150,6 +150,8 @@ async def test_gateway_workers_answer_from_two_processes_survive_a_kill_and_drai
     assert by_pid[survivor].close_code == CloseCode.DRAINING
     assert gateway.popen is not None and await asyncio.to_thread(gateway.popen.wait, 30) == 0
     assert gateway.log_text().count('"draining"') == 2
+    # The children share the log; each of their lines names its process as the supervisor does.
+    assert f'"pid":{survivor}' in gateway.log_text()
     assert "Traceback" not in gateway.log_text()
 
 
@@ -204,6 +206,7 @@ async def test_worker_processes_answer_at_once_and_drain_together(stack: Stack) 
         lambda: samples(metrics_url),
         lambda m: value(m, "tokenwire_worker_jobs_total", outcome="completed") == 4,
     )
+    assert value(m, "tokenwire_worker_answer_tokens_total") >= 4 * 50
     await until(
         lambda: value(samples(metrics_url), "tokenwire_worker_streams_running"), lambda v: v == 0
     )
@@ -223,6 +226,7 @@ async def test_worker_processes_answer_at_once_and_drain_together(stack: Stack) 
     log = worker.log_text()
     assert log.count('"draining"') == 2 and "Traceback" not in log
     assert "exited: exit code 0" in log
+    assert all(f'"pid":{pid}' in log for pid in pids)  # each child's lines name it
 
 
 async def test_a_killed_worker_process_is_restarted_and_its_answer_completes(
