@@ -158,3 +158,18 @@ def test_a_process_that_does_not_answer_keeps_the_pod_unready() -> None:
     assert body["processes"][1] == {"process": 1, "ready": False, "state": "not answering"}
     ready, body = combine_readiness([None, None])
     assert not ready and body["jobs"] == "no answer"
+
+
+def test_process_counts_below_one_are_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from tokenwire.cli import app
+
+    runner = CliRunner()
+    flag = runner.invoke(app, ["gateway", "--workers", "0"])
+    assert flag.exit_code == 2 and "--workers" in flag.output
+    monkeypatch.setenv("TOKENWIRE_WORKER_PROCESSES", "0")
+    monkeypatch.setenv("DIFY_API_KEY", "app-test")
+    setting = runner.invoke(app, ["worker"])
+    assert setting.exit_code == 2
+    assert "refusing to start: bad configuration: worker_processes" in setting.output
