@@ -120,6 +120,8 @@ def create_app(settings: Settings) -> Starlette:
             Route("/index.html", _file(web_dir / "index.html")),
             Route("/app.js", _file(web_dir / "app.js")),
             Route("/app.css", _file(web_dir / "app.css")),
+            # The embeddable widget (docs/widget.md): a classic script any site may load.
+            Route("/widget.js", _file(web_dir / "widget.js")),
             Mount("/sdk", StaticFiles(directory=web_dir / "sdk"), name="sdk"),
         ],
         lifespan=lifespan,

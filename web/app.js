@@ -494,16 +494,74 @@ function makeTrace(kind, title) {
 
 // --- the page ---------------------------------------------------------------------------
 
+// --- embedded by widget.js (?embed=1): title, accent, app and the token come from the host ---
+
+const embed = (() => {
+  const q = new URLSearchParams(location.search);
+  if (q.get('embed') !== '1' || window.parent === window) return null;
+  let parentOrigin = null;
+  try {
+    parentOrigin = new URL(q.get('parent') ?? '').origin;
+  } catch {
+    parentOrigin = null;
+  }
+  // Chromium and Safari say who really embeds us: a host lying about `parent` gets no token.
+  const real = location.ancestorOrigins?.[0];
+  if (!parentOrigin || parentOrigin === 'null' || (real && real !== parentOrigin)) return { broken: true };
+  return { parentOrigin, app: q.get('app'), title: q.get('title'), accent: q.get('accent'), token: q.get('token') === 'parent' };
+})();
+
+/** The host page's JWT, asked of widget.js by postMessage to its origin only. */
+function tokenFromParent() {
+  const nonce = crypto.randomUUID();
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => done(null, new Error('the host page gave no token within 10 s')), 10000);
+    function done(token, error) {
+      clearTimeout(timer);
+      window.removeEventListener('message', onMessage);
+      if (error) reject(error);
+      else resolve(token);
+    }
+    function onMessage(event) {
+      if (event.source !== window.parent || event.origin !== embed.parentOrigin) return;
+      const msg = event.data;
+      if (msg?.tokenwire !== 'token' || msg.nonce !== nonce) return;
+      if (typeof msg.token === 'string' && msg.token) done(msg.token);
+      else done(null, new Error(`the host page gave no token: ${msg.error ?? 'empty'}`));
+    }
+    window.addEventListener('message', onMessage);
+    window.parent.postMessage({ tokenwire: 'token?', nonce }, embed.parentOrigin);
+  });
+}
+
+if (embed && !embed.broken) {
+  document.body.classList.add('embed'); // a panel is phone-wide: the list sits behind ☰
+  if (embed.title) {
+    document.title = embed.title;
+    document.querySelector('.bar h1').textContent = embed.title;
+  }
+  if (embed.accent && CSS.supports('color', embed.accent)) document.documentElement.style.setProperty('--accent', embed.accent);
+  const close = $('embed-close');
+  close.hidden = false;
+  const askClose = () => window.parent.postMessage({ tokenwire: 'close' }, embed.parentOrigin);
+  close.addEventListener('click', askClose);
+  document.addEventListener('keydown', (event) => {
+    // Escape closes the panel, unless it closes something inside it (the list, a rename, a comment).
+    if (event.key !== 'Escape' || event.target.closest?.('#sidebar, .rename, .comment')) return;
+    askClose();
+  });
+}
+
 const connection = new Connection({
   user: userId(),
-  token: bearerToken() ? () => sessionStorage.getItem(TOKEN_KEY) : null,
+  token: embed?.token && !embed.broken ? tokenFromParent : bearerToken() ? () => sessionStorage.getItem(TOKEN_KEY) : null,
   autoConnect: false,
 });
 
 const page = {
   conversationId: null,
   turns: [],
-  app: localStorage.getItem(APP_KEY) || null, // null: the gateway's default app
+  app: (embed && !embed.broken ? embed.app : null) || localStorage.getItem(APP_KEY) || null, // null: the gateway's default app
   apps: [],
   params: null,
   features: { followups: false },
@@ -529,7 +587,7 @@ const page = {
     if (this.app && !names.includes(this.app)) this.app = null;
     appPicker.replaceChildren(...this.apps.map((a) => el('option', { value: a.app, text: `${a.name ?? a.app}${a.mode ? ` (${a.mode})` : ''}` })));
     appPicker.value = this.app ?? 'default';
-    $('app-picker-label').hidden = this.apps.length < 2;
+    $('app-picker-label').hidden = this.apps.length < 2 || Boolean(embed?.app);
     await this.loadApp();
   },
 

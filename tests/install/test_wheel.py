@@ -97,7 +97,7 @@ def test_the_wheel_holds_every_module_and_the_page_but_nothing_else(wheel: Path)
     }
     missing = sorted(m for m in modules if m not in names)
     assert not missing, f"modules the wheel leaves out: {missing}"
-    page = {"index.html", "app.js", "app.css", "sdk/tokenwire.js", "sdk/markdown.js"}
+    page = {"index.html", "app.js", "app.css", "widget.js", "sdk/tokenwire.js", "sdk/markdown.js"}
     assert {f"tokenwire/web/{name}" for name in page} <= names
     assert "tokenwire/web/sdk/tokenwire.d.ts" in names
     leaked = sorted(
@@ -114,7 +114,7 @@ def test_a_plain_wheel_serves_the_page_and_answers_over_the_socket(
     status, kind, body = get(port, "/")
     assert status == 200 and kind.startswith("text/html"), (status, kind)
     assert b"app.js" in body
-    for path in ("/app.js", "/app.css", "/sdk/tokenwire.js", "/sdk/markdown.js"):
+    for path in ("/app.js", "/app.css", "/widget.js", "/sdk/tokenwire.js", "/sdk/markdown.js"):
         status, kind, body = get(port, path)
         assert status == 200 and body, f"{path}: {status}"
     status, kind, sdk = get(port, "/sdk/tokenwire.js")
