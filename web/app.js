@@ -369,11 +369,11 @@ class Turn {
       const name = String(item.output_variable_name ?? item.variable ?? `field${i}`);
       const id = `hitl-${this.record.id}-${i}`;
       const preset = form.resolved_default_values?.[name] ?? item.default?.value ?? '';
-      const control = item.type === 'paragraph'
-        ? el('textarea', { id, name, rows: 3 })
-        : el('input', { id, name, type: item.type === 'number' ? 'number' : 'text' });
-      control.value = preset;
-      fields.push([name, control]);
+      const type = String(item.type ?? 'text-input');
+      const control = formControl(type, { id, name, options: item.options, required: item.required });
+      if (type !== 'file' && type !== 'file-list' && preset !== '' && preset != null) control.value = String(preset);
+      control.dataset.testid = `form-input-${name}`;
+      fields.push({ name, type, control });
       htmlForm.append(el('label', { for: id, text: item.label ?? name }), control);
     }
     const buttons = el('div', { class: 'actions' });
@@ -384,16 +384,20 @@ class Turn {
       }));
     }
     htmlForm.append(buttons);
-    htmlForm.addEventListener('submit', (event) => {
+    htmlForm.addEventListener('submit', async (event) => {
       event.preventDefault();
       const action = event.submitter?.value ?? form.actions?.[0]?.id;
-      const inputs = Object.fromEntries(fields.map(([name, control]) => [name, control.value]));
+      const buttonsOf = () => htmlForm.querySelectorAll('button');
+      for (const b of buttonsOf()) b.disabled = true;
       try {
+        // Files are uploaded first (as the run form's are); the answer carries their refs.
+        const inputs = {};
+        for (const { name, type, control } of fields) inputs[name] = await controlValue(type, control, true);
         request.answer(action, inputs);
-        for (const b of htmlForm.querySelectorAll('button')) b.disabled = true;
         this.formNote.textContent = 'Sent — the run continues…';
       } catch (error) {
-        this.formNote.textContent = `Could not answer: ${error.message}`;
+        for (const b of buttonsOf()) b.disabled = false;
+        this.formNote.textContent = `Could not answer: ${error.code ?? error.message}`;
       }
     });
     this.formNote = el('p', { class: 'muted', role: 'status' });
@@ -461,6 +465,39 @@ class Turn {
       this.workflow.update(this.steps.size, 'step');
     }
   }
+}
+
+/**
+ * One control for a Dify form field: the run form's `user_input_form` and a human-input form's
+ * `inputs` share the types (text-input, paragraph, select, number, file, file-list).
+ */
+function formControl(type, { id, name, options, required, maxLength }) {
+  let control;
+  if (type === 'paragraph') control = el('textarea', { id, rows: 3 });
+  else if (type === 'select') {
+    const choices = (Array.isArray(options) ? options : []).map((o) => (typeof o === 'object' && o ? String(o.value ?? o.label) : String(o)));
+    control = el('select', { id }, ...choices.map((o) => el('option', { value: o, text: o })));
+  } else if (type === 'number') control = el('input', { id, type: 'number', step: 'any' });
+  else if (type === 'file' || type === 'file-list') control = el('input', { id, type: 'file', multiple: type === 'file-list' });
+  else control = el('input', { id, type: 'text', maxlength: maxLength || null });
+  if (required) control.required = true;
+  control.name = name;
+  return control;
+}
+
+/** What a control sends: numbers as numbers, files uploaded (refs), undefined for "left empty". */
+async function controlValue(type, control, keepEmpty) {
+  if (type === 'file' || type === 'file-list') {
+    const refs = [];
+    for (const file of control.files ?? []) {
+      const up = await connection.upload(file, { ...page.appParams() });
+      refs.push(fileRef(file, up.id));
+    }
+    if (!refs.length) return keepEmpty && type === 'file-list' ? [] : undefined;
+    return type === 'file' ? refs[0] : refs;
+  }
+  if (type === 'number') return control.value === '' ? undefined : Number(control.value);
+  return control.value !== '' || keepEmpty ? control.value : undefined;
 }
 
 function labelled([label, value]) {
@@ -628,15 +665,8 @@ const page = {
       if (!spec) continue;
       const id = `input-${i}`;
       const label = el('label', { for: id, text: `${spec.label ?? spec.variable}${spec.required ? ' *' : ''}` });
-      let control;
-      if (type === 'paragraph') control = el('textarea', { id, rows: 3 });
-      else if (type === 'select') control = el('select', { id }, ...(spec.options ?? []).map((o) => el('option', { value: o, text: o })));
-      else if (type === 'number') control = el('input', { id, type: 'number' });
-      else if (type === 'file' || type === 'file-list') control = el('input', { id, type: 'file', multiple: type === 'file-list' });
-      else control = el('input', { id, type: 'text', maxlength: spec.max_length || null });
-      if (spec.required) control.required = true;
+      const control = formControl(type, { id, name: spec.variable, options: spec.options, required: spec.required, maxLength: spec.max_length });
       if (spec.default && type !== 'file' && type !== 'file-list') control.value = spec.default;
-      control.name = spec.variable;
       control.dataset.testid = `input-${spec.variable}`;
       this.inputControls.push({ type, spec, control });
       inputsFields.append(el('div', { class: 'field' }, label, control));
@@ -649,18 +679,8 @@ const page = {
   async collectInputs() {
     const inputs = {};
     for (const { type, spec, control } of this.inputControls ?? []) {
-      if (type === 'file' || type === 'file-list') {
-        const refs = [];
-        for (const file of control.files ?? []) {
-          const up = await connection.upload(file, { ...this.appParams() });
-          refs.push(fileRef(file, up.id));
-        }
-        if (refs.length) inputs[spec.variable] = type === 'file' ? refs[0] : refs;
-      } else if (type === 'number') {
-        if (control.value !== '') inputs[spec.variable] = Number(control.value);
-      } else if (control.value !== '' || spec.required) {
-        inputs[spec.variable] = control.value;
-      }
+      const value = await controlValue(type, control, spec.required);
+      if (value !== undefined) inputs[spec.variable] = value;
     }
     return inputs;
   },

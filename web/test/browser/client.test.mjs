@@ -320,6 +320,59 @@ describe('the web client at / (Chromium, tokenwire dev)', { timeout: 300000 }, (
     await context.close();
   });
 
+  test('human input beyond text: a select and a number in the form, answered by keyboard alone, reach Dify', async () => {
+    // The simulator's form has one paragraph; the gateway's real event gets two more fields on
+    // its way to the page (as a Dify form with a select and a number sends them).
+    const context = await browser.newContext({ viewport: { width: 1200, height: 820 } });
+    await context.addInitScript(() => localStorage.setItem('tokenwire.app', 'human'));
+    await context.routeWebSocket(/\/v1\/ws/, (ws) => {
+      const server = ws.connectToServer();
+      ws.onMessage((message) => server.send(message));
+      server.onMessage((message) => {
+        const frame = JSON.parse(String(message));
+        if (frame.type === 'event' && frame.event === 'human_input_required') {
+          const form = frame.data.data ?? frame.data; // the frame's data is Dify's whole event
+          form.inputs.push(
+            { type: 'select', output_variable_name: 'priority', options: ['low', 'normal', 'high'], default: { type: 'constant', selector: [], value: 'normal' } },
+            { type: 'number', output_variable_name: 'hours', default: { type: 'constant', selector: [], value: '' } },
+          );
+          form.resolved_default_values.priority = 'normal';
+        }
+        ws.send(JSON.stringify(frame));
+      });
+    });
+    const page = await context.newPage();
+    await page.goto(dev.url);
+    await page.waitForSelector('[data-testid=input-query]');
+    await page.focus('[data-testid=input-query]');
+    await page.keyboard.type('Rich form please');
+    await tabTo(page, '[data-testid=run]');
+    await page.keyboard.press('Enter');
+    await page.waitForSelector('[data-testid=human-input]:not([hidden])', { timeout: 30000 });
+    assert.equal(await page.evaluate(() => document.querySelector('[data-testid=form-input-priority]').tagName), 'SELECT');
+    assert.equal(await page.inputValue('[data-testid=form-input-priority]'), 'normal', 'the default is chosen');
+    assert.equal(await page.getAttribute('[data-testid=form-input-hours]', 'type'), 'number');
+
+    // Keyboard only from the transcript on: Tab to the comment, type, Tab to the select and
+    // move down one choice, Tab to the number and type it, Tab to Approve and press Space.
+    await tabTo(page, '[data-testid=form-input-comment]');
+    await page.keyboard.type('Urgent one');
+    await page.keyboard.press('Tab');
+    assert.equal(await page.evaluate(() => document.activeElement.dataset.testid), 'form-input-priority');
+    await page.keyboard.press('ArrowDown');
+    await page.keyboard.press('Tab');
+    await page.keyboard.type('2.5');
+    await tabTo(page, '[data-testid=form-action-approve]');
+    await page.keyboard.press('Space');
+    const got = await finished(page, 0, 60000);
+    assert.equal(got.state, 'done', got.status);
+    const submitted = (await sim('/_sim/calls')).filter((c) => c.method === 'POST' && c.path.startsWith('/v1/form/human_input/')).find((c) => c.body.inputs.comment === 'Urgent one');
+    assert.ok(submitted, 'the form was submitted to Dify');
+    assert.deepEqual(submitted.body.inputs, { comment: 'Urgent one', priority: 'high', hours: 2.5 });
+    assert.equal(submitted.body.action, 'approve');
+    await context.close();
+  });
+
   test('the app picker switches apps; a workflow shows its outputs, a completion its answer', async () => {
     const { page, context, log } = await openPage();
     await page.waitForSelector('[data-testid=app-picker]');
