@@ -26,6 +26,8 @@ name                              type       labels          what
                                                              error (NATS could not say or
                                                              replay: the request fails,
                                                              retryable, nothing is left)
+``stale_frames_total``            counter    —               frames of a fenced (older)
+                                                             delivery, dropped
 ``refusals_total``                counter    ``kind``        refused before any work: auth,
                                                              origin, rate_limit,
                                                              connection_limit, inflight_limit,
@@ -81,6 +83,7 @@ __all__ = [
     "RESUMES",
     "RESUME_OUTCOMES",
     "SERVER_FRAME_TYPES",
+    "STALE_FRAMES",
     "TTFT",
     "TTFT_BUCKETS",
     "connection_closed",
@@ -164,6 +167,11 @@ RESUMES: Final = Counter(
     "tokenwire_gateway_resumes",
     "Resume frames handled, by outcome (replayed, unknown, error).",
     ["outcome"],
+)
+STALE_FRAMES: Final = Counter(
+    "tokenwire_gateway_stale_frames",
+    "Request frames dropped because a newer delivery of the request fenced theirs out "
+    "(a worker that stalled past the ack wait and then published).",
 )
 REFUSALS: Final = Counter(
     "tokenwire_gateway_refusals",
@@ -256,6 +264,8 @@ def record(tally: Tally) -> None:
         connection_opened()
     elif metric is Metric.CLOSED:
         connection_closed(int(tally.label))
+    elif metric is Metric.STALE:
+        STALE_FRAMES.inc(tally.value)
 
 
 def exposition() -> bytes:

@@ -49,7 +49,7 @@ from shared.exceptions import (
     TokenwireError,
 )
 from shared.frames import Delta, End, ErrorFrame, Queued, Replace, Reset, ServerFrame, error_frame
-from shared.sequencing import SeqCounter
+from shared.sequencing import Generations, SeqCounter, Verdict
 from shared.state import TERMINAL, RequestMachine, RequestState, rebuild
 
 __all__ = [
@@ -104,25 +104,46 @@ class Kept:
     part_events: int = field(default=0, compare=False)
     part_text: int = field(default=0, compare=False)
 
+    #: The highest generation whose fence is kept (0: only the first delivery published).
+    gen: int = field(default=0, compare=False)
+
     @classmethod
     def of(cls, frames: Iterable[Mapping[str, Any]]) -> Kept:
-        """Fold kept frames, each seq once, in seq order (a frame kept twice, or kept out of
-        order after a leader change, counts once and in its place)."""
+        """Fold kept frames, given in the frames stream's order, by the generation rule
+        (:class:`~shared.sequencing.Generations`: a fenced delivery's frames do not count),
+        each seq once, in seq order (a frame kept twice, or kept out of order after a leader
+        change, counts once and in its place). Only the run of seqs without a gap counts: a
+        reader releases nothing past a missing seq, so the next delivery continues there."""
+        generations = Generations()
         by_seq: dict[int, Mapping[str, Any]] = {}
         for frame in frames:
-            seq = frame.get("seq")
-            if isinstance(seq, int) and not isinstance(seq, bool):
+            kind = str(frame.get("type"))
+            seq = frame.get("after" if kind == "fence" else "seq")
+            gen = frame.get("gen", 0)
+            if not isinstance(seq, int) or not _is_int(seq) or not _is_int(gen):
+                continue
+            verdict = generations.offer(kind, gen, seq)
+            if verdict is Verdict.FENCE:
+                by_seq = {s: f for s, f in by_seq.items() if s <= seq}
+            elif verdict is Verdict.COUNTS:
                 by_seq.setdefault(seq, frame)
-        ordered = [by_seq[seq] for seq in sorted(by_seq)]
+        last = 1  # the gateway's ``accepted``, kept or not
+        while last + 1 in by_seq:
+            last += 1
+        ordered = [by_seq[seq] for seq in range(2, last + 1)]
         machine = rebuild(str(f.get("type")) for f in ordered)
         waiting, events, text = _part_of(ordered)
         return cls(
-            machine.state, max(by_seq, default=1), _answer_of(ordered), waiting, events, text
+            machine.state, last, _answer_of(ordered), waiting, events, text, generations.gen
         )
 
     @property
     def closed(self) -> bool:
         return self.state in TERMINAL
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _part_of(frames: list[Mapping[str, Any]]) -> tuple[bool, int, int]:

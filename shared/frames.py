@@ -33,6 +33,7 @@ __all__ = [
     "End",
     "ErrorFrame",
     "Event",
+    "Fence",
     "FileRef",
     "Hello",
     "InputFrame",
@@ -51,7 +52,9 @@ __all__ = [
     "decode_server_frame",
     "encode",
     "error_frame",
+    "peek_frame",
     "peek_id_seq",
+    "with_gen",
 ]
 
 PROTOCOL_VERSION: Final = 1
@@ -180,6 +183,18 @@ class Result:
     type: Literal["result"] = "result"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Fence:
+    """A later delivery's first frame: from here on (in the frames stream's order) only frames
+    of generation ``gen`` count for request ``id``, and they continue after seq ``after``.
+    Never sent to a client (shared/sequencing.py ``Generations`` has the rule)."""
+
+    id: str
+    gen: int
+    after: int
+    type: Literal["fence"] = "fence"
+
+
 ServerFrame = (
     Hello
     | Accepted
@@ -193,6 +208,7 @@ ServerFrame = (
     | ErrorFrame
     | Pong
     | Result
+    | Fence
 )
 
 _SERVER_TYPES: dict[str, type[Any]] = {
@@ -208,6 +224,7 @@ _SERVER_TYPES: dict[str, type[Any]] = {
     "error": ErrorFrame,
     "pong": Pong,
     "result": Result,
+    "fence": Fence,
 }
 
 
@@ -245,6 +262,21 @@ def peek_id_seq(data: bytes) -> tuple[str, int, str]:
     """``(id, seq, type)`` of a request frame, for the gateway's ordering; nothing else."""
     obj = orjson.loads(data)
     return obj["id"], obj["seq"], obj["type"]
+
+
+def peek_frame(data: bytes) -> tuple[str, int, str, int]:
+    """``(id, seq, type, gen)`` of a request frame (a ``fence``'s seq is its ``after``; a frame
+    without ``gen`` is generation 0, the first delivery's)."""
+    obj = orjson.loads(data)
+    kind = obj["type"]
+    seq = obj["after"] if kind == "fence" else obj["seq"]
+    return obj["id"], seq, kind, obj.get("gen", 0)
+
+
+def with_gen(data: bytes, gen: int) -> bytes:
+    """A request frame's wire bytes stamped with its delivery's generation (``gen`` > 0 only:
+    the first delivery's frames carry none, so the hot path encodes nothing more)."""
+    return b"%s,\"gen\":%d}" % (data[:-1], gen)
 
 
 def error_frame(

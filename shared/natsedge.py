@@ -72,8 +72,10 @@ __all__ = [
     "nats_servers",
     "open_bucket",
     "publish_acked",
+    "publish_expecting",
     "purge_subject",
     "read_subject",
+    "read_subject_seqs",
     "respond",
     "stream_state",
     "stream_usage",
@@ -344,13 +346,21 @@ async def subject_count(js: JetStreamContext, stream: str, subject: str) -> int:
 
 async def read_subject(js: JetStreamContext, stream: str, subject: str) -> list[bytes]:
     """Every message ``stream`` keeps on ``subject``, oldest first (within 10 s)."""
+    return [data for _, data in await read_subject_seqs(js, stream, subject)]
+
+
+async def read_subject_seqs(
+    js: JetStreamContext, stream: str, subject: str
+) -> list[tuple[int, bytes]]:
+    """Every message ``stream`` keeps on ``subject`` with its stream sequence, in the stream's
+    order (within 10 s)."""
     if not await subject_count(js, stream, subject):
         return []
-    out: list[bytes] = []
+    out: list[tuple[int, bytes]] = []
     done = asyncio.Event()
 
     async def collect(msg: Msg) -> None:
-        out.append(msg.data)
+        out.append((msg.metadata.sequence.stream, msg.data))
         if msg.metadata.num_pending == 0:
             done.set()
 
@@ -396,6 +406,25 @@ async def publish_acked(js: JetStreamContext, subject: str, data: bytes, stream:
     """Publish into ``stream`` and wait for its acknowledgement; the message's sequence."""
     with map_nats_errors("store a message"):
         ack = await js.publish(subject, data, stream=stream, timeout=5.0)
+    return int(ack.seq)
+
+
+async def publish_expecting(
+    js: JetStreamContext, subject: str, data: bytes, stream: str, last_subject_seq: int
+) -> int | None:
+    """Store ``data`` only if the last message ``stream`` keeps on ``subject`` is
+    ``last_subject_seq`` (0: none): its sequence, or None when another came in between.
+
+    A refused publish still reaches core subscribers of ``subject``: readers must follow the
+    stream (its republish), not the subject, to ignore it."""
+    headers = {"Nats-Expected-Last-Subject-Sequence": str(last_subject_seq)}
+    with map_nats_errors("store a message after another"):
+        try:
+            ack = await js.publish(subject, data, stream=stream, timeout=5.0, headers=headers)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in _WRONG_LAST_SEQUENCE:
+                return None
+            raise
     return int(ack.seq)
 
 

@@ -52,19 +52,41 @@ class NatsBus:
         await self._flush()
         return [orjson.loads(data) for data in await self._read(subject)]
 
-    async def ensure_kept(self, subject: str, published: dict[int, bytes]) -> None:
+    async def read_kept(self, subject: str) -> tuple[list[dict[str, Any]], int]:
+        """Every frame kept for ``subject`` in the stream's order, and the last one's stream
+        sequence (what a fence is published after)."""
+        await self._flush()
+        kept = await natsedge.read_subject_seqs(self.js, FRAMES_STREAM, subject)
+        return [orjson.loads(data) for _, data in kept], (kept[-1][0] if kept else 0)
+
+    async def publish_fence(self, subject: str, data: bytes, after_stream_seq: int) -> bool:
+        stored = await natsedge.publish_expecting(
+            self.js, subject, data, FRAMES_STREAM, after_stream_seq
+        )
+        return stored is not None
+
+    async def ensure_kept(
+        self, subject: str, published: dict[int, bytes], *, gen: int = 0
+    ) -> None:
         """Publish again, with JetStream acks, any of ``published`` the frames stream lost.
 
         Cheap when nothing was lost: one stream-info call compares the subject's message count
-        with the highest seq. Duplicates are harmless: readers release each seq once.
+        with the highest seq (for the first delivery; a later one's subject also holds older
+        generations' frames, so it reads them). Duplicates are harmless: readers release each
+        seq once.
         """
         if not published:
             return
         await self._flush()
-        stored = await natsedge.subject_count(self.js, FRAMES_STREAM, subject)
-        if stored >= max(published):
-            return
-        kept = {orjson.loads(data)["seq"] for data in await self._read(subject)}
+        if not gen:
+            stored = await natsedge.subject_count(self.js, FRAMES_STREAM, subject)
+            if stored >= max(published):
+                return
+        kept = set()
+        for data in await self._read(subject):
+            frame = orjson.loads(data)
+            if frame.get("gen", 0) == gen and frame.get("type") != "fence":
+                kept.add(frame.get("seq"))
         for seq in sorted(set(published) - kept):
             with map_nats_errors("keep a frame again"):
                 await self.js.publish(subject, published[seq], stream=FRAMES_STREAM, timeout=5.0)
@@ -111,8 +133,8 @@ class NatsBus:
         with map_nats_errors("put the job back"):
             await self.js.publish(JOB_CONTINUE, job.to_bytes(), timeout=5.0, headers=headers)
 
-    async def take_lease(self, key: str, lease: str) -> None:
-        await self._put(lease_key(key), {"lease": lease})
+    async def take_lease(self, key: str, lease: str) -> int:
+        return await natsedge.kv_put(self.kv, lease_key(key), orjson.dumps({"lease": lease}))
 
     async def lease_holder(self, key: str) -> str | None:
         value = await self._get(lease_key(key))

@@ -32,6 +32,7 @@ name                             type       labels          what
 ``answer_tokens_total``          counter    —               completion tokens Dify reported
 ``resets_total``                 counter    —               ``reset`` frames sent
 ``stops_total``                  counter    —               stops this worker acted on
+``fenced_total``                 counter    —               deliveries fenced out by a newer one
 ``consumer_pending``             gauge      —               job consumer: jobs not yet delivered
 ``consumer_ack_pending``         gauge      —               job consumer: delivered, not yet acked
 ``queue_oldest_age_seconds``     gauge      —               age of the oldest job still stored
@@ -81,6 +82,7 @@ __all__ = [
     "DIFY_REQUESTS",
     "DRAINING",
     "ERROR_CODES",
+    "FENCED",
     "FRAMES_PUBLISHED",
     "JOBS",
     "JOBS_QUEUED",
@@ -101,6 +103,7 @@ __all__ = [
     "dify_error",
     "dify_response",
     "exposition",
+    "fenced",
     "frame_published",
     "job_finished",
     "job_queued",
@@ -214,6 +217,10 @@ ANSWER_TOKENS: Final = Counter(
 RESETS: Final = Counter(
     "tokenwire_worker_resets",
     "'reset' frames sent (an answer started again).",
+)
+FENCED: Final = Counter(
+    "tokenwire_worker_fenced",
+    "Deliveries that found a newer delivery of their job (a higher generation) and stopped.",
 )
 STOPS: Final = Counter(
     "tokenwire_worker_stops",
@@ -352,6 +359,10 @@ def answer_tokens(count: int) -> None:
 
 def reset_sent() -> None:
     RESETS.inc()
+
+
+def fenced() -> None:
+    FENCED.inc()
 
 
 def stop_acted() -> None:

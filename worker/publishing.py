@@ -26,7 +26,7 @@ from typing import Final
 from shared.coalesce import Coalescer
 from shared.delivery import Outcome, outcome_after
 from shared.exceptions import InternalError
-from shared.frames import End, ServerFrame, encode
+from shared.frames import End, ServerFrame, encode, with_gen
 from worker import metrics
 from worker.types import FrameStore
 
@@ -51,6 +51,9 @@ class Publisher:
         #: Set by the runner once it knows the request's last kept seq (the default: seq 1,
         #: the gateway's ``accepted``, no coalescing).
         self.coalescer = coalescer or Coalescer(1, interval_s=0.0)
+        #: The delivery's generation (worker/lease.py), stamped on every frame after the first
+        #: delivery's; set by the runner once its fence is kept.
+        self.gen = 0
         self.published: dict[int, bytes] = {}
         self.outcome = Outcome.COMPLETED
         self._unsent: deque[ServerFrame] = deque()
@@ -86,12 +89,12 @@ class Publisher:
         await self.flush()
         for wait in _KEPT_RETRIES_S:
             try:
-                await self.store.ensure_kept(self.subject, self.published)
+                await self.store.ensure_kept(self.subject, self.published, gen=self.gen)
                 return
             except InternalError as exc:
                 log.warning("frames not confirmed kept yet", extra={"error": str(exc)})
                 await asyncio.sleep(wait)
-        await self.store.ensure_kept(self.subject, self.published)
+        await self.store.ensure_kept(self.subject, self.published, gen=self.gen)
 
     # --- the timer -------------------------------------------------------------------------
 
@@ -138,7 +141,7 @@ class Publisher:
             unsent = self._unsent
             while unsent and not self._closed:
                 frame = unsent[0]
-                data = encode(frame)
+                data = encode(frame) if not self.gen else with_gen(encode(frame), self.gen)
                 await self.store.publish(self.subject, data)
                 unsent.popleft()
                 self._count(frame, data)

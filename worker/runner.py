@@ -71,12 +71,14 @@ from shared.delivery import (
 )
 from shared.dify_api import DifyIds
 from shared.exceptions import (
+    BusRetryable,
     CircuitOpen,
     DifyStreamCut,
     DifyUnavailable,
     InternalError,
     TokenwireError,
 )
+from shared.frames import Fence, encode
 from shared.human_input import Pause, PauseState
 from shared.jobs import Job
 from shared.logs import trace_id_var
@@ -116,6 +118,11 @@ class Running:
     #: This delivery's attempt (JetStream's delivery count plus operator replays).
     attempt: int = 1
 
+
+#: How often a redelivery reads and tries to store its fence before it sends the job back
+#: (each failure means a frame was kept meanwhile: the older delivery is still publishing).
+_FENCE_TRIES: Final = 50
+_FENCE_RETRY_S: Final = 0.1
 
 #: A run whose event stream keeps breaking (or that Dify cannot serve for now) is followed
 #: up to this many deliveries (of ``TOKENWIRE_JOB_MAX_ATTEMPTS``), then fails with that error.
@@ -218,7 +225,7 @@ class JobRunner:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await work
                 if running.lease.lost.is_set():
-                    log.warning("lease lost: another delivery owns this request; stopping")
+                    _fenced_out(None, running.lease.gen)
                     settlement = LEAVE  # the message belongs to the newer delivery now
                 else:
                     log.info("draining: job handed back to another worker")
@@ -262,15 +269,10 @@ class JobRunner:
             if redelivered:  # a run (or a chatflow) may wait for a human: then it is not ours
                 waiting = await self._still_waiting(job)
             if redelivered:
-                await running.lease.take()
-                # The reads a redelivery needs, at once (one round trip, not three).
-                kept_frames, ids, stop_recorded = await asyncio.gather(
-                    self.bus.kept_frames(job.reply),
-                    self.bus.load_ids(job.key),
-                    self.bus.stop_recorded(job.key),
-                )
-                kept = Kept.of(kept_frames)
-                ids = ids if kept_frames else None
+                fenced = await self._fence(running, await running.lease.take())
+                if fenced is None:
+                    return LEAVE  # a newer delivery fenced this one out already
+                kept, ids, stop_recorded = fenced
                 stop_recorded = stop_recorded and (not kept.closed or bool(job.replay))
             else:
                 # A first delivery: nothing kept yet; only a stop sent before it ran can matter
@@ -315,6 +317,41 @@ class JobRunner:
         except Exception as exc:
             log.exception("job failed inside tokenwire; sent back")
             return settlement_after_failure(exc)
+
+    async def _fence(self, running: Running, gen: int) -> tuple[Kept, DifyIds | None, bool] | None:
+        """Read where the request stands and store this delivery's fence right after the
+        frames read (shared/sequencing.py); from then on only this generation's frames count.
+        Returns the kept state, Dify's ids and whether a stop is recorded; None when a newer
+        delivery's fence is there (this one must not publish at all)."""
+        job = running.job
+        for _ in range(_FENCE_TRIES):
+            # The reads a redelivery needs, at once (one round trip, not three).
+            (frames, last), ids, stop_recorded = await asyncio.gather(
+                self.bus.read_kept(job.reply),
+                self.bus.load_ids(job.key),
+                self.bus.stop_recorded(job.key),
+            )
+            kept = Kept.of(frames)
+            ids = ids if frames else None
+            if kept.gen > gen:
+                _fenced_out(kept.gen, gen)
+                return None
+            if kept.gen == gen:  # ours is kept already (its acknowledgement was lost)
+                break
+            fence = encode(Fence(id=job.id, gen=gen, after=kept.last_seq))
+            try:
+                if await self.bus.publish_fence(job.reply, fence, last):
+                    break
+            except BusRetryable as exc:
+                log.info("fence not confirmed yet", extra={"error": str(exc)})
+            # Another frame was kept since the read (the older delivery still publishes, or
+            # the fence went in unacknowledged): read again.
+            await asyncio.sleep(_FENCE_RETRY_S)
+        else:
+            raise InternalError("could not fence the older delivery out; sent back")
+        running.publisher.gen = gen
+        log.info("fence kept", extra={"gen": gen, "after": kept.last_seq})
+        return kept, ids, stop_recorded
 
     async def _carry_out(
         self,
@@ -575,6 +612,17 @@ class JobRunner:
             extra={"attempt": attempt, "delay_s": round(decision.delay_s, 2)},
         )
         return Settlement(Settle.NAK, decision.delay_s)
+
+
+def _fenced_out(newer: int | None, gen: int) -> None:
+    """This delivery found a newer one of its job: it publishes nothing more and leaves the
+    message alone (whatever it still sent is dropped by every reader: its generation is
+    older)."""
+    metrics.fenced()
+    log.warning(
+        "fenced: a newer delivery owns this request; stopping without ack",
+        extra={"gen": gen, "newer_gen": newer if newer is not None else "?"},
+    )
 
 
 def _is_workflow(route: Route | None) -> bool:

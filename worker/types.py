@@ -49,8 +49,21 @@ class FrameStore(Protocol):
         """Every frame kept for ``subject``, oldest first (what the client may already hold)."""
         ...
 
-    async def ensure_kept(self, subject: str, published: dict[int, bytes]) -> None:
-        """Publish again, acknowledged, any of ``published`` (by seq) that is not kept."""
+    async def read_kept(self, subject: str) -> tuple[list[dict[str, Any]], int]:
+        """Every frame kept for ``subject`` in the stream's order, and the stream sequence of
+        the last one (0: none), which a fence must follow (``publish_fence``)."""
+        ...
+
+    async def publish_fence(self, subject: str, data: bytes, after_stream_seq: int) -> bool:
+        """Store a fence right after stream message ``after_stream_seq`` of ``subject``;
+        False when another frame was kept in between (read again, then retry)."""
+        ...
+
+    async def ensure_kept(
+        self, subject: str, published: dict[int, bytes], *, gen: int = 0
+    ) -> None:
+        """Publish again, acknowledged, any of ``published`` (by seq, of generation ``gen``)
+        that is not kept."""
         ...
 
 
@@ -66,7 +79,10 @@ class RequestRecords(Protocol):
 class LeaseStore(Protocol):
     """Who owns a request (the lease that a redelivery takes)."""
 
-    async def take_lease(self, key: str, lease: str) -> None: ...
+    async def take_lease(self, key: str, lease: str) -> int:
+        """Write the lease; its KV revision, the new delivery's generation (monotonic)."""
+        ...
+
     async def lease_holder(self, key: str) -> str | None: ...
 
 

@@ -39,6 +39,10 @@ class FakeBus:
         self.statuses: dict[str, dict[str, Any]] = {}
         self.dead: list[tuple[str, str, int]] = []
         self.leases: dict[str, str] = {}
+        #: The lease bucket's revision: every lease taken gets the next (a generation).
+        self.revision = 0
+        #: How many of the next fences find another frame kept in between (a stale worker).
+        self.fence_races = 0
 
     def seed(self, subject: str, frames: Iterable[dict[str, Any]]) -> None:
         """Frames an earlier delivery published: seen live, and kept."""
@@ -55,16 +59,37 @@ class FakeBus:
     async def kept_frames(self, subject: str) -> list[dict[str, Any]]:
         return [orjson.loads(data) for data in self.kept.get(subject, [])]
 
-    async def ensure_kept(self, subject: str, published: dict[int, bytes]) -> None:
+    async def read_kept(self, subject: str) -> tuple[list[dict[str, Any]], int]:
+        # A stream sequence here is a frame's place in its subject (1, 2, …): all a fence needs.
+        stored = self.kept.get(subject, [])
+        return [orjson.loads(data) for data in stored], len(stored)
+
+    async def publish_fence(self, subject: str, data: bytes, after_stream_seq: int) -> bool:
+        stored = self.kept.setdefault(subject, [])
+        if self.fence_races > 0:
+            self.fence_races -= 1
+            stored.append(orjson.dumps({"type": "delta", "id": "?", "seq": 10**6, "text": "x"}))
+        if len(stored) != after_stream_seq:
+            return False
+        stored.append(data)  # kept, never shown to a client (the gateway drops it)
+        return True
+
+    async def ensure_kept(
+        self, subject: str, published: dict[int, bytes], *, gen: int = 0
+    ) -> None:
         if not published:
             return
         if self.unconfirmed > 0:
             self.unconfirmed -= 1
             raise BusRetryable("cannot check the kept frames: NATS has no answer yet")
         stored = self.kept.setdefault(subject, [])
-        if len(stored) >= max(published):
+        if not gen and len(stored) >= max(published):
             return
-        have = {orjson.loads(data)["seq"] for data in stored}
+        have = {
+            f.get("seq")
+            for f in map(orjson.loads, stored)
+            if f.get("gen", 0) == gen and f["type"] != "fence"
+        }
         for seq in sorted(set(published) - have):
             stored.append(published[seq])
 
@@ -83,8 +108,10 @@ class FakeBus:
     async def dead_letter(self, job: Job, error: TokenwireError, attempts: int) -> None:
         self.dead.append((job.key, error.code.value, attempts))
 
-    async def take_lease(self, key: str, lease: str) -> None:
+    async def take_lease(self, key: str, lease: str) -> int:
         self.leases[key] = lease
+        self.revision += 1
+        return self.revision
 
     async def lease_holder(self, key: str) -> str | None:
         return self.leases.get(key)

@@ -29,6 +29,7 @@ GATEWAY_FAMILIES = {
     "tokenwire_gateway_refusals": ("counter", {"kind"}),
     "tokenwire_gateway_draining": ("gauge", set()),
     "tokenwire_gateway_nats_connected": ("gauge", set()),
+    "tokenwire_gateway_stale_frames": ("counter", set()),
 }
 WORKER_FAMILIES = {
     "tokenwire_worker_jobs_received": ("counter", set()),
@@ -46,6 +47,7 @@ WORKER_FAMILIES = {
     "tokenwire_worker_answer_tokens": ("counter", set()),
     "tokenwire_worker_resets": ("counter", set()),
     "tokenwire_worker_stops": ("counter", set()),
+    "tokenwire_worker_fenced": ("counter", set()),
     "tokenwire_worker_consumer_pending": ("gauge", set()),
     "tokenwire_worker_consumer_ack_pending": ("gauge", set()),
     "tokenwire_worker_queue_oldest_age_seconds": ("gauge", set()),
