@@ -27,6 +27,7 @@ from shared import natsedge
 from shared.exceptions import BusRetryable, BusUnavailable, TokenwireError
 from shared.jobs import Job
 from shared.natsedge import KvEntry, map_nats_errors
+from shared.session import StreamPosition
 from shared.settings import Settings
 from shared.subjects import (
     CALLS_SUBJECT,
@@ -41,7 +42,14 @@ from shared.subjects import (
 )
 from shared.topology import connection_bucket_config, rate_bucket_config, upload_stream_config
 
-__all__ = ["LIMITS_TIMEOUT_S", "FrameHandler", "GatewayBus", "KvEntry", "map_nats_errors"]
+__all__ = [
+    "LIMITS_TIMEOUT_S",
+    "FrameHandler",
+    "GatewayBus",
+    "KvEntry",
+    "live_position",
+    "map_nats_errors",
+]
 
 log = logging.getLogger("tokenwire.gateway")
 
@@ -241,6 +249,18 @@ class GatewayBus:
                 ordered_consumer=True,
                 deliver_policy=DeliverPolicy.ALL,
             )
+
+
+def live_position(msg: Msg) -> StreamPosition | None:
+    """Where a live frame (the frames stream's republish) sits in the stream: its
+    ``Nats-Sequence`` and the subject's previous one, ``Nats-Last-Sequence``; None without them."""
+    headers = msg.headers
+    if not headers:
+        return None
+    try:
+        return StreamPosition(int(headers["Nats-Sequence"]), int(headers["Nats-Last-Sequence"]))
+    except (KeyError, ValueError):
+        return None
 
 
 async def _log_error(exc: Exception) -> None:

@@ -40,7 +40,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from gateway import metrics
 from gateway.auth import Authenticator, Identity
-from gateway.bus import GatewayBus
+from gateway.bus import GatewayBus, live_position
 from gateway.limits import LocalConnections, RequestRate
 from gateway.outbox import Outbox
 from shared.calls import CallRequest, decode_reply, encode_call
@@ -64,6 +64,7 @@ from shared.session import (
     StartReplay,
     StopReplay,
     StoreJob,
+    StreamPosition,
     SubmitInput,
     SubscribeConnection,
     Tally,
@@ -236,16 +237,20 @@ class Connection:
     # --- frames from NATS -------------------------------------------------------------------
 
     async def _on_frame(self, msg: Msg) -> None:
-        if self.outbox.busy:
-            # NATS hands over whole bursts without yielding; let the writer drain into the
-            # socket first, so that only a client that does not read overflows the queue.
-            await asyncio.sleep(0)
-        self._dispatch(self.session.receive_bus(msg.data, _now()))
+        """A live frame: the frames stream's republish, with its place in the stream."""
+        await self._feed(msg, live_position(msg))
 
     async def _on_replayed_frame(self, msg: Msg) -> None:
         """A kept frame being replayed: unlike live frames, a replay waits for the client."""
         await self.outbox.wait_for_room(lambda: self.session.state is ConnectionState.OPEN)
-        await self._on_frame(msg)
+        await self._feed(msg, StreamPosition(msg.metadata.sequence.stream))
+
+    async def _feed(self, msg: Msg, position: StreamPosition | None) -> None:
+        if self.outbox.busy:
+            # NATS hands over whole bursts without yielding; let the writer drain into the
+            # socket first, so that only a client that does not read overflows the queue.
+            await asyncio.sleep(0)
+        self._dispatch(self.session.receive_bus(msg.data, _now(), position))
 
     # --- carrying out commands ------------------------------------------------------------
 

@@ -133,9 +133,7 @@ class Kept:
         ordered = [by_seq[seq] for seq in range(2, last + 1)]
         machine = rebuild(str(f.get("type")) for f in ordered)
         waiting, events, text = _part_of(ordered)
-        return cls(
-            machine.state, last, _answer_of(ordered), waiting, events, text, generations.gen
-        )
+        return cls(machine.state, last, _answer_of(ordered), waiting, events, text, generations.gen)
 
     @property
     def closed(self) -> bool:

@@ -187,7 +187,8 @@ class Result:
 class Fence:
     """A later delivery's first frame: from here on (in the frames stream's order) only frames
     of generation ``gen`` count for request ``id``, and they continue after seq ``after``.
-    Never sent to a client (shared/sequencing.py ``Generations`` has the rule)."""
+    Stored in the frames stream, never sent to a client, so not a :data:`ServerFrame`
+    (shared/sequencing.py ``Generations`` has the rule)."""
 
     id: str
     gen: int
@@ -208,7 +209,6 @@ ServerFrame = (
     | ErrorFrame
     | Pong
     | Result
-    | Fence
 )
 
 _SERVER_TYPES: dict[str, type[Any]] = {
@@ -224,12 +224,11 @@ _SERVER_TYPES: dict[str, type[Any]] = {
     "error": ErrorFrame,
     "pong": Pong,
     "result": Result,
-    "fence": Fence,
 }
 
 
-def encode(frame: ServerFrame) -> bytes:
-    """The wire bytes of a server frame (one JSON object)."""
+def encode(frame: ServerFrame | Fence) -> bytes:
+    """The wire bytes of a server frame (one JSON object), or of a fence (bus only)."""
     if isinstance(frame, ErrorFrame):
         obj: dict[str, Any] = {
             "type": "error",
@@ -276,7 +275,7 @@ def peek_frame(data: bytes) -> tuple[str, int, str, int]:
 def with_gen(data: bytes, gen: int) -> bytes:
     """A request frame's wire bytes stamped with its delivery's generation (``gen`` > 0 only:
     the first delivery's frames carry none, so the hot path encodes nothing more)."""
-    return b"%s,\"gen\":%d}" % (data[:-1], gen)
+    return b'%s,"gen":%d}' % (data[:-1], gen)
 
 
 def error_frame(

@@ -41,7 +41,14 @@ from faststream.nats.security import (
 )
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.api import DeliverPolicy, KeyValueConfig, RawStreamMsg, StreamConfig, StreamState
+from nats.js.api import (
+    DeliverPolicy,
+    KeyValueConfig,
+    RawStreamMsg,
+    RePublish,
+    StreamConfig,
+    StreamState,
+)
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
@@ -186,7 +193,7 @@ async def connect(settings: Settings, *, name: str, **options: Any) -> Client:
 async def declare_streams(js: JetStreamContext, settings: Settings) -> None:
     """Create every stream of ``shared/topology.py``, or update it to the current settings."""
     for spec in stream_configs(settings):
-        config = StreamConfig(**spec)
+        config = _stream_config(spec)
         with map_nats_errors("declare the streams"):
             try:
                 await js.add_stream(config=config)
@@ -196,12 +203,19 @@ async def declare_streams(js: JetStreamContext, settings: Settings) -> None:
 
 async def ensure_stream(js: JetStreamContext, spec: dict[str, Any]) -> None:
     """Create one stream of ``shared/topology.py`` (or update it to ``spec``)."""
-    config = StreamConfig(**spec)
+    config = _stream_config(spec)
     with map_nats_errors("declare a stream"):
         try:
             await js.add_stream(config=config)
         except nats.js.errors.BadRequestError:
             await js.update_stream(config=config)
+
+
+def _stream_config(spec: dict[str, Any]) -> StreamConfig:
+    republish = spec.get("republish")
+    if isinstance(republish, dict):
+        spec = spec | {"republish": RePublish(**republish)}
+    return StreamConfig(**spec)
 
 
 async def ensure_topology(js: JetStreamContext, settings: Settings) -> KeyValue:

@@ -96,11 +96,11 @@ from shared.frames import (
     decode_client_frame,
     encode,
     error_frame,
-    peek_id_seq,
+    peek_frame,
 )
 from shared.jobs import Job
 from shared.ratelimit import BucketState, Rate, take
-from shared.sequencing import Reorderer, SequenceGap
+from shared.sequencing import Generations, Reorderer, SequenceGap, Verdict
 from shared.subjects import request_frames, request_key
 
 if TYPE_CHECKING:
@@ -133,6 +133,7 @@ __all__ = [
     "StartReplay",
     "StopReplay",
     "StoreJob",
+    "StreamPosition",
     "SubmitInput",
     "SubscribeConnection",
     "Tally",
@@ -328,6 +329,7 @@ class Metric(StrEnum):
     FINISHED = "finished"
     TTFT = "ttft"
     RESUME = "resume"
+    STALE = "stale"  # a fenced (older) delivery's frame, dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,6 +410,19 @@ class SessionConfig:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class StreamPosition:
+    """Where a frame from the bus sits in the frames stream (its stream sequence ``seq``).
+
+    ``previous`` is the stream sequence of the request subject's message before it, for a
+    frame of the live path (the stream's republish: ``Nats-Last-Sequence``); None for a frame
+    of a replay (an ordered consumer, gapless by construction). With it the session reads each
+    request's frames exactly in the stream's order, once, whichever way they come."""
+
+    seq: int
+    previous: int | None = None
+
+
 class ReplayPurpose(Enum):
     RESUME = "resume"  # the client asked for it
     DUPLICATE = "duplicate"  # a chat JetStream already held: answered from its kept frames
@@ -434,6 +449,11 @@ class RequestView:
     catch_up_delay: float = GAP_WAIT_S
     # When `accepted` went out, until the first `delta` (time to first token).
     accepted_at: float | None = None
+    # The stream sequence of the last frame read (0: none yet), and the generation rule
+    # applied to the frames in that order (shared/sequencing.py).
+    stream_seq: int = 0
+    generations: Generations = field(default_factory=Generations)
+    stale_seen: bool = False
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -1047,19 +1067,48 @@ class Session:
 
     # --- frames from workers ------------------------------------------------------------
 
-    def receive_bus(self, data: bytes, now: float) -> list[Command]:
-        """A request frame from NATS, live or replayed (the reorderer drops what was sent)."""
+    def receive_bus(
+        self, data: bytes, now: float, position: StreamPosition | None = None
+    ) -> list[Command]:
+        """A request frame from NATS, live or replayed, at ``position`` in the frames stream
+        (None: unknown, taken as it comes). Each request's frames are read in the stream's
+        order, once; the generation rule drops a fenced delivery's frames; the reorderer
+        drops a seq already sent."""
         if self.state is not ConnectionState.OPEN:
             return []
         try:
-            request_id, seq, kind = peek_id_seq(data)
+            request_id, seq, kind, gen = peek_frame(data)
         except (ValueError, KeyError, TypeError):
             return [Log(logging.WARNING, "dropping a malformed frame from NATS")]
-        if not isinstance(request_id, str) or not isinstance(seq, int) or not isinstance(kind, str):
+        if not (
+            isinstance(request_id, str)
+            and isinstance(seq, int)
+            and isinstance(kind, str)
+            and isinstance(gen, int)
+        ):
             return [Log(logging.WARNING, "dropping a malformed frame from NATS")]
         view = self.requests.get(request_id)
         if view is None:
             return []
+        if position is not None:
+            if position.seq <= view.stream_seq:
+                return []  # read already (live and replayed, or kept twice)
+            if position.previous is not None:
+                if view.replay is not None:
+                    return []  # the replay reads the stream, this frame too, in order
+                if position.previous != view.stream_seq:
+                    return self._missed(view)
+            view.stream_seq = position.seq
+        verdict = view.generations.offer(kind, gen, seq)
+        if verdict is Verdict.STALE:
+            return self._stale(view)
+        if verdict is Verdict.EARLY:
+            if position is not None and position.previous is None:
+                # The stream itself no longer holds the fence (expired): never guess.
+                return self._fail(view, UnknownRequest(f"request {request_id!r} has expired"), now)
+            return self._missed(view)
+        if verdict is Verdict.FENCE:
+            return self._fenced(view, seq, now)
         if view.awaiting_first:
             view.awaiting_first = False
             if seq > view.reorderer.next_seq:
@@ -1067,6 +1116,52 @@ class Session:
                 # answer as if it were whole.
                 return self._fail(view, UnknownRequest(f"request {request_id!r} has expired"), now)
         return self._release(view, seq, data, kind, now)
+
+    def _missed(self, view: RequestView) -> list[Command]:
+        """The live path skipped part of the request's stream: read it back from the stream
+        (the replay is then the request's one source, in order)."""
+        view.catch_up_always = True
+        if view.replay is not None or view.id in self._catch_ups:
+            return []  # a read-back runs, or is due: it brings this frame too
+        return [
+            Log(logging.WARNING, "frames missed on the live path: reading the request back"),
+            *self._start_replay(view, ReplayPurpose.CATCH_UP),
+        ]
+
+    def _stale(self, view: RequestView) -> list[Command]:
+        out: list[Command] = [Tally(Metric.STALE)]
+        if not view.stale_seen:
+            view.stale_seen = True
+            out.append(
+                Log(
+                    logging.WARNING,
+                    "dropping a fenced delivery's frames: a newer delivery answers the request",
+                    (("gen", str(view.generations.gen)),),
+                )
+            )
+        return out
+
+    def _fenced(self, view: RequestView, after: int, now: float) -> list[Command]:
+        """A newer delivery continues the request after seq ``after``: what waits past it is
+        an older delivery's and never counts. Having sent more than ``after`` cannot happen
+        with frames read in the stream's order; if it did, fail rather than send a seq twice."""
+        if view.reorderer.delivered > after:
+            exc = InternalError(
+                f"a newer delivery continues after seq {after}, "
+                f"but seq {view.reorderer.delivered} was sent"
+            )
+            return [Log(logging.ERROR, "fence behind what was sent"), *self._fail(view, exc, now)]
+        dropped = view.reorderer.discard_above(after)
+        out: list[Command] = [
+            Log(
+                logging.INFO,
+                "a newer delivery took the request over",
+                (("gen", str(view.generations.gen)), ("after", str(after))),
+            )
+        ]
+        if dropped:
+            out.append(Tally(Metric.STALE, value=float(dropped)))
+        return out
 
     def _release(
         self, view: RequestView, seq: int, data: bytes, kind: str, now: float

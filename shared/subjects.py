@@ -4,8 +4,12 @@ Layout::
 
     tw.jobs.chat                     chat jobs (stream TW_JOBS, work queue)
     tw.frames.<conn>.<key>           every frame of request <key>, addressed to connection <conn>
-                                     (stream TW_FRAMES keeps them for resume; the owning gateway
-                                     reads them live with one core subscription per connection)
+                                     (stream TW_FRAMES keeps them for resume)
+    tw.live.<conn>.<key>             the same frames as TW_FRAMES stored them, republished by the
+                                     stream in its order with their stream sequences (headers):
+                                     the owning gateway reads them live with one core
+                                     subscription per connection (a frame the stream refused,
+                                     such as a stale fence, never appears here)
     tw.ctl.stop.<key>                stop request <key> (every worker listens; the owner acts)
     tw.ctl.input                     a human's answer to the form a request waits on
                                      (request/reply, queue group ``tw-input``)
@@ -61,6 +65,7 @@ __all__ = [
     "JOB_CHAT",
     "JOB_CONSUMER",
     "JOB_CONTINUE",
+    "LIVE_ALL",
     "OWNERS_BUCKET",
     "RATES_BUCKET",
     "REQUESTS_BUCKET",
@@ -97,6 +102,8 @@ DEAD_CHAT = "tw.dead.chat"
 
 FRAMES_STREAM = "TW_FRAMES"
 FRAMES_ALL = "tw.frames.>"
+#: Where TW_FRAMES republishes what it stored (``tw.frames.X`` → ``tw.live.X``).
+LIVE_ALL = "tw.live.>"
 
 CONTROL_STOP_ALL = "tw.ctl.stop.*"
 INPUT_SUBJECT = "tw.ctl.input"
@@ -128,8 +135,9 @@ def new_connection_id() -> str:
 
 
 def connection_frames(conn: str) -> str:
-    """What the owning gateway subscribes to for one connection."""
-    return f"tw.frames.{conn}.*"
+    """What the owning gateway subscribes to for one connection: the stream's republish of
+    its frames, in the stream's order (shared/sequencing.py: the one order all readers share)."""
+    return f"tw.live.{conn}.*"
 
 
 def request_frames(conn: str, key: str) -> str:

@@ -11,7 +11,8 @@ chosen here, once, and explained in docs/operations.md:
   refused (``discard: new``), never stored ones dropped.
 * ``TW_FRAMES`` — limits retention with ``max_age`` = ``TOKENWIRE_FRAME_TTL_S``: every frame
   of every request, kept for ``resume``. Workers publish into it with core NATS (no per-token
-  ack round trip); the stream captures the subject.
+  ack round trip); the stream captures the subject and republishes what it stored on
+  ``tw.live.>``, the gateways' live path.
 * ``TW_DEAD`` — jobs that exhausted their attempts or age, with the last error in headers,
   kept ``TOKENWIRE_DEAD_LETTER_TTL_S`` for ``tokenwire jobs list/replay``.
 * ``tw_connections`` — one entry per open connection (a user's slot), ``ttl`` =
@@ -45,6 +46,7 @@ from shared.subjects import (
     JOB_CONSUMER,
     JOBS_ALL,
     JOBS_STREAM,
+    LIVE_ALL,
     OWNERS_BUCKET,
     RATES_BUCKET,
     REQUESTS_BUCKET,
@@ -92,6 +94,10 @@ def stream_configs(settings: Settings) -> list[dict[str, Any]]:
             "max_bytes": settings.frames_max_bytes,
             "discard": "old",
             "allow_direct": True,
+            # The gateways' live path: what the stream stored, in its order, with its stream
+            # sequences, so a gateway, a resume and a worker's read see one order (fencing:
+            # shared/sequencing.py) and a frame the stream refused never reaches a client.
+            "republish": {"src": FRAMES_ALL, "dest": LIVE_ALL},
         },
         {
             "name": DEAD_STREAM,

@@ -65,9 +65,7 @@ class NatsBus:
         )
         return stored is not None
 
-    async def ensure_kept(
-        self, subject: str, published: dict[int, bytes], *, gen: int = 0
-    ) -> None:
+    async def ensure_kept(self, subject: str, published: dict[int, bytes], *, gen: int = 0) -> None:
         """Publish again, with JetStream acks, any of ``published`` the frames stream lost.
 
         Cheap when nothing was lost: one stream-info call compares the subject's message count

@@ -59,9 +59,7 @@ class FrameStore(Protocol):
         False when another frame was kept in between (read again, then retry)."""
         ...
 
-    async def ensure_kept(
-        self, subject: str, published: dict[int, bytes], *, gen: int = 0
-    ) -> None:
+    async def ensure_kept(self, subject: str, published: dict[int, bytes], *, gen: int = 0) -> None:
         """Publish again, acknowledged, any of ``published`` (by seq, of generation ``gen``)
         that is not kept."""
         ...

@@ -74,9 +74,7 @@ class FakeBus:
         stored.append(data)  # kept, never shown to a client (the gateway drops it)
         return True
 
-    async def ensure_kept(
-        self, subject: str, published: dict[int, bytes], *, gen: int = 0
-    ) -> None:
+    async def ensure_kept(self, subject: str, published: dict[int, bytes], *, gen: int = 0) -> None:
         if not published:
             return
         if self.unconfirmed > 0:
