@@ -12,9 +12,11 @@ import asyncio
 import time
 from typing import Any
 
+import orjson
 import pytest
 
 from shared.breaker import CircuitBreaker
+from shared.delivery import Kept
 from shared.dify_api import DifyIds, HistoryMessage
 from shared.exceptions import (
     DifyRejected,
@@ -318,3 +320,27 @@ async def test_a_worker_dying_after_any_frame_is_finished_exactly_by_the_next(
     assert [f["type"] for f in seen].count("end") == 1 and seen[-1]["type"] == "end"
     assert answer_of(seen) == "The quick brown fox" and msg.settled == [("ack", None)]
     assert dify.calls == (1 if died_after == 0 else 0)
+
+
+async def test_a_redelivery_fences_first_then_stamps_its_generation_on_every_frame() -> None:
+    bus, msg = FakeBus(), Msg()
+    bus.seed(SUBJECT, HELD)
+    bus.ids["k1"] = DifyIds("t1", "m1", "c1")
+    dify = FakeDify(ANSWER)
+    dify.history = HistoryMessage(answer="Hello", status="normal", retriever_resources=[])
+    bus.fence_races = 2  # the older delivery kept frames meanwhile: read again, twice
+    await runner(bus, dify).run(job(), msg, delivered=2)
+    kept = [orjson.loads(d) for d in bus.kept[SUBJECT]]
+    (fence,) = [f for f in kept if f["type"] == "fence"]
+    gen = bus.revision
+    assert (fence["gen"], fence["after"]) == (gen, 3)
+    after = kept[kept.index(fence) + 1 :]
+    assert after and all(f["gen"] == gen for f in after)
+    assert Kept.of(kept).answer == "Hello" and msg.settled == [("ack", None)]
+
+
+async def test_a_delivery_that_finds_a_newer_fence_publishes_nothing_and_leaves_the_job() -> None:
+    bus, msg = FakeBus(), Msg()
+    bus.seed(SUBJECT, [*HELD, {"id": "r1", "type": "fence", "gen": 10**9, "after": 3}])
+    await runner(bus, FakeDify(ANSWER)).run(job(), msg, delivered=2)
+    assert len(bus.frames) == 4 and msg.settled == []
