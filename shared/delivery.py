@@ -4,8 +4,10 @@ How this works. A job can reach a worker many times (a worker died, drained, or 
 so each delivery first finds out where the request stands and then asks this module what to do.
 ``worker/runner.py`` gathers the facts, calls these functions, and carries out their answers:
 
-1. :meth:`Kept.of` folds the frames an earlier delivery published (what the client may hold)
-   into the request's state, its last ``seq`` and the answer so far.
+1. :meth:`Kept.of` folds the frames earlier deliveries published (what the client may hold),
+   in the stream's order and by the generation rule (shared/sequencing.py: a fenced
+   delivery's frames do not count), into the request's state, its last ``seq``, the answer
+   so far and the newest generation kept.
 2. :func:`plan` picks the first move from that, Dify's recorded ids, the replay flag and a
    recorded stop::
 
