@@ -453,6 +453,9 @@ class RequestView:
     # applied to the frames in that order (shared/sequencing.py).
     stream_seq: int = 0
     generations: Generations = field(default_factory=Generations)
+    # The seq a ``resume`` said the client holds (its replay starts at the stream's start, so
+    # fences older than that come by: what the client holds is not this view's doing).
+    resumed_after: int = 0
     stale_seen: bool = False
 
 
@@ -966,6 +969,7 @@ class Session:
             key=request_key(self.user, frame.id),
             reorderer=self._reorderer(frame.after + 1),
             awaiting_first=True,
+            resumed_after=frame.after,
         )
         self.requests[frame.id] = view
         return self._start_replay(view, ReplayPurpose.RESUME)
@@ -1144,8 +1148,9 @@ class Session:
     def _fenced(self, view: RequestView, after: int, now: float) -> list[Command]:
         """A newer delivery continues the request after seq ``after``: what waits past it is
         an older delivery's and never counts. Having sent more than ``after`` cannot happen
-        with frames read in the stream's order; if it did, fail rather than send a seq twice."""
-        if view.reorderer.delivered > after:
+        with frames read in the stream's order (a resumed view's older fences come before what
+        the client already held); if it did, fail rather than send a seq twice."""
+        if view.reorderer.delivered > max(after, view.resumed_after):
             exc = InternalError(
                 f"a newer delivery continues after seq {after}, "
                 f"but seq {view.reorderer.delivered} was sent"

@@ -101,14 +101,14 @@ def _live(stream: list[bytes], missed: int | None = None) -> list[dict[str, Any]
     return out
 
 
-def _resumed(stream: list[bytes]) -> list[dict[str, Any]]:
-    """Another connection's ``resume`` from 0: an ordered consumer over the stream."""
+def _resumed(stream: list[bytes], after: int = 0) -> list[dict[str, Any]]:
+    """Another connection's ``resume`` from ``after``: an ordered consumer over the stream."""
     session = Session(
         SessionConfig(frame_rate="1000/s"), conn_id="other", user=USER, now=0.0, expires_at=None
     )
     session.start()
     session.subscribed()
-    session.receive_client(client({"type": "resume", "id": RID, "after": 0}), 0.0)
+    session.receive_client(client({"type": "resume", "id": RID, "after": after}), 0.0)
     replay = one(session.looked_up(RID, found=True), StartReplay)
     session.replay_started(replay.serial)
     out: list[dict[str, Any]] = []
@@ -142,6 +142,8 @@ def test_every_reader_ends_with_the_newer_generations_exact_answer(
     assert seqs == list(range(1, len(live) + 1)), seqs
     assert live[-1]["type"] == "end" and _text(live) == answer
     assert _plain(_resumed(stream)) == _plain(live)
+    held = data.draw(st.integers(1, len(live) - 1), label="held")  # a client back mid-answer
+    assert _plain(_resumed(stream, held)) == _plain(live[held:])
     # A lost message shows when the next one arrives (the last one: only by its absence).
     missed = data.draw(st.integers(2, len(stream) - 1), label="missed")
     assert _plain(_live(stream, missed)) == _plain(live)
