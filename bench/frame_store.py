@@ -59,6 +59,7 @@ from nats.js.client import JetStreamContext
 
 from bench.report import machine_info
 from bench.stats import ForeignLoad, cpu_seconds, machine_jiffies, percentile
+from bench.system import rss_kib
 from shared.frames import Delta, encode
 from shared.natsedge import ensure_stream
 from shared.settings import Settings
@@ -406,6 +407,7 @@ class _Bench:
             "leader": leader,
             "server_cpu_pct": cpu,
             "server_cpu_us_per_msg": per_msg,
+            "server_rss_mib": {s.server_name: rss_kib(s.pid) / 1024 for s in self.servers if s.pid},
             "publisher_cpu_pct": 100 * (last.publishers - first.publishers) / window_s,
             "machine_busy_pct": 100 * busy / total,
             "foreign_cpu_pct": foreign_pct,
