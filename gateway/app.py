@@ -67,6 +67,7 @@ def create_app(settings: Settings) -> Starlette:
         yield
         state["draining"] = True
         refresher.cancel()
+        edge.sweep.stop()
         await edge.auth.close()
         await bus.close()
         _flush_traces()

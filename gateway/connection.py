@@ -16,8 +16,9 @@ which code, what to count) is the session's; this module only moves bytes and aw
 * **Calls** (``call`` frames): the session checks them and their rate; the pump sends each to
   a worker over NATS request/reply in the background (a slow call never holds the reader up)
   and feeds back its answer or its error.
-* **A timer** feeds the clock at the session's next deadline (token expiry, idleness, a
-  request to read back from the stream).
+* **The clock**: the gateway's one sweep task (``gateway/sweep.py``) calls :meth:`Connection.due`
+  at the session's next deadline (token expiry, idleness, a request to read back from the
+  stream); a connection holds no timer task of its own.
 * **Closing** follows the session's states: while ``draining`` the outbox gets up to
   ``FLUSH_TIMEOUT_S`` to let queued frames out, then the close frame goes (at most
   :data:`CLOSE_TIMEOUT_S`), then the session hears it is ``closed``.
@@ -31,7 +32,7 @@ import logging
 import secrets
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -43,6 +44,7 @@ from gateway.auth import Authenticator, Identity
 from gateway.bus import GatewayBus, live_position
 from gateway.limits import LocalConnections, RequestRate
 from gateway.outbox import Outbox
+from gateway.sweep import Sweep
 from shared.calls import CallRequest, decode_reply, encode_call
 from shared.exceptions import CloseCode, TokenwireError
 from shared.human_input import InputRequest, decode_input_reply
@@ -81,8 +83,6 @@ tracer = trace.get_tracer("tokenwire.gateway")
 
 # How long the final close may wait for a client that does not read (then the socket just ends).
 CLOSE_TIMEOUT_S = 10.0
-# The shortest sleep of the timer: a deadline in the past is handled, never spun on.
-_MIN_WAKE_S = 0.005
 
 _SYNC = (Send, Tally, Log, Close)
 # How long an answer to a form may take a worker (one KV read and one Dify call).
@@ -91,13 +91,15 @@ _INPUT_TIMEOUT_S = 20.0
 
 @dataclass(frozen=True, slots=True)
 class Edge:
-    """What every connection of a gateway shares: token checks and the limits."""
+    """What every connection of a gateway shares: token checks, the limits, the clock."""
 
     auth: Authenticator
     rates: RequestRate
     local: LocalConnections
     #: The per-user rate of ``call`` frames (None: calls are not rate-limited).
     call_rates: RequestRate | None = None
+    #: Feeds every connection's session the clock at its deadlines (one task per gateway).
+    sweep: Sweep = field(default_factory=Sweep)
 
 
 def _now() -> float:
@@ -131,9 +133,9 @@ class Connection:
         )
         self.outbox = Outbox(ws, settings.send_queue_frames)
         self.call_timeout_s = settings.call_timeout_s
-        self._closing = asyncio.Event()
-        self._rearm = asyncio.Event()  # the session's next deadline moved earlier
-        self._armed: float | None = None
+        # Done once the session decided to close (a future: an idle connection holds no task
+        # beyond its reader).
+        self._closing: asyncio.Future[None] | None = None
         self._overflowed = False
         self._background: set[asyncio.Task[None]] = set()
         self._sub: Any = None
@@ -158,7 +160,6 @@ class Connection:
 
     async def serve(self) -> None:
         """Run until the client leaves or the session closes the connection."""
-        self.outbox.start()
         tasks: list[asyncio.Task[Any]] = []
         try:
             await self._carry_out(self.session.start())
@@ -166,9 +167,8 @@ class Connection:
                 self.edge.local.add(self.user, self)
                 self.bus.reconnect_hooks.add(self.on_bus_reconnected)
                 reader = asyncio.create_task(self._reader())
-                tasks = [reader, asyncio.create_task(self._timer())]
-                closing = asyncio.create_task(self._closing.wait())
-                tasks.append(closing)
+                tasks = [reader]
+                closing = self._closing = asyncio.get_running_loop().create_future()
                 await asyncio.wait({reader, closing}, return_when=asyncio.FIRST_COMPLETED)
                 if reader.done() and not reader.cancelled() and reader.exception() is not None:
                     log.error("connection failed", exc_info=reader.exception())
@@ -192,6 +192,7 @@ class Connection:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.ws.close(code=code), CLOSE_TIMEOUT_S)
                 await self._carry_out(self.session.closed())
+            self.edge.sweep.disarm(self)
 
     async def _let_go(self) -> None:
         """Unsubscribe whatever is still held (the session asked already; this is the net)."""
@@ -218,21 +219,13 @@ class Connection:
             inflight = self.edge.local.inflight(self.user)
             await self._carry_out(self.session.receive_client(data, _now(), user_inflight=inflight))
 
-    async def _timer(self) -> None:
-        """Feed the clock whenever the session has something due."""
-        while True:
-            deadline = self._armed = self.session.next_deadline()
-            self._rearm.clear()
-            timeout = None if deadline is None else max(deadline - _now(), _MIN_WAKE_S)
-            try:
-                await asyncio.wait_for(self._rearm.wait(), timeout)
-            except TimeoutError:
-                try:
-                    self._dispatch(self.session.tick(_now()))
-                except Exception:
-                    log.exception("connection failed", extra=self._log_extra)
-                    self._dispatch(self.session.fail())
-                    return
+    def due(self, now: float) -> None:
+        """The gateway's sweep: the session's deadline has come (``gateway/sweep.py``)."""
+        try:
+            self._dispatch(self.session.tick(now))
+        except Exception:
+            log.exception("connection failed", extra=self._log_extra)
+            self._dispatch(self.session.fail())
 
     # --- frames from NATS -------------------------------------------------------------------
 
@@ -255,7 +248,7 @@ class Connection:
     # --- carrying out commands ------------------------------------------------------------
 
     def _dispatch(self, commands: list[Command]) -> None:
-        """From a callback or the timer: do the quick commands now, the I/O in the background."""
+        """From a callback or the sweep: do the quick commands now, the I/O in the background."""
         io: list[Command] = []
         for command in commands:
             if isinstance(command, _SYNC):
@@ -283,7 +276,8 @@ class Connection:
         elif isinstance(command, Log):
             log.log(command.level, command.message, extra=self._log_extra | dict(command.fields))
         elif isinstance(command, Close):
-            self._closing.set()
+            if self._closing is not None and not self._closing.done():
+                self._closing.set_result(None)
             self.outbox.release()
 
     def _enqueue(self, command: Send) -> None:
@@ -413,11 +407,9 @@ class Connection:
         self._dispatch(self.session.input_answered(command.request_id, _now(), error))
 
     def _check_deadline(self) -> None:
-        """Wake the timer when the session's next deadline came earlier than it sleeps for."""
-        deadline = self.session.next_deadline()
-        if deadline is not None and (self._armed is None or deadline < self._armed):
-            self._armed = deadline
-            self._rearm.set()
+        """Tell the sweep the session's next deadline (it keeps it when it came earlier)."""
+        if self.session.state is ConnectionState.OPEN:
+            self.edge.sweep.arm(self, self.session.next_deadline())
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run ``coro`` in the background, holding a reference until it is done."""
