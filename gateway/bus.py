@@ -134,6 +134,11 @@ class GatewayBus:
         """Compare-and-set: the new revision, or None if ``key`` changed since ``last``."""
         return await natsedge.kv_update(self._buckets[bucket], key, value, last)
 
+    async def kv_beat(self, bucket: str, key: str, value: bytes, ttl_s: float) -> None:
+        """Write ``key`` to expire ``ttl_s`` after this write (a gateway's liveness entry)."""
+        js = self.nc.jetstream(timeout=LIMITS_TIMEOUT_S) if self.nc is not None else self.js
+        await natsedge.kv_beat(js, bucket, key, value, ttl_s)
+
     async def kv_delete(self, bucket: str, key: str, last: int) -> None:
         """Delete ``key`` unless it changed since ``last`` (then it is someone else's now)."""
         await natsedge.kv_delete(self._buckets[bucket], key, last)

@@ -70,6 +70,7 @@ __all__ = [
     "ensure_topology",
     "get_message",
     "has_message",
+    "kv_beat",
     "kv_create",
     "kv_delete",
     "kv_get",
@@ -228,18 +229,27 @@ async def ensure_topology(js: JetStreamContext, settings: Settings) -> KeyValue:
 async def ensure_bucket(js: JetStreamContext, spec: dict[str, Any]) -> tuple[KeyValue, bool]:
     """Create a KV bucket, or bring an existing one's TTL to ``spec``'s (the last start wins).
 
+    ``spec["msg_ttl"]`` (optional, True): the bucket also allows a TTL per entry
+    (:func:`kv_beat`; nats-server 2.11+), switched on in an existing bucket too.
     Returns the bucket and whether an existing one's TTL was updated.
     """
+    spec = dict(spec)
+    msg_ttl = bool(spec.pop("msg_ttl", False))
     with map_nats_errors("declare a bucket"):
         try:
-            return await js.create_key_value(config=KeyValueConfig(**spec)), False
+            kv = await js.create_key_value(config=KeyValueConfig(**spec))
+            updated = False
         except nats.js.errors.BadRequestError:
-            info = await js.stream_info(f"KV_{spec['bucket']}")
-            config = info.config
+            kv, updated = None, True
+        info = await js.stream_info(f"KV_{spec['bucket']}")
+        config = info.config
+        if updated or (msg_ttl and not config.allow_msg_ttl):
             config.max_age = spec["ttl"]
             config.duplicate_window = min(config.duplicate_window or spec["ttl"], spec["ttl"])
+            if msg_ttl:
+                config.allow_msg_ttl = True
             await js.update_stream(config=config)
-            return await js.key_value(spec["bucket"]), True
+        return kv or await js.key_value(spec["bucket"]), updated
 
 
 async def open_bucket(js: JetStreamContext, name: str) -> KeyValue | None:
@@ -274,6 +284,13 @@ async def kv_put(kv: KeyValue, key: str, value: bytes) -> int:
     with map_nats_errors("write a key"):
         revision: int = await kv.put(key, value)
     return revision
+
+
+async def kv_beat(js: JetStreamContext, bucket: str, key: str, value: bytes, ttl_s: float) -> None:
+    """Write ``key`` whatever it holds, to expire ``ttl_s`` after this write (not the
+    bucket's TTL): a liveness entry that lasts while it is re-written."""
+    with map_nats_errors("write a key"):
+        await js.publish(f"$KV.{bucket}.{key}", value, msg_ttl=ttl_s)
 
 
 async def kv_create(kv: KeyValue, key: str, value: bytes) -> int | None:

@@ -7,6 +7,10 @@ numbers (tokens, time of the reading), so the same function serves a bucket kept
 the gateway reads the entry, calls :func:`take` and writes the new state back with a
 compare-and-set. A missing state is a full bucket: a KV entry that expired had refilled.
 
+A gateway that decided a chat from its own copy of the shared bucket writes the spend with
+:func:`spend`, which may leave the bucket in debt (see ``gateway/limits.py``); :func:`take`
+refuses while there is debt.
+
 Nothing here reads a clock or does I/O; callers pass ``now`` (seconds, any monotone-enough
 clock shared by the parties that update one state).
 """
@@ -26,6 +30,7 @@ __all__ = [
     "encode_state",
     "parse_rate",
     "rate_count",
+    "spend",
     "take",
 ]
 
@@ -116,15 +121,28 @@ def take(rate: Rate, state: BucketState | None, now: float, cost: float = 1.0) -
     if state is None:
         tokens = rate.burst
     else:
-        # A clock that went backwards (another gateway's) refills nothing, takes nothing.
-        elapsed = max(0.0, now - state.at)
-        tokens = min(rate.burst, max(0.0, state.tokens) + elapsed * rate.per_second)
-        now = max(now, state.at)
+        tokens, now = _refilled(rate, state, now)
     if tokens >= cost:
         return Decision(True, BucketState(tokens - cost, now), 0.0)
     # More than the bucket can ever hold never passes.
     wait = (cost - tokens) / rate.per_second if cost <= rate.burst else math.inf
     return Decision(False, BucketState(tokens, now), wait)
+
+
+def spend(rate: Rate, state: BucketState | None, now: float, cost: float = 1.0) -> BucketState:
+    """Spend ``cost`` tokens whatever the bucket holds: what a gateway that already let a chat
+    through writes to the shared bucket. Below zero is debt that the refill pays off first
+    (at most one burst of it is kept), so over time the rate holds exactly."""
+    tokens, now = (rate.burst, now) if state is None else _refilled(rate, state, now)
+    return BucketState(max(tokens - cost, -rate.burst), now)
+
+
+def _refilled(rate: Rate, state: BucketState, now: float) -> tuple[float, float]:
+    """The tokens in ``state``'s bucket at ``now`` (debt counts), and the reading's time."""
+    # A clock that went backwards (another gateway's) refills nothing, takes nothing.
+    elapsed = max(0.0, now - state.at)
+    tokens = min(rate.burst, max(-rate.burst, state.tokens) + elapsed * rate.per_second)
+    return tokens, max(now, state.at)
 
 
 def encode_state(state: BucketState) -> bytes:

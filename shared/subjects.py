@@ -76,6 +76,7 @@ __all__ = [
     "call_rate_key",
     "connection_frames",
     "connection_slot_key",
+    "gateway_liveness_key",
     "ids_key",
     "lease_key",
     "new_connection_id",
@@ -162,6 +163,12 @@ def _user_hash(user: str) -> str:
 def connection_slot_key(user: str, slot: int) -> str:
     """KV key of one of ``user``'s connection slots (a user name never reaches NATS)."""
     return f"{_user_hash(user)}.{slot}"
+
+
+def gateway_liveness_key(gateway: str) -> str:
+    """KV key of a gateway's liveness entry in the connections bucket (not hex: never a
+    user's slot)."""
+    return f"gw.{gateway}"
 
 
 def rate_key(user: str) -> str:

@@ -55,6 +55,7 @@ from shared.subjects import (
 )
 
 __all__ = [
+    "SLOT_LIFETIME_S",
     "app_slots_bucket_config",
     "connection_bucket_config",
     "job_consumer_config",
@@ -136,11 +137,19 @@ def request_bucket_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+# How long a connection slot lasts unless its gateway re-writes it (gateway/limits.py
+# re-writes a slot a quarter of this after it was written): a slot counts only while its
+# gateway's liveness entry does, so this only bounds the garbage a dead gateway leaves.
+SLOT_LIFETIME_S = 86_400.0
+
+
 def connection_bucket_config(settings: Settings) -> dict[str, Any]:
-    """The KV bucket of connection slots (per-user cap across gateways)."""
+    """The KV bucket of connection slots (per-user cap across gateways) and of each gateway's
+    liveness entry (an entry TTL of ``TOKENWIRE_CONNECTION_TTL_S``)."""
     return {
         "bucket": CONNECTIONS_BUCKET,
-        "ttl": settings.connection_ttl_s,
+        "ttl": SLOT_LIFETIME_S,
+        "msg_ttl": True,
         "storage": "file",
         "replicas": settings.stream_replicas,
         "history": 1,

@@ -226,6 +226,8 @@ async def test_per_user_cap_holds_across_gateways(edge: Edge) -> None:
 
 
 async def test_a_killed_gateways_connections_stop_counting(edge: Edge) -> None:
+    """One liveness entry per gateway (gateway/limits.py): when it expires, all of the
+    killed gateway's slots are free together, while the user's connections elsewhere count."""
     doomed = edge.stack.gateway("gateway-doomed", **CLUSTER_ENV)
     sub = user()
     first = Client(edge.url(doomed.port), **bearer(sub))
@@ -235,7 +237,7 @@ async def test_a_killed_gateways_connections_stop_counting(edge: Edge) -> None:
     frame, closed = await refusal(edge.url(edge.b), **bearer(sub))
     assert (frame["code"], closed) == ("too_many_connections", 4004)
 
-    doomed.kill()  # SIGKILL: no clean-up runs, the slots stay in NATS until they expire
+    doomed.kill()  # SIGKILL: no clean-up runs, the slots stay in NATS, naming gateway-doomed
     killed_at = time.monotonic()
     await asyncio.wait_for(first.closed.wait(), 10)
     await first.close()
@@ -251,6 +253,10 @@ async def test_a_killed_gateways_connections_stop_counting(edge: Edge) -> None:
         await asyncio.sleep(0.3)
     assert first_frames[0]["code"] == "too_many_connections"  # right after the kill
     assert first_frames[-1]["type"] == "hello" and first_frames[-1]["user"] == sub
+    # Both of the dead gateway's slots went at once: the user holds two on B, then is capped.
+    async with Client(edge.url(edge.b), **bearer(sub)), Client(edge.url(edge.a), **bearer(sub)):
+        frame, closed = await refusal(edge.url(edge.b), **bearer(sub))
+        assert (frame["code"], closed) == ("too_many_connections", 4004)
 
 
 async def test_a_burst_over_the_rate_gets_rate_limited_and_dify_sees_none_of_it(

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from gateway.bus import KvEntry
-from gateway.limits import ConnectionSlots, LocalConnections, RequestRate
+from gateway.limits import ConnectionSlots, LocalConnections, RequestRate, slot_taken
 from shared.exceptions import ErrorCode, InternalError, RateLimited, TooManyConnections
 from shared.settings import Settings
 
@@ -51,6 +51,14 @@ class MemoryKv:
         if entry is not None and entry.revision == last:
             del self.entries[(bucket, key)]
 
+    async def kv_beat(self, bucket: str, key: str, value: bytes, ttl_s: float) -> None:
+        self._check()
+        self._put(bucket, key, value)
+
+    def expire(self, key: str) -> None:
+        """What an entry's own TTL does to it when nobody re-writes it."""
+        self.entries.pop(("tw_connections", key), None)
+
     def expire_all(self) -> None:
         """What the bucket's TTL does to the entries of a gateway that died."""
         self.entries.clear()
@@ -78,6 +86,44 @@ async def test_slots_cap_a_user_across_gateways_and_come_back_on_release() -> No
     await b.claim("bob", "c4")  # another user is not affected
     await a.release(first)
     assert (await b.claim("alice", "c5")).key == first.key
+
+
+def test_a_slot_counts_while_its_gateway_is_this_one_or_alive() -> None:
+    alive = {"gw-b"}.__contains__
+    assert slot_taken(b"gw-a c1", "gw-a", alive)  # this gateway's own: no look-up
+    assert slot_taken(b"gw-b c2", "gw-a", alive)  # another live gateway's
+    assert not slot_taken(b"gw-dead c3", "gw-a", alive)  # its liveness entry expired
+    assert not slot_taken(b"", "gw-a", alive)  # unreadable: nobody's
+
+
+async def test_a_dead_gateways_slots_all_go_together_and_a_live_ones_stay() -> None:
+    kv = MemoryKv()
+    config = settings(max_connections_per_user=3)
+    a = ConnectionSlots(kv, config, owner="gw-a")  # type: ignore[arg-type]
+    b = ConnectionSlots(kv, config, owner="gw-b")  # type: ignore[arg-type]
+    c = ConnectionSlots(kv, config, owner="gw-c")  # type: ignore[arg-type]
+    doomed = [await a.claim("ivan", "c1"), await a.claim("ivan", "c2")]
+    kept = await c.claim("ivan", "c3")
+    with pytest.raises(TooManyConnections):
+        await b.claim("ivan", "c4")
+    kv.expire("gw.gw-a")  # gw-a was killed: its liveness entry is not re-written
+    taken = [await b.claim("ivan", "c5"), await b.claim("ivan", "c6")]
+    assert {s.key for s in taken} == {s.key for s in doomed}
+    assert kv.entries[("tw_connections", kept.key)].value == kept.value  # gw-c's stays
+    with pytest.raises(TooManyConnections):
+        await b.claim("ivan", "c7")
+
+
+async def test_one_liveness_write_per_gateway_keeps_all_its_slots() -> None:
+    kv = MemoryKv()
+    slots = ConnectionSlots(kv, settings(max_connections_per_user=50), owner="gw")  # type: ignore[arg-type]
+    for n in range(40):
+        await slots.claim(f"user-{n % 4}", f"c{n}")
+    before = kv.revision
+    runner = asyncio.create_task(slots.run())
+    await asyncio.sleep(0.05)
+    runner.cancel()
+    assert kv.revision == before + 1  # the liveness entry only, not 40 slots
 
 
 async def test_concurrent_claims_never_share_a_slot() -> None:
@@ -122,7 +168,7 @@ async def test_the_rate_is_shared_and_refusals_spend_nothing() -> None:
     )
     refused = [o for o in outcomes if isinstance(o, RateLimited)]
     assert len(refused) == 7 and sum(o is None for o in outcomes) == 5
-    assert all(r.retry_after_s > 60 and r.request_id for r in refused)
+    assert all((r.retry_after_s or 0) > 60 and r.request_id for r in refused)
     # Refused requests took nothing: the bucket is as empty as the 5 passes left it.
     with pytest.raises(RateLimited):
         await on_a.take("frank", "again")
@@ -153,3 +199,67 @@ def test_local_counts() -> None:
         pass
     with local.admitted():
         assert local.count == 1
+
+
+class CountingKv(MemoryKv):
+    """MemoryKv that counts round trips."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trips = 0
+
+    async def kv_get(self, bucket: str, key: str) -> KvEntry | None:
+        self.trips += 1
+        return await super().kv_get(bucket, key)
+
+    async def kv_update(self, bucket: str, key: str, value: bytes, last: int) -> int | None:
+        self.trips += 1
+        return await super().kv_update(bucket, key, value, last)
+
+    async def kv_create(self, bucket: str, key: str, value: bytes) -> int | None:
+        self.trips += 1
+        return await super().kv_create(bucket, key, value)
+
+
+def tokens_left(kv: MemoryKv, user: str) -> float:
+    from shared.ratelimit import decode_state
+    from shared.subjects import rate_key
+
+    state = decode_state(kv.entries[("tw_rates", rate_key(user))].value)
+    assert state is not None
+    return state.tokens
+
+
+async def test_a_user_on_one_gateway_is_decided_in_memory_and_still_limited_exactly() -> None:
+    kv = CountingKv()
+    rate = RequestRate(kv, settings(rate_per_user="1/hour", rate_burst=5))  # type: ignore[arg-type]
+    await rate.take("judy", "r0")
+    await rate.take("judy", "r1")  # two exact checks: nobody else writes this user's bucket
+    before = kv.trips
+    await rate.take("judy", "r2")  # decided from the copy: returns before any round trip
+    assert kv.trips == before
+    for n in range(3, 5):
+        await rate.take("judy", f"r{n}")
+    with pytest.raises(RateLimited) as refused:
+        await rate.take("judy", "r5")
+    assert (refused.value.retry_after_s or 0) > 60
+    await asyncio.sleep(0.01)  # the writes that went alongside have landed
+    assert tokens_left(kv, "judy") == pytest.approx(0, abs=0.01)
+
+
+async def test_another_gateway_spending_costs_at_most_one_chat_and_it_is_paid_back() -> None:
+    kv = MemoryKv()
+    config = settings(rate_per_user="1/hour", rate_burst=4)
+    on_a, on_b = RequestRate(kv, config), RequestRate(kv, config)  # type: ignore[arg-type]
+    for n in range(2):
+        await on_a.take("kim", f"a{n}")  # a decides alone from now on (2 left)
+    for n in range(2):
+        await on_b.take("kim", f"b{n}")  # b spends the rest, exactly
+    await on_a.take("kim", "a2")  # a's copy did not know: the one chat of slack
+    await asyncio.sleep(0.01)
+    assert tokens_left(kv, "kim") == pytest.approx(-1, abs=0.01)  # recorded as debt
+    with pytest.raises(RateLimited) as refused:
+        await on_a.take("kim", "a-more")  # exact again, and the debt is waited off first
+    assert (refused.value.retry_after_s or 0) > 7000  # two tokens' refill, not one
+    with pytest.raises(RateLimited):
+        await on_b.take("kim", "b-more")  # b's copy is empty: refused without a round trip
