@@ -1,12 +1,15 @@
 """Where a gateway's memory per idle connection goes: a ``tracemalloc`` census.
 
-    .venv/bin/python -m bench.memory_census [--connections 2000] [--key filename] [-- ARGS]
+    .venv/bin/python -m bench.memory_census [--connections 2000] [--key filename] [--rss-only]
+        [-- ARGS]
 
 Starts NATS, the simulator and one gateway through :mod:`bench.gateway_variant` with
 ``--trace-memory`` (plus ``ARGS``, e.g. ``--no-deflate``), snapshots its allocations, opens
 the idle connections, snapshots again and prints the largest differences (``--key``:
 ``filename``, ``lineno`` or ``traceback``) with the RSS per connection. tracemalloc itself
 adds memory, so the RSS here is above section 3's; the shares are what matter.
+``--rss-only`` skips tracemalloc (which also makes the gateway start minutes slower on a
+busy machine) and prints the RSS per idle connection alone, comparable across versions.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=2000)
     parser.add_argument("--key", default="filename", choices=["filename", "lineno", "traceback"])
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--rss-only", action="store_true", help="no tracemalloc: RSS alone")
     parser.add_argument("gateway_args", nargs="*", help="more bench.gateway_variant args")
     args = parser.parse_args()
     raise_nofile()
@@ -36,14 +40,19 @@ def main() -> int:
     try:
         system.start_nats()
         system.start_simulator(SimSpec(token_delay_ms=20, tokens=20))
-        gateway = system.start_gateway("--trace-memory", *args.gateway_args)
+        trace = [] if args.rss_only else ["--trace-memory"]
+        gateway = system.start_gateway(*trace, *args.gateway_args)
         base = f"http://127.0.0.1:{gateway.port}/_bench/memory"
-        httpx.get(f"{base}?snap=a", timeout=60)
+        if not args.rss_only:
+            httpx.get(f"{base}?snap=a", timeout=60)
         before = rss_kib(gateway.pid)
 
         def census(opened: int) -> None:
             per_conn = (rss_kib(gateway.pid) - before) / max(opened, 1)
-            print(f"{opened} idle connections, {per_conn:.1f} KiB RSS each (with tracemalloc)")
+            how = "without" if args.rss_only else "with"
+            print(f"{opened} idle connections, {per_conn:.1f} KiB RSS each ({how} tracemalloc)")
+            if args.rss_only:
+                return
             query = f"?snap=b&key={args.key}&top={args.top}"
             print(httpx.get(base + query, timeout=120).text)
 

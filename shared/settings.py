@@ -112,8 +112,9 @@ class Settings(BaseSettings):
     # Origin's host:port equals the Host header). A request without Origin (not a browser)
     # is always allowed.
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    # Connection caps: per user across all gateways (a NATS KV bucket whose entries expire
-    # connection_ttl_s after their gateway last refreshed them), and per gateway process.
+    # Connection caps: per user across all gateways (slots in a NATS KV bucket that count
+    # while their gateway's liveness entry does: it expires connection_ttl_s after the
+    # gateway last refreshed it), and per gateway process.
     max_connections_per_user: int = Field(default=10, ge=1)
     max_connections: int = Field(default=10_000, ge=1)
     connection_ttl_s: float = Field(default=30.0, ge=1)
