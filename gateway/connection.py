@@ -109,6 +109,24 @@ def _now() -> float:
 class Connection:
     """Pumps one WebSocket; see the module docstring."""
 
+    # Slotted: one per connection, mostly idle (no instance dict).
+    __slots__ = (
+        "_background",
+        "_client_code",
+        "_closing",
+        "_overflowed",
+        "_replays",
+        "_sub",
+        "bus",
+        "call_timeout_s",
+        "conn_id",
+        "edge",
+        "outbox",
+        "session",
+        "user",
+        "ws",
+    )
+
     def __init__(
         self,
         ws: WebSocket,
@@ -140,7 +158,6 @@ class Connection:
         self._background: set[asyncio.Task[None]] = set()
         self._sub: Any = None
         self._replays: dict[int, Any] = {}
-        self._log_extra = {"conn": conn_id}
         self._client_code = 1005  # "no status": what the client sent, if it closed
 
     @property
@@ -224,7 +241,7 @@ class Connection:
         try:
             self._dispatch(self.session.tick(now))
         except Exception:
-            log.exception("connection failed", extra=self._log_extra)
+            log.exception("connection failed", extra={"conn": self.conn_id})
             self._dispatch(self.session.fail())
 
     # --- frames from NATS -------------------------------------------------------------------
@@ -274,7 +291,9 @@ class Connection:
         elif isinstance(command, Tally):
             metrics.record(command)
         elif isinstance(command, Log):
-            log.log(command.level, command.message, extra=self._log_extra | dict(command.fields))
+            log.log(
+                command.level, command.message, extra={"conn": self.conn_id, **dict(command.fields)}
+            )
         elif isinstance(command, Close):
             if self._closing is not None and not self._closing.done():
                 self._closing.set_result(None)

@@ -52,6 +52,7 @@ already closing is not an event (the first close wins).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import re
@@ -538,11 +539,41 @@ def _trace_id() -> str:
     return secrets.token_hex(8)
 
 
+@functools.lru_cache(maxsize=8)
+def _frame_rate(text: str, burst: float) -> Rate:
+    """One Rate for every session of the same settings (it is immutable)."""
+    return Rate.parse(text, burst)
+
+
 # --- the session --------------------------------------------------------------------------
 
 
 class Session:
     """One connection's protocol decisions; see the module docstring."""
+
+    # Slotted: one per connection, mostly idle (no instance dict).
+    __slots__ = (
+        "_admitting",
+        "_bucket",
+        "_calls",
+        "_catch_ups",
+        "_inputs",
+        "_new_trace_id",
+        "_rate",
+        "_replays",
+        "_resolving",
+        "_serials",
+        "client_close_code",
+        "close_code",
+        "config",
+        "conn_id",
+        "expires_at",
+        "last_activity",
+        "opened",
+        "requests",
+        "state",
+        "user",
+    )
 
     def __init__(
         self,
@@ -565,7 +596,7 @@ class Session:
         self.last_activity = now
         self.requests: dict[str, RequestView] = {}
         self._new_trace_id = new_trace_id
-        self._rate = Rate.parse(config.frame_rate, config.frame_burst)
+        self._rate = _frame_rate(config.frame_rate, config.frame_burst)
         self._bucket: BucketState | None = None
         # chats and runs waiting for their rate check
         self._admitting: dict[str, ChatFrame | RunFrame] = {}
