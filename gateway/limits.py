@@ -293,6 +293,13 @@ class RequestRate:
     async def _take(self, user: str, request_id: str) -> None:
         """The exact check: read, decide, compare-and-set, before the chat goes on."""
         key = self.key(user)
+        if user not in self._copies:
+            # Most users have no entry (it expired: a full bucket): one create decides.
+            decision = take(self.rate, None, time.time())
+            written = await self.bus.kv_create(RATES_BUCKET, key, encode_state(decision.state))
+            if written is not None:
+                self._copied(user, None, written, decision.state)
+                return
         for _ in range(_CAS_ATTEMPTS):
             entry = await self.bus.kv_get(RATES_BUCKET, key)
             state = decode_state(entry.value) if entry is not None else None
