@@ -35,15 +35,11 @@ async def test_killing_one_node_of_three_loses_nothing(tmp_path: Path) -> None:
     clients: list[ResilientClient] = []
     try:
         stack.simulator()
-        # Started side by side: on a busy 2-core machine each Python process takes ~10 s to
-        # import and connect, and four in a row were most of a slow run's time.
-        *_, gw1, gw2 = await asyncio.gather(
-            asyncio.to_thread(stack.worker, "worker-a"),
-            asyncio.to_thread(stack.worker, "worker-b"),
-            asyncio.to_thread(stack.gateway, "gateway-1"),
-            asyncio.to_thread(stack.gateway, "gateway-2"),
-        )
-        gateways = [gw1, gw2]
+        # One after the other: each must be healthy within 30 s, and four Python processes
+        # importing at once on a busy 2-core machine miss that (each alone takes ~10 s).
+        stack.worker("worker-a")
+        stack.worker("worker-b")
+        gateways = [stack.gateway("gateway-1"), stack.gateway("gateway-2")]
         ws_urls = [f"ws://127.0.0.1:{g.port}/v1/ws" for g in gateways]  # type: ignore[attr-defined]
         clients = [ResilientClient(ws_urls, f"cluster-{i}") for i in range(10)]
         await asyncio.gather(*(c.start() for c in clients))
