@@ -12,12 +12,14 @@ client's folded text did, before issue 17's fix).
 Run by ``python -m bench.run`` (section "long answers"), or alone against a fresh system::
 
     .venv/bin/python -m bench.long_answer [--sizes 100,1000,10000,100000]
+    .venv/bin/python -m bench.long_answer --into docs/bench/results.json  # then --render
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import statistics
@@ -125,6 +127,13 @@ def measure(system: System, sizes: list[int], console: Console) -> dict[str, Any
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.long_answer", description=__doc__)
     parser.add_argument("--sizes", default=",".join(map(str, FULL_SIZES)))
+    parser.add_argument(
+        "--into",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="also store the rows as the 'long answers' section of a bench.run results.json "
+        "(then re-render it with python -m bench.run --render)",
+    )
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     console = Console()
@@ -136,12 +145,21 @@ def main(argv: list[str] | None = None) -> int:
         system.start_worker()
         system.start_gateway()
         result = measure(system, sizes, console)
+        result["measured"] = {
+            "by": "python -m bench.long_answer",
+            "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        }
     except BaseException:
         console.print(system.logs())
         raise
     finally:
         system.close()
         shutil.rmtree(workdir, ignore_errors=True)
+    if args.into is not None:
+        results = json.loads(args.into.read_text())
+        results["long_answers"] = result
+        args.into.write_text(json.dumps(results, indent=1, default=str, allow_nan=True))
+        console.print(f"wrote the long answers into {args.into}")
     return 0 if all(r["ok"] for r in result["rows"]) else 1
 
 

@@ -620,6 +620,13 @@ def _section_long(results: dict[str, Any]) -> list[str]:
         ]
         for r in long["rows"]
     ]
+    measured = long.get("measured")
+    when = (
+        f" These rows were measured on their own ({measured['at']}, `{measured['by']}`), not "
+        "in the run above."
+        if measured
+        else ""
+    )
     return [
         "## 8. Long answers: time per token from 100 to 100,000 tokens",
         "",
@@ -629,7 +636,7 @@ def _section_long(results: dict[str, Any]) -> list[str]:
         "`python -m bench.long_answer`). *µs/token* is the median wall time divided by the "
         "tokens; the CPU columns are each process's CPU over all rounds (from "
         "`/proc/<pid>/stat`, 10 ms ticks) per token. A flat column is the target: the "
-        "answer's cost grows like its length.",
+        "answer's cost grows like its length." + when,
         "",
         _table(
             [
@@ -1004,6 +1011,7 @@ def write_report(results: dict[str, Any], out: Path) -> list[Path]:
         ".venv/bin/python -m bench.run            # full run, 15–20 minutes, writes this file",
         ".venv/bin/python -m bench.run --quick --out /tmp/bench.md   # a few minutes, a smoke run",
         ".venv/bin/python -m bench.transport      # httpx's transports on the worker's path",
+        ".venv/bin/python -m bench.long_answer    # section 8 alone (--into a results.json)",
         ".venv/bin/python -m bench.run --render docs/bench/results.json  # re-render only",
         ".venv/bin/python -m bench.memory_census -- --no-deflate  # where idle memory goes",
         "```",
