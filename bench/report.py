@@ -613,7 +613,7 @@ def _section_long(results: dict[str, Any]) -> list[str]:
             f"{r['tokens']:,}",
             r["rounds"],
             r["frames"],
-            r["first_s"],
+            None if r["first_s"] is None else 1000 * r["first_s"],
             r["us_per_token"],
             *(r["cpu_us_per_token"][name] for name in names),
             "yes" if r["ok"] else "**no**",
@@ -636,14 +636,15 @@ def _section_long(results: dict[str, Any]) -> list[str]:
         "`python -m bench.long_answer`). *µs/token* is the median wall time divided by the "
         "tokens; the CPU columns are each process's CPU over all rounds (from "
         "`/proc/<pid>/stat`, 10 ms ticks) per token. A flat column is the target: the "
-        "answer's cost grows like its length." + when,
+        "answer's cost grows like its length (the 100-token row is mostly each request's fixed "
+        "cost: connecting, storing the job, the lease, the kept-frames check)." + when,
         "",
         _table(
             [
                 "tokens",
                 "rounds",
                 "frames",
-                "first delta s",
+                "first delta ms",
                 "µs/token end to end",
                 *(f"{name} CPU µs/token" for name in names),
                 "answer right",
@@ -663,8 +664,8 @@ def _section_long(results: dict[str, Any]) -> list[str]:
         "`TOKENWIRE_COALESCE_MS=0` does not; it now keeps pieces too. The worker, the "
         "gateway and NATS were linear throughout (with coalescing off, 100,000 frames: "
         "about 40 µs of worker CPU and 40 µs of gateway CPU per token at every size). The "
-        "first delta of a 100,000-token answer still waits ~1 s: the simulator builds the "
-        "whole script up front (linear, ~9 µs per token).",
+        "first delta of a 100,000-token answer still waits 1–1.5 s: the simulator builds the "
+        "whole script up front (linear, 10–15 µs per token).",
         "",
     ]
 
