@@ -45,9 +45,10 @@ _TOKENS_PER_SIZE = 100_000
 _MAX_ROUNDS = 20
 
 
-def rounds_for(tokens: int) -> int:
-    """How many answers of ``tokens`` to time (the median is reported)."""
-    return max(1, min(_MAX_ROUNDS, _TOKENS_PER_SIZE // tokens))
+def rounds_for(tokens: int, budget: int = _TOKENS_PER_SIZE) -> int:
+    """How many answers of ``tokens`` to time (the median is reported), about ``budget``
+    tokens in all."""
+    return max(1, min(_MAX_ROUNDS, budget // tokens))
 
 
 def _cpu_s(pid: int) -> float:
@@ -77,9 +78,12 @@ async def _one(url: str, tokens: int, name: str) -> dict[str, Any]:
         }
 
 
-def measure(system: System, sizes: list[int], console: Console) -> dict[str, Any]:
-    """Time one unpaced answer of each size (several for short ones) through ``system``'s
-    first gateway; the simulator must be running (its defaults do not matter)."""
+def measure(
+    system: System, sizes: list[int], console: Console, *, budget: int = _TOKENS_PER_SIZE
+) -> dict[str, Any]:
+    """Time one unpaced answer of each size (several for short ones, ``budget`` tokens per
+    size at most) through ``system``'s first gateway; the simulator must be running (its
+    defaults do not matter)."""
     assert system.gateways and system.workers and system.sim is not None
     url = f"ws://127.0.0.1:{system.gateways[0].port}/v1/ws"
     assert system.nats is not None and system.nats.pid is not None
@@ -93,7 +97,7 @@ def measure(system: System, sizes: list[int], console: Console) -> dict[str, Any
     rows = []
     for tokens in sizes:
         samples = []
-        for n in range(rounds_for(tokens)):
+        for n in range(rounds_for(tokens, budget)):
             before = {name: _cpu_s(pid) for name, pid in pids.items()}
             sample = asyncio.run(_one(url, tokens, f"{tokens}-{n}"))
             sample["cpu_s"] = {name: _cpu_s(pid) - before[name] for name, pid in pids.items()}

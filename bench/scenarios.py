@@ -76,6 +76,7 @@ class Plan:
     upstream_fast_rounds: int = 3
     # Section "long answers" (issue 17): one unpaced answer of each size, end to end.
     long_sizes: list[int] = field(default_factory=lambda: [100, 1_000, 10_000, 100_000])
+    long_budget: int = 100_000  # tokens timed per size (short answers: several rounds)
     worker_settings: list[tuple[str, dict[str, str]]] = field(
         default_factory=lambda: [
             ("coalescing on (as shipped, 16 ms)", {}),
@@ -155,6 +156,7 @@ class Plan:
             upstream_fast_sim=SimSpec(5, 20),
             upstream_fast_rounds=1,
             long_sizes=[100, 5_000],
+            long_budget=2_000,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -886,7 +888,7 @@ class Recorder:
         """Time per token from 100 to 100,000 tokens (bench/long_answer.py)."""
         self.system.scale(1, 1)
         self.results["long_answers"] = long_answer.measure(
-            self.system, self.plan.long_sizes, self.console
+            self.system, self.plan.long_sizes, self.console, budget=self.plan.long_budget
         )
 
     def section(self, name: str, fn: Callable[[], None]) -> None:
