@@ -78,6 +78,7 @@ def run(plan: Plan, out: Path, workdir: Path, console: Console) -> dict[str, Any
             rec.section("tokens at the upstream's speed", rec.upstream)
             rec.section("levers", rec.levers)
             rec.section("worker job intake", rec.worker_levers)
+            rec.section("long answers", rec.long_answers)
             rec.section("idle memory", rec.idle)
     except BaseException:
         console.print(system.logs())

@@ -21,6 +21,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import Progress
 
+from bench import long_answer
 from bench.loadgen import LoadResult, LoadSpec, run_load
 from bench.stats import ForeignLoad, Profiler, cpu_seconds, dist_ms, summarize_profile
 from bench.system import Proc, SimSpec, System, rss_kib
@@ -73,6 +74,9 @@ class Plan:
     upstream_bursts: int = 3
     upstream_fast_sim: SimSpec = field(default_factory=lambda: SimSpec(5, 200))
     upstream_fast_rounds: int = 3
+    # Section "long answers" (issue 17): one unpaced answer of each size, end to end.
+    long_sizes: list[int] = field(default_factory=lambda: [100, 1_000, 10_000, 100_000])
+    long_budget: int = 100_000  # tokens timed per size (short answers: several rounds)
     worker_settings: list[tuple[str, dict[str, str]]] = field(
         default_factory=lambda: [
             ("coalescing on (as shipped, 16 ms)", {}),
@@ -151,6 +155,8 @@ class Plan:
             upstream_bursts=1,
             upstream_fast_sim=SimSpec(5, 20),
             upstream_fast_rounds=1,
+            long_sizes=[100, 5_000],
+            long_budget=2_000,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -877,6 +883,13 @@ class Recorder:
         self.results["upstream"] = out
 
     # --- driver --------------------------------------------------------------------------------
+
+    def long_answers(self) -> None:
+        """Time per token from 100 to 100,000 tokens (bench/long_answer.py)."""
+        self.system.scale(1, 1)
+        self.results["long_answers"] = long_answer.measure(
+            self.system, self.plan.long_sizes, self.console, budget=self.plan.long_budget
+        )
 
     def section(self, name: str, fn: Callable[[], None]) -> None:
         started = time.monotonic()

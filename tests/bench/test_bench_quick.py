@@ -29,6 +29,7 @@ SECTIONS = (
     "## 4–5. Most concurrent streams within the delay bound",
     "## 6. One gateway + one worker against two + two",
     "## 7. Tokens at the upstream's speed: coalescing and the worker's path",
+    "## 8. Long answers: time per token from 100 to 100,000 tokens",
     "## Levers",
     "## Every load of this run",
 )
@@ -138,4 +139,11 @@ def test_reported_numbers_are_finite_and_positive(
             ), per
             for process, us in per.items():  # a short quick load may not cost a jiffy
                 assert math.isfinite(us) and us >= 0, f"CPU µs per token of {process}: {us}"
+    long = results["long_answers"]
+    assert [r["tokens"] for r in long["rows"]] == [100, 5_000], long
+    for row in long["rows"]:
+        assert row["ok"], f"the {row['tokens']}-token answer was wrong"
+        _positive(row["us_per_token"], f"µs per token of a {row['tokens']}-token answer")
+        for process, us in row["cpu_us_per_token"].items():
+            assert math.isfinite(us) and us >= 0, f"CPU µs per token of {process}: {us}"
     assert "failed_sections" not in results, results.get("failed_sections")

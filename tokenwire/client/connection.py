@@ -164,7 +164,6 @@ class ChatStream:
     inputs: dict[str, Any] = field(default_factory=dict)
     files: list[dict[str, Any]] = field(default_factory=list)
     app: str | None = None
-    text: str = ""
     last_seq: int = 0
     status: RequestStatus = RequestStatus.SENDING
     queued: Queued | None = None
@@ -183,6 +182,22 @@ class ChatStream:
     _follow_only: bool = field(default=False, repr=False)  # asked elsewhere: resume, never ask
     _sent_on: int = field(default=-1, repr=False)
     _changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    # The answer's pieces since the last ``replace``/``reset``, joined when :attr:`text` is
+    # read: ``self.text += delta`` copies the whole answer on every frame (issue 17: 11 s of
+    # CPU for 100,000 deltas, against 0.1 s for 10,000).
+    _parts: list[str] = field(default_factory=list, repr=False)
+
+    @property
+    def text(self) -> str:
+        """The answer so far (``replace`` and ``reset`` applied)."""
+        parts = self._parts
+        if len(parts) > 1:
+            parts[:] = ["".join(parts)]
+        return parts[0] if parts else ""
+
+    @text.setter
+    def text(self, value: str) -> None:
+        self._parts[:] = [value] if value else []
 
     @property
     def finished(self) -> bool:
@@ -267,7 +282,7 @@ class ChatStream:
                     self.conversation_id = frame.conversation_id
             case Delta():
                 self.status = RequestStatus.ANSWERING
-                self.text += frame.text
+                self._parts.append(frame.text)
             case Replace():
                 self.text = frame.text
             case Reset():

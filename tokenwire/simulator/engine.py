@@ -20,6 +20,7 @@ import math
 import secrets
 import time
 import uuid
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -52,6 +53,9 @@ __all__ = ["FLOW_SCENARIOS", "Engine", "SendPayload"]
 
 _MAX_STALL_S: Final = 1200.0
 """A stalled generation gives up like Dify's ``APP_MAX_EXECUTION_TIME`` (stops itself)."""
+_YIELD_EVERY: Final = 256
+"""An unpaced answer (``delay_ms`` 0) still hands the loop over this often, so its stream
+starts at once instead of after the whole generation."""
 FLOW_SCENARIOS: Final = frozenset({"chatflow_human"})
 """Chat scenarios played by the workflow walker (they pause)."""
 
@@ -277,7 +281,10 @@ class Engine:
         name = step.name
         message = generation.message
         if message is not None:
-            message.answer = step.apply_to(message.answer)
+            if step.replace is not None:
+                message.replace_answer(step.replace)
+            else:
+                message.append_answer(step.append)
         if step.is_token:
             generation.completion_tokens += 1
         if message is not None:
@@ -300,10 +307,17 @@ class Engine:
     async def _generate(self, generation: Generation, steps: list[FlowStep]) -> None:
         """Walk the script; a stop (or the stall giving up) ends it as Dify does."""
         try:
-            pending = list(steps)
+            # A deque: popping the head of a list moves every step behind it (quadratic in a
+            # 100,000-token answer).
+            pending = deque(steps)
+            unpaced = 0
             while pending:
-                step = pending.pop(0)
+                step = pending.popleft()
                 if isinstance(step, Emit):
+                    if step.delay_s <= 0:
+                        unpaced += 1
+                        if unpaced % _YIELD_EVERY == 0:
+                            await asyncio.sleep(0)  # let the response send what is queued
                     if await generation.sleep_or_stop(step.delay_s):
                         break
                     self._emit(generation, step)
@@ -311,7 +325,7 @@ class Engine:
                     rest = await self._pause(generation, step)
                     if rest is None:
                         break
-                    pending = [*rest, *pending]
+                    pending.extendleft(reversed(rest))
                 elif isinstance(step, Drop):
                     self._send(generation, Signal.DROP)
                 else:

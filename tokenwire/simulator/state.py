@@ -61,7 +61,6 @@ class Message:
     query: str
     inputs: dict[str, Any]
     created_at: int
-    answer: str = ""
     status: MessageStatus = "generating"
     error: str | None = None
     message_files: list[dict[str, Any]] = field(default_factory=list)
@@ -70,6 +69,26 @@ class Message:
     feedback: dict[str, Any] | None = None
     usage: dict[str, Any] | None = None
     parent_message_id: str | None = None
+    _answer: list[str] = field(default_factory=list, init=False, repr=False)
+    """The answer's pieces as generated; :attr:`answer` joins them when someone reads it."""
+
+    @property
+    def answer(self) -> str:
+        """The answer so far. Kept as pieces, not re-concatenated on every token: a string
+        grown by ``+=`` on an attribute is copied each time, quadratic in a 100,000-token
+        answer (issue 17)."""
+        if len(self._answer) > 1:
+            self._answer[:] = ["".join(self._answer)]
+        return self._answer[0] if self._answer else ""
+
+    def append_answer(self, text: str) -> None:
+        """One token's text (a delta)."""
+        if text:
+            self._answer.append(text)
+
+    def replace_answer(self, text: str) -> None:
+        """``message_replace``: the whole answer is now ``text``."""
+        self._answer[:] = [text]
 
     def as_dict(self) -> dict[str, Any]:
         """Dify's ``GET /messages`` item; ``status`` adds "generating", "paused", "stopped"."""
