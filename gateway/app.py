@@ -60,6 +60,7 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        tasks_gauge = asyncio.create_task(metrics.watch_tasks())
         await _connect_with_retry(bus)
         refresher = asyncio.create_task(slots.run())
         gc.freeze()  # the startup heap never dies: full collections need not walk it
@@ -68,6 +69,7 @@ def create_app(settings: Settings) -> Starlette:
         state["draining"] = True
         refresher.cancel()
         edge.sweep.stop()
+        tasks_gauge.cancel()
         await edge.auth.close()
         await bus.close()
         _flush_traces()
@@ -103,6 +105,7 @@ def create_app(settings: Settings) -> Starlette:
         return PlainTextResponse("ready")
 
     async def prometheus(request: Request) -> Response:
+        metrics.count_tasks()  # this process's count as of now, not of the last second
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     web_dir = settings.web_dir or default_web_dir()

@@ -1,8 +1,10 @@
-"""The gateway's NATS wiring: store jobs, hear a connection's frames, stop, replay for resume.
+"""The gateway's NATS wiring: store jobs, hear its connections' frames, stop, replay for resume.
 
 Mirrors ``worker/bus.py``: one connection per process, the topology declared at start, and
 every nats-py call made through the one NATS edge (``shared/natsedge.py``), which translates
-its errors into tokenwire's (``BusUnavailable``, ``BusRetryable``).
+its errors into tokenwire's (``BusUnavailable``, ``BusRetryable``). The frames of every
+connection arrive on one wildcard subscription, ``tw.frames.*.<gateway id>.>``, made at start
+and routed to connections by :class:`gateway.router.Router`; a connection only registers.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from nats.js.kv import KeyValue
 from opentelemetry import propagate
 
 from gateway import metrics
+from gateway.router import FrameSink, Router
 from shared import natsedge
 from shared.exceptions import BusRetryable, BusUnavailable, TokenwireError
 from shared.jobs import Job
@@ -31,11 +34,13 @@ from shared.session import StreamPosition
 from shared.settings import Settings
 from shared.subjects import (
     CALLS_SUBJECT,
-    FRAMES_STREAM,
     INPUT_SUBJECT,
     JOB_CHAT,
     UPLOADS_STREAM,
-    connection_frames,
+    frame_partition,
+    frames_stream,
+    gateway_frames,
+    new_gateway_id,
     request_frames_any_connection,
     stop_flag_key,
     stop_subject,
@@ -47,6 +52,7 @@ __all__ = [
     "FrameHandler",
     "GatewayBus",
     "KvEntry",
+    "frame_pending_limits",
     "live_position",
     "map_nats_errors",
 ]
@@ -58,18 +64,40 @@ FrameHandler = Callable[[Msg], Awaitable[None]]
 
 LIMITS_TIMEOUT_S = 1.0
 
+# What the frame subscription may hold before nats-py drops frames (a slow consumer: the event
+# loop fell behind), sized for the whole gateway: a share per connection it may hold, and at
+# least what one connection's own subscription could hold before there was one per gateway.
+_PENDING_MSGS_PER_CONNECTION = 64
+_PENDING_BYTES_PER_CONNECTION = 32 * 1024
+_PENDING_MSGS_FLOOR = 65_536
+_PENDING_BYTES_FLOOR = 128 * 1024 * 1024
+
+
+def frame_pending_limits(settings: Settings) -> tuple[int, int]:
+    """``(messages, bytes)`` the gateway's frame subscription may queue (nothing is reserved:
+    the queue only grows while frames arrive faster than the gateway routes them)."""
+    connections = settings.max_connections
+    return (
+        max(_PENDING_MSGS_FLOOR, _PENDING_MSGS_PER_CONNECTION * connections),
+        max(_PENDING_BYTES_FLOOR, _PENDING_BYTES_PER_CONNECTION * connections),
+    )
+
 
 class GatewayBus:
     """One NATS connection for the whole gateway process."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        #: This process's name in its frame subjects (``TOKENWIRE_GATEWAY_ID``, or fresh).
+        self.gateway_id = settings.gateway_id or new_gateway_id()
+        self.partitions = settings.frame_partitions
+        #: Who hears which connection's frames (after a reconnect, each reads back).
+        self.router = Router()
         self.nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._kv: KeyValue | None = None
         self._buckets: dict[str, KeyValue] = {}
-        # Called after NATS reconnects (connections catch up on frames lost meanwhile).
-        self.reconnect_hooks: set[Callable[[], None]] = set()
+        self._frames: Subscription | None = None
 
     @property
     def connected(self) -> bool:
@@ -84,7 +112,7 @@ class GatewayBus:
         self.nc = await natsedge.connect(
             self.settings,
             name="tokenwire-gateway",
-            error_cb=_log_error,
+            error_cb=self._on_error,
             disconnected_cb=_on_disconnected,
             reconnected_cb=self._on_reconnected,
             **natsedge.RECONNECT_FOREVER,
@@ -101,6 +129,40 @@ class GatewayBus:
             bucket = await natsedge.open_bucket(limits_js, spec["bucket"])
             assert bucket is not None, "declared just above"
             self._buckets[spec["bucket"]] = bucket
+        # Last: until it is in place no connection is let in (attach refuses), and nats-py
+        # makes it again by itself on every reconnect.
+        msgs, size = frame_pending_limits(self.settings)
+        self._frames = await natsedge.subscribe(
+            self.nc,
+            gateway_frames(self.gateway_id),
+            self._route,
+            pending_msgs_limit=msgs,
+            pending_bytes_limit=size,
+        )
+        log.info(
+            "hearing frames",
+            extra={"gateway_id": self.gateway_id, "frame_partitions": self.partitions},
+        )
+
+    async def _route(self, msg: Msg) -> None:
+        await self.router.route(msg)
+
+    def attach(self, conn_id: str, sink: FrameSink) -> None:
+        """Hear connection ``conn_id``'s frames (no NATS call: the subscription is the
+        gateway's); BusUnavailable before the gateway's subscription is in place."""
+        if self._frames is None:
+            raise BusUnavailable("cannot hear the connection's frames: not subscribed to NATS yet")
+        self.router.register(conn_id, sink)
+
+    def detach(self, conn_id: str, sink: FrameSink) -> None:
+        """Hear nothing more for connection ``conn_id``."""
+        self.router.unregister(conn_id, sink)
+
+    async def _on_error(self, exc: Exception) -> None:
+        await _log_error(exc)
+        dropped = natsedge.dropped_subject(exc, self._frames)
+        if dropped is not None:
+            self.router.lost(dropped)  # that connection reads its requests back
 
     async def _ensure_bucket(self, spec: dict[str, Any]) -> KeyValue:
         """Create a KV bucket, or bring an existing one's TTL to ours (the last start wins)."""
@@ -112,8 +174,7 @@ class GatewayBus:
     async def _on_reconnected(self) -> None:
         log.info("NATS reconnected")
         metrics.set_nats_connected(True)
-        for hook in list(self.reconnect_hooks):
-            hook()
+        self.router.reconnected()
 
     async def close(self) -> None:
         if self.nc is not None and not self.nc.is_closed:
@@ -211,14 +272,6 @@ class GatewayBus:
         """Delete an upload's staged chunks (it was refused, or failed)."""
         await natsedge.purge_subject(self.js, UPLOADS_STREAM, subject)
 
-    async def subscribe_connection(self, conn: str, handler: FrameHandler) -> Subscription:
-        assert self.nc is not None
-        with map_nats_errors("subscribe"):
-            sub: Subscription = await self.nc.subscribe(
-                connection_frames(conn), cb=handler, pending_msgs_limit=65536
-            )
-        return sub
-
     async def submit_input(self, data: bytes, timeout_s: float) -> bytes:
         """Hand an answer to a form (shared/human_input.py ``InputRequest``) to one worker;
         the reply's bytes (shared/calls.py's reply shape)."""
@@ -241,19 +294,25 @@ class GatewayBus:
     async def has_frames(self, key: str) -> bool:
         """Whether any frame of request ``key`` is still kept (resume of a known id)."""
         return await natsedge.has_message(
-            self.js, FRAMES_STREAM, request_frames_any_connection(key)
+            self.js,
+            self._stream_of(key),
+            request_frames_any_connection(key, partitions=self.partitions),
         )
 
     async def replay(self, key: str, handler: FrameHandler) -> Any:
-        """Every kept frame of request ``key`` in order, then the live rest (ordered consumer)."""
+        """Every kept frame of request ``key`` in order, then the live rest (ordered consumer),
+        from its partition's stream, whichever gateway and connection asked it."""
         with map_nats_errors("replay the request"):
             return await self.js.subscribe(
-                request_frames_any_connection(key),
-                stream=FRAMES_STREAM,
+                request_frames_any_connection(key, partitions=self.partitions),
+                stream=self._stream_of(key),
                 cb=handler,
                 ordered_consumer=True,
                 deliver_policy=DeliverPolicy.ALL,
             )
+
+    def _stream_of(self, key: str) -> str:
+        return frames_stream(frame_partition(key, self.partitions))
 
 
 def live_position(msg: Msg) -> StreamPosition | None:

@@ -6,9 +6,10 @@ which code, what to count) is the session's; this module only moves bytes and aw
 * **The reader** reads one client frame at a time and feeds it to the session. The I/O the
   session asks for while handling it (rate check, storing the job, a look-up, a replay, a token
   check) is awaited in order before the next frame is read, and each result is fed back.
-* **NATS callbacks** feed request frames (live ones from the connection's subscription,
-  replayed ones from ordered consumers); the I/O they lead to runs in the background, so a
-  callback never waits on NATS. A replay waits while the send queue is more than half full
+* **NATS callbacks** feed request frames (live ones routed from the gateway's one frame
+  subscription, ``gateway/router.py``, where the connection registers while its session
+  listens; replayed ones from ordered consumers); the I/O they lead to runs in the background,
+  so a callback never waits on NATS. A replay waits while the send queue is more than half full
   (it would fill it at NATS speed); live frames do not (a client that cannot keep up is closed).
 * **The outbox** (``gateway/outbox.py``): a bounded send queue and its one writer. A full
   queue is reported to the session, which closes with ``SLOW_CONSUMER`` (4101): the client
@@ -111,12 +112,12 @@ class Connection:
 
     # Slotted: one per connection, mostly idle (no instance dict).
     __slots__ = (
+        "_attached",
         "_background",
         "_client_code",
         "_closing",
         "_overflowed",
         "_replays",
-        "_sub",
         "bus",
         "call_timeout_s",
         "conn_id",
@@ -143,7 +144,9 @@ class Connection:
         self.user = identity.user
         self.conn_id = conn_id
         self.session = Session(
-            SessionConfig.from_settings(settings, requires_token=edge.auth.requires_token),
+            SessionConfig.from_settings(
+                settings, requires_token=edge.auth.requires_token, gateway_id=bus.gateway_id
+            ),
             conn_id=conn_id,
             user=identity.user,
             expires_at=identity.expires_at,
@@ -156,7 +159,7 @@ class Connection:
         self._closing: asyncio.Future[None] | None = None
         self._overflowed = False
         self._background: set[asyncio.Task[None]] = set()
-        self._sub: Any = None
+        self._attached = False
         self._replays: dict[int, Any] = {}
         self._client_code = 1005  # "no status": what the client sent, if it closed
 
@@ -169,8 +172,9 @@ class Connection:
         """Close the connection with ``code`` (the gateway is draining, for one)."""
         self._dispatch(self.session.close(code))
 
-    def on_bus_reconnected(self) -> None:
-        """NATS came back: the session reads back what may have been lost meanwhile."""
+    def frames_lost(self) -> None:
+        """NATS may have lost frames for us (it reconnected, or dropped one of ours as a slow
+        consumer): the session reads back what may be missing."""
         self._dispatch(self.session.bus_reconnected())
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -182,7 +186,6 @@ class Connection:
             await self._carry_out(self.session.start())
             if self.session.state is ConnectionState.OPEN:
                 self.edge.local.add(self.user, self)
-                self.bus.reconnect_hooks.add(self.on_bus_reconnected)
                 reader = asyncio.create_task(self._reader())
                 tasks = [reader]
                 closing = self._closing = asyncio.get_running_loop().create_future()
@@ -195,7 +198,6 @@ class Connection:
             for task in (*tasks, *self._background):
                 task.cancel()
             self.edge.local.remove(self.user, self)
-            self.bus.reconnect_hooks.discard(self.on_bus_reconnected)
             if self.session.state is ConnectionState.OPEN:
                 # The reader ended: the client left.
                 await self._carry_out(self.session.client_left(self._client_code))
@@ -213,13 +215,12 @@ class Connection:
 
     async def _let_go(self) -> None:
         """Unsubscribe whatever is still held (the session asked already; this is the net)."""
-        held = [self._sub, *self._replays.values()]
-        self._sub = None
+        self._detach()
+        held = list(self._replays.values())
         self._replays.clear()
         for sub in held:
-            if sub is not None:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     async def _reader(self) -> None:
         while self.session.state is ConnectionState.OPEN:
@@ -246,8 +247,9 @@ class Connection:
 
     # --- frames from NATS -------------------------------------------------------------------
 
-    async def _on_frame(self, msg: Msg) -> None:
-        """A live frame: the frames stream's republish, with its place in the stream."""
+    async def receive_frame(self, msg: Msg) -> None:
+        """A live frame, routed from the gateway's subscription (gateway/router.py): the
+        frames stream's republish, with its place in the stream."""
         await self._feed(msg, live_position(msg))
 
     async def _on_replayed_frame(self, msg: Msg) -> None:
@@ -312,16 +314,14 @@ class Connection:
         session = self.session
         if isinstance(command, SubscribeConnection):
             try:
-                self._sub = await self.bus.subscribe_connection(command.conn_id, self._on_frame)
+                self.bus.attach(command.conn_id, self)
             except TokenwireError as exc:
                 await self._carry_out(session.subscribe_failed(exc))
                 return
+            self._attached = True
             await self._carry_out(session.subscribed())
         elif isinstance(command, Unsubscribe):
-            sub, self._sub = self._sub, None
-            if sub is not None:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+            self._detach()
         elif isinstance(command, CheckRate):
             error: TokenwireError | None = None
             try:
@@ -378,6 +378,12 @@ class Connection:
                 await self._carry_out(session.token_refused(exc))
                 return
             await self._carry_out(session.token_verified(identity.user, identity.expires_at))
+
+    def _detach(self) -> None:
+        """Stop hearing this connection's live frames (a no-op once done)."""
+        if self._attached:
+            self._attached = False
+            self.bus.detach(self.conn_id, self)
 
     async def _store(self, command: StoreJob) -> None:
         """Store the job under its trace id (logs, and the span the worker continues)."""

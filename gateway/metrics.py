@@ -34,19 +34,23 @@ name                              type       labels          what
                                                              frame, draining
 ``draining``                      gauge      —               1 from SIGTERM until exit
 ``nats_connected``                gauge      —               1 while the NATS link is up
+``tasks``                         gauge      —               asyncio tasks alive in the process
+                                                             (about one per connection, its
+                                                             reader: growing beyond is a leak)
 ================================  =========  ==============  ==================================
 
 ``tokenwire gateway --workers N`` runs N processes on one port and ``/metrics`` is answered by
 whichever of them accepts the scrape, so with N > 1 the supervisor sets
 ``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess mode) and :func:`exposition`
 serves the sum of every child, also of those that died (a counter never goes back). Each gauge
-names how its children combine (``multiprocess_mode``): connections add up over the live
-processes, ``draining`` is the highest, ``nats_connected`` the lowest. With one process the
+names how its children combine (``multiprocess_mode``): connections and tasks add up over the
+live processes, ``draining`` is the highest, ``nats_connected`` the lowest. With one process the
 default registry is the whole truth, as before.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Final, get_args
 
@@ -84,10 +88,12 @@ __all__ = [
     "RESUME_OUTCOMES",
     "SERVER_FRAME_TYPES",
     "STALE_FRAMES",
+    "TASKS",
     "TTFT",
     "TTFT_BUCKETS",
     "connection_closed",
     "connection_opened",
+    "count_tasks",
     "exposition",
     "frame_in",
     "frame_out",
@@ -99,6 +105,7 @@ __all__ = [
     "resume",
     "set_draining",
     "set_nats_connected",
+    "watch_tasks",
 ]
 
 #: Seconds; from 10 ms (a warm, local Dify) to a minute (a cold agent app).
@@ -189,6 +196,12 @@ NATS_CONNECTED: Final = Gauge(
     multiprocess_mode="livemin",
 )
 
+TASKS: Final = Gauge(
+    "tokenwire_gateway_tasks",
+    "asyncio tasks alive in the gateway process (about one per connection: its reader).",
+    multiprocess_mode="livesum",
+)
+
 
 def connection_opened() -> None:
     """A WebSocket upgrade was accepted."""
@@ -243,6 +256,19 @@ def set_draining(draining: bool) -> None:
 
 def set_nats_connected(connected: bool) -> None:
     NATS_CONNECTED.set(1 if connected else 0)
+
+
+def count_tasks() -> None:
+    """Set ``tasks`` to this process's asyncio tasks now (called from its event loop)."""
+    TASKS.set(len(asyncio.all_tasks()))
+
+
+async def watch_tasks(every_s: float = 1.0) -> None:
+    """Keep ``tasks`` fresh in every process of a pod, also those that do not answer the
+    scrape (with ``--workers N`` each child's value is a file the scraped one sums)."""
+    while True:
+        count_tasks()
+        await asyncio.sleep(every_s)
 
 
 def record(tally: Tally) -> None:

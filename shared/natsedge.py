@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Final, NamedTuple
 
 import nats
@@ -41,6 +41,7 @@ from faststream.nats.security import (
 )
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.api import (
     DeliverPolicy,
     KeyValueConfig,
@@ -65,6 +66,7 @@ __all__ = [
     "credentials",
     "declare_streams",
     "delivered_upto",
+    "dropped_subject",
     "ensure_bucket",
     "ensure_stream",
     "ensure_topology",
@@ -88,6 +90,7 @@ __all__ = [
     "stream_state",
     "stream_usage",
     "subject_count",
+    "subscribe",
     "tls_context",
 ]
 
@@ -469,3 +472,29 @@ async def respond(msg: Msg, data: bytes) -> None:
     """Answer a core NATS request."""
     with map_nats_errors("answer a request"):
         await msg.respond(data)
+
+
+def dropped_subject(exc: Exception, sub: Subscription | None) -> str | None:
+    """The subject of the message nats-py dropped, if ``exc`` (given to the client's error
+    callback) says ``sub``'s pending queue was full (a slow consumer); else None."""
+    if isinstance(exc, nats.errors.SlowConsumerError) and sub is not None and exc.sub is sub:
+        return str(exc.subject)
+    return None
+
+
+async def subscribe(
+    nc: Client,
+    subject: str,
+    cb: Callable[[Msg], Awaitable[None]],
+    *,
+    pending_msgs_limit: int,
+    pending_bytes_limit: int,
+) -> Subscription:
+    """One core subscription with its callback and pending limits (what it may queue)."""
+    with map_nats_errors("subscribe"):
+        return await nc.subscribe(
+            subject,
+            cb=cb,
+            pending_msgs_limit=pending_msgs_limit,
+            pending_bytes_limit=pending_bytes_limit,
+        )

@@ -390,9 +390,15 @@ class SessionConfig:
     requires_token: bool = True
     # hello.features (see FEATURES).
     features: tuple[str, ...] = FEATURES
+    # Where workers send this connection's frames: this gateway process's subjects, the
+    # request's partition of the frames store (shared/subjects.py).
+    gateway_id: str = "gateway"
+    frame_partitions: int = 1
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, requires_token: bool) -> SessionConfig:
+    def from_settings(
+        cls, settings: Settings, *, requires_token: bool, gateway_id: str
+    ) -> SessionConfig:
         return cls(
             limits=ClientLimits(
                 max_frame_bytes=settings.max_frame_bytes,
@@ -408,6 +414,8 @@ class SessionConfig:
             idle_timeout_s=settings.idle_timeout_s,
             reorder_window=settings.reorder_window,
             requires_token=requires_token,
+            gateway_id=gateway_id,
+            frame_partitions=settings.frame_partitions,
         )
 
 
@@ -931,7 +939,7 @@ class Session:
             id=frame.id,
             user=self.user,
             conn=self.conn_id,
-            reply=request_frames(self.conn_id, key),
+            reply=self._reply_subject(key),
             kind=frame.type,
             query=frame.query,
             conversation_id=(
@@ -966,7 +974,7 @@ class Session:
         out: list[Command] = [Tally(Metric.ACCEPTED)]
         out += self._release(view, 1, accepted, "accepted", now)
         out.append(Log(logging.INFO, "chat accepted"))
-        out.append(PublishFrame(request_frames(self.conn_id, view.key), accepted))
+        out.append(PublishFrame(self._reply_subject(view.key), accepted))
         return out
 
     def store_failed(self, request_id: str, exc: TokenwireError, now: float) -> list[Command]:
@@ -1270,6 +1278,13 @@ class Session:
         code = int(self.close_code) if self.close_code is not None else self.client_close_code
         out.append(Tally(Metric.CLOSED, str(code)))
         return out
+
+    def _reply_subject(self, key: str) -> str:
+        """Where request ``key``'s frames go: this connection, on this gateway."""
+        config = self.config
+        return request_frames(
+            config.gateway_id, self.conn_id, key, partitions=config.frame_partitions
+        )
 
     def _reorderer(self, next_seq: int) -> Reorderer[tuple[bytes, str]]:
         return Reorderer(next_seq, window=self.config.reorder_window)

@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.apps import AppSpec, parse_apps_json
 from shared.ratelimit import parse_rate, rate_count
+from shared.subjects import SUBJECT_TOKEN
 
 __all__ = ["Settings", "get_settings"]
 
@@ -57,9 +58,15 @@ class Settings(BaseSettings):
     stream_replicas: int = Field(default=1, ge=1, le=5)
     # Retention of each request's frames for `resume` (seconds).
     frame_ttl_s: float = 15 * 60
+    # The frames store is this many streams (TW_FRAMES, TW_FRAMES_1, ...), a request's frames
+    # in the one its key hashes to: more streams spread the store over more JetStream
+    # leaders. Change it only on a quiet cluster (docs/operations.md): a request asked before
+    # keeps its frames in its old stream, where a resume under the new count does not look.
+    frame_partitions: int = Field(default=1, ge=1, le=64)
     # Byte limits of the job queue and the frames store (docs/operations.md, "When storage
     # fills"): a full TW_JOBS refuses new chats (retryable) before they are accepted; a full
     # TW_FRAMES drops the oldest requests' frames first, never a running answer's newest.
+    # frames_max_bytes is the whole store's, split evenly between its partitions.
     jobs_max_bytes: int = Field(default=1024**3, ge=1024)
     frames_max_bytes: int = Field(default=8 * 1024**3, ge=1024)
     # JetStream dedup window for jobs: a chat re-sent with the same id within it is one job.
@@ -74,6 +81,10 @@ class Settings(BaseSettings):
     max_inflight_jobs: int = Field(default=1000, ge=1)
 
     # --- gateway -------------------------------------------------------------------------
+    # This gateway process's name in its frame subjects (tw.frames.*.<gateway_id>.>, what its
+    # NATS user may be limited to), e.g. the pod name; unset: a fresh one per process start.
+    # One subject token: letters, digits, '_' and '-'.
+    gateway_id: str | None = None
     # Drain on SIGTERM (docs/operations.md): /readyz turns 503 at once, the gateway waits this
     # long for load balancers to stop sending new connections, then closes every client with
     # 4100 DRAINING (reconnect and resume elsewhere) and exits. Keep the pod's
@@ -241,6 +252,25 @@ class Settings(BaseSettings):
         if isinstance(inline, str):
             inline = parse_apps_json(inline)
         return {**data, "dify_apps": {**table, **(inline or {})}}
+
+    @field_validator("gateway_id")
+    @classmethod
+    def _one_subject_token(cls, value: str | None) -> str | None:
+        if value is not None and not SUBJECT_TOKEN.fullmatch(value):
+            raise ValueError(
+                "TOKENWIRE_GATEWAY_ID must be 1 to 128 of A-Z, a-z, 0-9, '_' and '-' (one NATS "
+                "subject token)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _frames_split_fits(self) -> Settings:
+        if self.frames_max_bytes // self.frame_partitions < 1024:
+            raise ValueError(
+                "TOKENWIRE_FRAMES_MAX_BYTES is split between TOKENWIRE_FRAME_PARTITIONS streams: "
+                "give each at least 1024 bytes"
+            )
+        return self
 
     @field_validator("rate_per_user", "frame_rate", "call_rate_per_user")
     @classmethod

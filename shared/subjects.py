@@ -3,13 +3,18 @@
 Layout::
 
     tw.jobs.chat                     chat jobs (stream TW_JOBS, work queue)
-    tw.frames.<conn>.<key>           every frame of request <key>, addressed to connection <conn>
-                                     (stream TW_FRAMES keeps them for resume)
-    tw.live.<conn>.<key>             the same frames as TW_FRAMES stored them, republished by the
-                                     stream in its order with their stream sequences (headers):
-                                     the owning gateway reads them live with one core
-                                     subscription per connection (a frame the stream refused,
-                                     such as a stale fence, never appears here)
+    tw.frames.<p>.<gateway>.<conn>.<key>
+                                     every frame of request <key>, addressed to connection <conn>
+                                     of gateway process <gateway>; <p> is the key's partition
+                                     (stream TW_FRAMES_<p>, partition 0 TW_FRAMES, keeps them
+                                     for resume)
+    tw.live.<p>.<gateway>.<conn>.<key>
+                                     the same frames as their partition's stream stored them,
+                                     republished by the stream in its order with their stream
+                                     sequences (headers): the gateway reads its connections'
+                                     frames live with one wildcard subscription,
+                                     tw.live.*.<gateway>.> (a frame the stream refused, such as
+                                     a stale fence, never appears here)
     tw.ctl.stop.<key>                stop request <key> (every worker listens; the owner acts)
     tw.ctl.input                     a human's answer to the form a request waits on
                                      (request/reply, queue group ``tw-input``)
@@ -40,12 +45,22 @@ scope them: key ``<kind>.<id>``). Keys of ``tw_requests``::
 ``<key>`` is :func:`request_key`: a hash of (user, client id), so ids chosen by clients never
 reach a subject, two users' ids never collide, and only the same user can name a request again
 (resume, stop).
+
+Frame subjects name their gateway so that one gateway can be allowed ``tw.frames.*.<gateway>.>``
+and nothing of another's (NATS permissions per gateway), and so that the gateway needs one
+subscription however many connections it holds. They lead with the partition,
+:func:`frame_partition` (a stable hash of ``<key>`` modulo ``TOKENWIRE_FRAME_PARTITIONS``), so
+that each partition's stream captures ``tw.frames.<p>.>`` and every reader finds a request's
+frames from its key alone: a ``resume`` on another gateway, a worker recovering the request.
+``<gateway>`` is :func:`new_gateway_id` per process start, or ``TOKENWIRE_GATEWAY_ID``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
+from typing import NamedTuple
 
 __all__ = [
     "APP_SLOTS_BUCKET",
@@ -56,7 +71,6 @@ __all__ = [
     "DEAD_ALL",
     "DEAD_CHAT",
     "DEAD_STREAM",
-    "FRAMES_ALL",
     "FRAMES_STREAM",
     "INPUT_QUEUE",
     "INPUT_SUBJECT",
@@ -65,22 +79,30 @@ __all__ = [
     "JOB_CHAT",
     "JOB_CONSUMER",
     "JOB_CONTINUE",
-    "LIVE_ALL",
     "OWNERS_BUCKET",
     "RATES_BUCKET",
     "REQUESTS_BUCKET",
+    "SUBJECT_TOKEN",
     "UPLOADS_ALL",
     "UPLOADS_STREAM",
     "UPLOADS_SUBJECT",
+    "FrameAddress",
     "app_slot_key",
     "call_rate_key",
-    "connection_frames",
     "connection_slot_key",
+    "frame_address",
+    "frame_partition",
+    "frames_stream",
+    "frames_stream_of",
+    "gateway_frames",
     "gateway_liveness_key",
     "ids_key",
     "lease_key",
     "new_connection_id",
+    "new_gateway_id",
     "owner_key",
+    "partition_frames",
+    "partition_live",
     "pause_key",
     "rate_key",
     "request_frames",
@@ -101,10 +123,13 @@ DEAD_STREAM = "TW_DEAD"
 DEAD_ALL = "tw.dead.>"
 DEAD_CHAT = "tw.dead.chat"
 
+#: The stream of frame partition 0 (the others: ``TW_FRAMES_<p>``, :func:`frames_stream`).
 FRAMES_STREAM = "TW_FRAMES"
-FRAMES_ALL = "tw.frames.>"
-#: Where TW_FRAMES republishes what it stored (``tw.frames.X`` → ``tw.live.X``).
-LIVE_ALL = "tw.live.>"
+_FRAMES_PREFIX = "tw.frames."
+#: Where a frames stream republishes what it stored (``tw.frames.X`` → ``tw.live.X``).
+_LIVE_PREFIX = "tw.live."
+#: One subject token as tokenwire's own ids are (a gateway id, a connection id).
+SUBJECT_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 CONTROL_STOP_ALL = "tw.ctl.stop.*"
 INPUT_SUBJECT = "tw.ctl.input"
@@ -135,20 +160,82 @@ def new_connection_id() -> str:
     return secrets.token_hex(10)
 
 
-def connection_frames(conn: str) -> str:
-    """What the owning gateway subscribes to for one connection: the stream's republish of
-    its frames, in the stream's order (shared/sequencing.py: the one order all readers share)."""
-    return f"tw.live.{conn}.*"
+def new_gateway_id() -> str:
+    """A fresh id for one gateway process (when ``TOKENWIRE_GATEWAY_ID`` names none)."""
+    return secrets.token_hex(6)
 
 
-def request_frames(conn: str, key: str) -> str:
-    """Where a worker publishes the frames of request ``key`` of connection ``conn``."""
-    return f"tw.frames.{conn}.{key}"
+def frame_partition(key: str, partitions: int) -> int:
+    """The partition of request ``key``'s frames: the same in every process and release
+    (a digest, never Python's salted ``hash``), spread evenly over ``partitions``."""
+    if partitions <= 1:
+        return 0
+    digest = hashlib.blake2b(key.encode(), digest_size=8, person=b"tw-part").digest()
+    return int.from_bytes(digest, "big") % partitions
 
 
-def request_frames_any_connection(key: str) -> str:
-    """Filter for every kept frame of request ``key``, whatever connection asked it (resume)."""
-    return f"tw.frames.*.{key}"
+def frames_stream(partition: int) -> str:
+    """The stream that keeps partition ``partition``'s frames (0 keeps the name TW_FRAMES)."""
+    return FRAMES_STREAM if partition == 0 else f"{FRAMES_STREAM}_{partition}"
+
+
+def partition_frames(partition: int) -> str:
+    """What the stream of partition ``partition`` captures."""
+    return f"{_FRAMES_PREFIX}{partition}.>"
+
+
+def partition_live(partition: int) -> str:
+    """Where the stream of partition ``partition`` republishes what it stored."""
+    return f"{_LIVE_PREFIX}{partition}.>"
+
+
+def request_frames(gateway: str, conn: str, key: str, *, partitions: int) -> str:
+    """Where a worker publishes the frames of request ``key`` of connection ``conn``, held by
+    gateway process ``gateway`` (the job's reply subject)."""
+    return f"{_FRAMES_PREFIX}{frame_partition(key, partitions)}.{gateway}.{conn}.{key}"
+
+
+def gateway_frames(gateway: str) -> str:
+    """What gateway process ``gateway`` subscribes to: the streams' republish of the frames of
+    all its connections, in each stream's order (shared/sequencing.py: the one order all
+    readers share)."""
+    return f"{_LIVE_PREFIX}*.{gateway}.>"
+
+
+def request_frames_any_connection(key: str, *, partitions: int) -> str:
+    """Filter for every kept frame of request ``key``, whatever gateway and connection asked it
+    (resume), within the stream :func:`frames_stream` of its partition."""
+    return f"{_FRAMES_PREFIX}{frame_partition(key, partitions)}.*.*.{key}"
+
+
+class FrameAddress(NamedTuple):
+    """The parts of a frame subject."""
+
+    partition: int
+    gateway: str
+    conn: str
+    key: str
+
+
+def frame_address(subject: str) -> FrameAddress | None:
+    """The parts of ``subject`` if it is a frame subject of this layout (as a worker publishes
+    it, or as its stream republishes it), else None."""
+    for prefix in (_FRAMES_PREFIX, _LIVE_PREFIX):
+        if subject.startswith(prefix):
+            break
+    else:
+        return None
+    parts = subject[len(prefix) :].split(".")
+    if len(parts) != 4 or not parts[0].isdigit() or not all(parts[1:]):
+        return None
+    return FrameAddress(int(parts[0]), parts[1], parts[2], parts[3])
+
+
+def frames_stream_of(subject: str) -> str:
+    """The stream that keeps ``subject``: its partition's, read from the subject itself, so
+    a request asked before the partition count changed is still found where it was kept."""
+    address = frame_address(subject)
+    return frames_stream(address.partition if address is not None else 0)
 
 
 def stop_subject(key: str) -> str:

@@ -12,7 +12,11 @@ chosen here, once, and explained in docs/operations.md:
 * ``TW_FRAMES`` — limits retention with ``max_age`` = ``TOKENWIRE_FRAME_TTL_S``: every frame
   of every request, kept for ``resume``. Workers publish into it with core NATS (no per-token
   ack round trip); the stream captures the subject and republishes what it stored on
-  ``tw.live.>``, the gateways' live path.
+  ``tw.live.>``, the gateways' live path. With ``TOKENWIRE_FRAME_PARTITIONS`` = N it is N
+  streams of the same config, ``TW_FRAMES`` (``tw.frames.0.>``, republished on
+  ``tw.live.0.>``), ``TW_FRAMES_1`` (``tw.frames.1.>``) …, each with
+  ``TOKENWIRE_FRAMES_MAX_BYTES`` / N: partition 0 is declared first, so a store of the old
+  layout (``tw.frames.>``) narrows before the others overlap it.
 * ``TW_DEAD`` — jobs that exhausted their attempts or age, with the last error in headers,
   kept ``TOKENWIRE_DEAD_LETTER_TTL_S`` for ``tokenwire jobs list/replay``.
 * ``tw_connections`` — one entry per open connection (a user's slot), ``ttl`` =
@@ -41,23 +45,24 @@ from shared.subjects import (
     CONNECTIONS_BUCKET,
     DEAD_ALL,
     DEAD_STREAM,
-    FRAMES_ALL,
-    FRAMES_STREAM,
     JOB_CONSUMER,
     JOBS_ALL,
     JOBS_STREAM,
-    LIVE_ALL,
     OWNERS_BUCKET,
     RATES_BUCKET,
     REQUESTS_BUCKET,
     UPLOADS_ALL,
     UPLOADS_STREAM,
+    frames_stream,
+    partition_frames,
+    partition_live,
 )
 
 __all__ = [
     "SLOT_LIFETIME_S",
     "app_slots_bucket_config",
     "connection_bucket_config",
+    "frame_stream_configs",
     "job_consumer_config",
     "owner_bucket_config",
     "rate_bucket_config",
@@ -69,47 +74,60 @@ __all__ = [
 
 def stream_configs(settings: Settings) -> list[dict[str, Any]]:
     """Keyword arguments for ``nats.js.api.StreamConfig``, one dict per stream."""
+    return [_jobs_stream(settings), *frame_stream_configs(settings), _dead_stream(settings)]
+
+
+def frame_stream_configs(settings: Settings) -> list[dict[str, Any]]:
+    """One stream per frame partition, partition 0 (``TW_FRAMES``) first."""
+    per_stream = settings.frames_max_bytes // settings.frame_partitions
     return [
         {
-            "name": JOBS_STREAM,
-            "subjects": [JOBS_ALL],
-            "retention": "workqueue",
-            "storage": "file",
-            "num_replicas": settings.stream_replicas,
-            "duplicate_window": settings.job_dedup_window_s,
-            "max_age": 24 * 3600.0,
-            # Full: refuse the new job (the gateway says so, retryable) rather than drop a
-            # stored one, which would lose a question already told `accepted`.
-            "max_bytes": settings.jobs_max_bytes,
-            "discard": "new",
-        },
-        {
-            "name": FRAMES_STREAM,
-            "subjects": [FRAMES_ALL],
+            "name": frames_stream(partition),
+            "subjects": [partition_frames(partition)],
             "retention": "limits",
             "storage": "file",
             "num_replicas": settings.stream_replicas,
             "max_age": settings.frame_ttl_s,
             # Full: the oldest frames go first (finished requests), so running answers keep
             # theirs; size it for frame_ttl_s of traffic (docs/operations.md).
-            "max_bytes": settings.frames_max_bytes,
+            "max_bytes": per_stream,
             "discard": "old",
             "allow_direct": True,
             # The gateways' live path: what the stream stored, in its order, with its stream
             # sequences, so a gateway, a resume and a worker's read see one order (fencing:
             # shared/sequencing.py) and a frame the stream refused never reaches a client.
-            "republish": {"src": FRAMES_ALL, "dest": LIVE_ALL},
-        },
-        {
-            "name": DEAD_STREAM,
-            "subjects": [DEAD_ALL],
-            "retention": "limits",
-            "storage": "file",
-            "num_replicas": settings.stream_replicas,
-            "max_age": settings.dead_letter_ttl_s,
-            "discard": "old",
-        },
+            "republish": {"src": partition_frames(partition), "dest": partition_live(partition)},
+        }
+        for partition in range(settings.frame_partitions)
     ]
+
+
+def _jobs_stream(settings: Settings) -> dict[str, Any]:
+    return {
+        "name": JOBS_STREAM,
+        "subjects": [JOBS_ALL],
+        "retention": "workqueue",
+        "storage": "file",
+        "num_replicas": settings.stream_replicas,
+        "duplicate_window": settings.job_dedup_window_s,
+        "max_age": 24 * 3600.0,
+        # Full: refuse the new job (the gateway says so, retryable) rather than drop a
+        # stored one, which would lose a question already told `accepted`.
+        "max_bytes": settings.jobs_max_bytes,
+        "discard": "new",
+    }
+
+
+def _dead_stream(settings: Settings) -> dict[str, Any]:
+    return {
+        "name": DEAD_STREAM,
+        "subjects": [DEAD_ALL],
+        "retention": "limits",
+        "storage": "file",
+        "num_replicas": settings.stream_replicas,
+        "max_age": settings.dead_letter_ttl_s,
+        "discard": "old",
+    }
 
 
 def job_consumer_config(settings: Settings) -> dict[str, Any]:

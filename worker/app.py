@@ -199,7 +199,7 @@ def create_app(settings: Settings) -> AsgiFastStream:
         holder["runner"] = await assemble(
             nc, js, kv, dify, settings, worker_id=f"{socket.gethostname()}:{os.getpid()}"
         )
-        holder["lag"] = asyncio.create_task(watch_queue(js))
+        holder["lag"] = asyncio.create_task(watch_queue(js, settings.frame_partitions))
         owners_kv, _ = await ensure_bucket(js, owner_bucket_config(settings))
         owners = Ownership(owners_kv)
         holder["owners"] = owners

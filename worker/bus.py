@@ -22,8 +22,8 @@ from shared.jobs import Job
 from shared.natsedge import map_nats_errors
 from shared.subjects import (
     DEAD_CHAT,
-    FRAMES_STREAM,
     JOB_CONTINUE,
+    frames_stream_of,
     ids_key,
     lease_key,
     pause_key,
@@ -56,12 +56,12 @@ class NatsBus:
         """Every frame kept for ``subject`` in the stream's order, and the last one's stream
         sequence (what a fence is published after)."""
         await self._flush()
-        kept = await natsedge.read_subject_seqs(self.js, FRAMES_STREAM, subject)
+        kept = await natsedge.read_subject_seqs(self.js, frames_stream_of(subject), subject)
         return [orjson.loads(data) for _, data in kept], (kept[-1][0] if kept else 0)
 
     async def publish_fence(self, subject: str, data: bytes, after_stream_seq: int) -> bool:
         stored = await natsedge.publish_expecting(
-            self.js, subject, data, FRAMES_STREAM, after_stream_seq
+            self.js, subject, data, frames_stream_of(subject), after_stream_seq
         )
         return stored is not None
 
@@ -76,8 +76,9 @@ class NatsBus:
         if not published:
             return
         await self._flush()
+        stream = frames_stream_of(subject)
         if not gen:
-            stored = await natsedge.subject_count(self.js, FRAMES_STREAM, subject)
+            stored = await natsedge.subject_count(self.js, stream, subject)
             if stored >= max(published):
                 return
         kept = set()
@@ -87,7 +88,7 @@ class NatsBus:
                 kept.add(frame.get("seq"))
         for seq in sorted(set(published) - kept):
             with map_nats_errors("keep a frame again"):
-                await self.js.publish(subject, published[seq], stream=FRAMES_STREAM, timeout=5.0)
+                await self.js.publish(subject, published[seq], stream=stream, timeout=5.0)
 
     async def stop_recorded(self, key: str) -> bool:
         return await natsedge.kv_get(self.kv, stop_flag_key(key)) is not None
@@ -144,7 +145,8 @@ class NatsBus:
             await self.nc.flush(timeout=5)
 
     async def _read(self, subject: str) -> list[bytes]:
-        return await natsedge.read_subject(self.js, FRAMES_STREAM, subject)
+        # The subject names its partition: the stream is found even after the count changed.
+        return await natsedge.read_subject(self.js, frames_stream_of(subject), subject)
 
     async def _put(self, name: str, value: dict[str, Any]) -> None:
         await natsedge.kv_put(self.kv, name, orjson.dumps(value))

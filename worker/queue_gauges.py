@@ -1,5 +1,5 @@
 """The cluster-wide queue gauges every worker refreshes: consumer lag, oldest job, dead letters,
-and how full the job and frame streams are.
+and how full the job stream and each frame stream (one per partition) are.
 
 They describe JetStream, not this worker (aggregate them with ``max``): each worker reads them
 every few seconds through the NATS edge, and a round that NATS cannot answer is skipped. The
@@ -16,21 +16,22 @@ from nats.js.client import JetStreamContext
 
 from shared import natsedge
 from shared.jobs import Job
-from shared.subjects import DEAD_STREAM, FRAMES_STREAM, JOB_CONSUMER, JOBS_ALL, JOBS_STREAM
+from shared.subjects import DEAD_STREAM, JOB_CONSUMER, JOBS_ALL, JOBS_STREAM, frames_stream
 from worker import metrics
 
 __all__ = ["refresh", "watch_queue"]
 
 
-async def watch_queue(js: JetStreamContext, every_s: float = 5.0) -> None:
+async def watch_queue(js: JetStreamContext, partitions: int = 1, every_s: float = 5.0) -> None:
     """Refresh the gauges every ``every_s`` seconds until cancelled."""
     while True:
         with contextlib.suppress(Exception):  # a gauge must never take the worker down
-            await refresh(js)
+            await refresh(js, partitions)
         await asyncio.sleep(every_s)
 
 
-async def refresh(js: JetStreamContext) -> None:
+async def refresh(js: JetStreamContext, partitions: int = 1) -> None:
+    """One round; ``partitions``: ``TOKENWIRE_FRAME_PARTITIONS`` (a stream each)."""
     lag = await natsedge.consumer_lag(js, JOBS_STREAM, JOB_CONSUMER)
     if lag is not None:
         metrics.set_consumer_lag(*lag)
@@ -46,7 +47,7 @@ async def refresh(js: JetStreamContext) -> None:
     metrics.set_queue_age(age)
     dead = await natsedge.stream_state(js, DEAD_STREAM)
     metrics.set_dead_letters(dead.messages or 0 if dead is not None else 0)
-    for name in (JOBS_STREAM, FRAMES_STREAM):
+    for name in (JOBS_STREAM, *(frames_stream(p) for p in range(partitions))):
         usage = await natsedge.stream_usage(js, name)
         if usage is not None:
             metrics.set_stream_bytes(name, *usage)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -14,8 +15,18 @@ from prometheus_client import REGISTRY
 from shared import natsedge
 from shared.jobs import Job
 from shared.settings import Settings
-from shared.subjects import DEAD_ALL, DEAD_STREAM, JOB_CHAT, status_key, stop_flag_key
-from tests.unit.bus_contract import BusContract
+from shared.subjects import (
+    DEAD_ALL,
+    DEAD_STREAM,
+    JOB_CHAT,
+    frame_partition,
+    frames_stream,
+    request_frames,
+    request_key,
+    status_key,
+    stop_flag_key,
+)
+from tests.unit.bus_contract import PARTITIONS, BusContract
 from tokenwire.natsserver import NatsServer
 from worker.bus import NatsBus
 from worker.queue_gauges import refresh
@@ -61,7 +72,7 @@ class NatsProbe:
 class TestNatsBus(BusContract):
     @pytest.fixture
     async def bus(self, server: NatsServer) -> AsyncIterator[NatsBus]:
-        settings = Settings(nats_url=server.url)
+        settings = Settings(nats_url=server.url, frame_partitions=PARTITIONS)
         nc = await natsedge.connect(settings, name="bus-contract")
         js = nc.jetstream()
         kv = await natsedge.ensure_topology(js, settings)
@@ -87,7 +98,7 @@ async def test_queue_gauges_show_the_oldest_job_and_the_dead_letters(server: Nat
             id="r1",
             user="u1",
             conn="c",
-            reply="tw.frames.c.gauge-job",
+            reply=request_frames("gw", "c", "gauge-job", partitions=1),
             query="q",
             trace_id="t",
             created_ms=int(time.time() * 1000) - 30_000,
@@ -98,5 +109,36 @@ async def test_queue_gauges_show_the_oldest_job_and_the_dead_letters(server: Nat
         assert age is not None and 29 <= age <= 120
         dead = REGISTRY.get_sample_value("tokenwire_worker_dead_letters")
         assert dead == (await natsedge.stream_state(js, DEAD_STREAM)).messages  # type: ignore[union-attr]
+    finally:
+        await nc.close()
+
+
+async def test_frames_are_kept_in_their_partition_s_stream(server: NatsServer) -> None:
+    """A worker keeps and reads a request's frames in the stream its key hashes to."""
+    settings = Settings(nats_url=server.url, frame_partitions=PARTITIONS)
+    nc = await natsedge.connect(settings, name="partitions")
+    try:
+        js = nc.jetstream()
+        kv = await natsedge.ensure_topology(js, settings)
+        bus = NatsBus(nc, js, kv)
+        by_partition: dict[int, str] = {}
+        for i in itertools.count():  # one request in each partition
+            key = request_key("u", f"part-{i}")
+            by_partition.setdefault(frame_partition(key, PARTITIONS), key)
+            if len(by_partition) == PARTITIONS:
+                break
+        for partition, key in sorted(by_partition.items()):
+            subject = request_frames("gw", "c", key, partitions=PARTITIONS)
+            await bus.ensure_kept(subject, {1: b'{"id":"r1","seq":1,"type":"accepted"}'})
+            assert [f["seq"] for f in await bus.kept_frames(subject)] == [1]
+            for other in range(PARTITIONS):
+                count = await natsedge.subject_count(js, frames_stream(other), subject)
+                assert count == (1 if other == partition else 0), (partition, other)
+        await refresh(js, PARTITIONS)
+        for partition in range(PARTITIONS):
+            used = REGISTRY.get_sample_value(
+                "tokenwire_worker_stream_bytes", {"stream": frames_stream(partition)}
+            )
+            assert used is not None and used > 0, partition
     finally:
         await nc.close()

@@ -21,9 +21,14 @@ import pytest
 from shared.dify_api import DifyIds
 from shared.exceptions import DifyUnavailable
 from shared.jobs import Job
+from shared.subjects import request_frames
 from worker.types import Bus
 
-__all__ = ["BusContract", "Probe"]
+#: Frame subjects of the suite spread over this many partitions (a backend with a stream per
+#: partition must read each subject from its own).
+PARTITIONS = 3
+
+__all__ = ["PARTITIONS", "BusContract", "Probe"]
 
 
 class Probe(Protocol):
@@ -60,7 +65,7 @@ class BusContract:
 
     @pytest.fixture
     def subject(self, key: str) -> str:
-        return f"tw.frames.c{uuid.uuid4().hex[:8]}.{key}"
+        return request_frames("gw", f"c{uuid.uuid4().hex[:8]}", key, partitions=PARTITIONS)
 
     # --- frames -------------------------------------------------------------------------
 
@@ -144,7 +149,7 @@ class BusContract:
             id="r1",
             user="u1",
             conn="c",
-            reply=f"tw.frames.c.{key}",
+            reply=request_frames("gw", "c", key, partitions=PARTITIONS),
             query="q",
             trace_id="t",
             created_ms=int(time.time() * 1000),

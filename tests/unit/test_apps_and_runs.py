@@ -46,7 +46,7 @@ from shared.session import (
 )
 from shared.settings import Settings
 from shared.state import RequestMachine, RequestState
-from shared.subjects import request_key
+from shared.subjects import request_frames, request_key
 from tests.unit.helpers import answer_of, assert_frames
 
 # --- apps ------------------------------------------------------------------------------
@@ -114,7 +114,7 @@ def job(**kw: Any) -> Job:
         "id": "r1",
         "user": "u",
         "conn": "c",
-        "reply": "tw.frames.c.k",
+        "reply": request_frames("gw", "c", "k", partitions=1),
         "query": "q",
         "trace_id": "t",
         "created_ms": 1,

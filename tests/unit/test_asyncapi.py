@@ -254,21 +254,31 @@ def test_the_nats_document_names_every_subject_of_shared_subjects() -> None:
     concrete = {
         value
         for name, value in vars(subjects).items()
-        if name.isupper() and isinstance(value, str) and value.startswith("tw.")
+        if name.isupper()
+        and not name.startswith("_")
+        and isinstance(value, str)
+        and value.startswith("tw.")
     }
     exact = {s for s in concrete if "*" not in s and ">" not in s}
-    exact |= {
-        subjects.request_frames("{conn}", "{key}"),
-        subjects.stop_subject("{key}"),
-    }
+    exact |= {subjects.stop_subject("{key}")}
     assert exact <= addresses
+    # The frame subject's documented parts, filled in, are what the code builds.
+    key = subjects.request_key("u", "r1")
+    (frames,) = [a for a in addresses if a.startswith("tw.frames.")]
+    filled = frames.format(
+        partition=subjects.frame_partition(key, 3), gateway="g", conn="c", key=key
+    )
+    assert filled == subjects.request_frames("g", "c", key, partitions=3)
     # … and every wildcard the code subscribes to covers at least one documented channel.
     wildcards = (concrete - exact) | {
-        subjects.connection_frames("{conn}"),
-        subjects.request_frames_any_connection("{key}"),
+        subjects.gateway_frames("{gateway}"),
+        subjects.request_frames_any_connection("{key}", partitions=1),
+        subjects.partition_frames(0),
     }
     for wildcard in wildcards:
-        pattern = wildcard.replace("{conn}", "*").replace("{key}", "*")
+        pattern = wildcard
+        for param in ("{conn}", "{key}", "{gateway}"):
+            pattern = pattern.replace(param, "*")
         assert any(_subject_matches(pattern, a) for a in addresses), wildcard
 
 
@@ -303,7 +313,7 @@ def test_the_nats_document_names_streams_consumer_and_bucket() -> None:
         if "x-jetstream" in channel
     }
     assert jetstream[subjects.JOBS_STREAM] == subjects.JOBS_ALL
-    assert jetstream[subjects.FRAMES_STREAM] == subjects.FRAMES_ALL
+    assert jetstream[subjects.FRAMES_STREAM] == subjects.partition_frames(0)
     for name, value in vars(subjects).items():
         if name.endswith("_STREAM"):
             assert value in jetstream, f"stream {value} is not documented"

@@ -30,6 +30,7 @@ GATEWAY_FAMILIES = {
     "tokenwire_gateway_draining": ("gauge", set()),
     "tokenwire_gateway_nats_connected": ("gauge", set()),
     "tokenwire_gateway_stale_frames": ("counter", set()),
+    "tokenwire_gateway_tasks": ("gauge", set()),
 }
 WORKER_FAMILIES = {
     "tokenwire_worker_jobs_received": ("counter", set()),

@@ -26,6 +26,7 @@ from shared.exceptions import (
 )
 from shared.jobs import Job
 from shared.settings import Settings
+from shared.subjects import request_frames
 from tests.unit.fakes import FakeBus, FakeDify, Msg, event
 from tests.unit.helpers import answer_of, assert_frames, seqs_of
 from worker.runner import JobRunner
@@ -38,7 +39,7 @@ SETTINGS = Settings(
     job_max_attempts=3,
     retry_base_s=0.5,
 )
-SUBJECT = "tw.frames.c.k1"
+SUBJECT = request_frames("gw", "c", "k1", partitions=1)
 
 
 def job(**kw: Any) -> Job:

@@ -21,11 +21,12 @@ from shared.dify_api import HistoryMessage
 from shared.jobs import Job
 from shared.settings import Settings
 from shared.sse import SSEEvent
+from shared.subjects import request_frames
 from tests.unit.fakes import FakeBus, FakeDify, Msg, event
 from tests.unit.helpers import answer_of, assert_frames, seqs_of
 from worker.runner import JobRunner
 
-SUBJECT = "tw.frames.c.k1"
+SUBJECT = request_frames("gw", "c", "k1", partitions=1)
 BASE = Settings(
     job_ack_wait_s=3,
     lease_check_s=0.01,

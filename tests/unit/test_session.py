@@ -53,7 +53,7 @@ from shared.session import (
     VerifyToken,
     peek_request_id,
 )
-from shared.subjects import request_key
+from shared.subjects import frame_partition, request_frames, request_key
 from tests.unit.helpers import answer_of
 
 USER = "ada"
@@ -264,7 +264,7 @@ def test_a_chat_is_stored_then_accepted_and_answered_in_order() -> None:
     assert sent(out) == [{"id": "r1", "seq": 1, "type": "accepted"}]
     assert tallies(out) == [("accepted", "")]
     publish = one(out, PublishFrame)
-    assert publish.subject == f"tw.frames.{CONN}.{request_key(USER, 'r1')}"
+    assert publish.subject == request_frames("gateway", CONN, request_key(USER, "r1"), partitions=1)
     assert session.inflight == 1
     frames = answer_frames("r1", ["Hel", "lo"])
     # Out of order and twice over: the client still gets each seq once, in order.
@@ -890,3 +890,14 @@ def test_interleavings_keep_every_promise(
         assert session.inflight == 0, "a request view was left behind"
     else:
         assert world.close_seen
+
+
+def test_a_job_s_frames_go_to_this_gateway_s_connection_in_the_key_s_partition() -> None:
+    """Workers answer on a subject only this gateway process hears, in the key's partition."""
+    session = opened(gateway_id="gw-7", frame_partitions=3)
+    out = session.receive_client(client({"type": "chat", "id": "r9", "query": "hi"}), 0.0)
+    job = one(session.rate_checked(one(out, CheckRate).request_id, 0.0), StoreJob).job
+    key = request_key(USER, "r9")
+    assert job.reply == f"tw.frames.{frame_partition(key, 3)}.gw-7.{CONN}.{key}"
+    publish = one(session.job_stored("r9", 0.0, duplicate=False), PublishFrame)
+    assert publish.subject == job.reply  # `accepted` is kept with the worker's frames

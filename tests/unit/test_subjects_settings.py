@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shared.settings import Settings
-from shared.subjects import connection_frames, request_frames, request_key
+from shared.subjects import gateway_frames, request_frames, request_key
 
 TOKEN = re.compile(r"^[0-9a-f]+$")
 
@@ -19,10 +19,11 @@ def test_request_key_is_subject_safe_and_user_scoped(user: str, rid: str) -> Non
     assert key == request_key(user, rid)
 
 
-def test_frame_subjects_nest_under_the_connection() -> None:
+def test_frame_subjects_nest_under_the_gateway() -> None:
+    subject = request_frames("gw1", "c1", "k", partitions=1)
+    assert subject == "tw.frames.0.gw1.c1.k"
     # The gateway hears the stream's republish of the subject (tw.frames.X -> tw.live.X).
-    live = "tw.live." + request_frames("c1", "k").removeprefix("tw.frames.")
-    assert live.startswith(connection_frames("c1")[:-1])
+    assert gateway_frames("gw1") == "tw.live.*.gw1.>"
 
 
 def test_settings_read_contract_names(monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -13,6 +13,7 @@ from shared.exceptions import BusUnavailable
 from shared.frames import Delta, End
 from shared.jobs import Job
 from shared.settings import Settings
+from shared.subjects import request_frames
 from tests.unit.fakes import FakeBus, FakeDify, Msg
 from worker.lease import Lease
 from worker.publishing import Publisher
@@ -26,7 +27,7 @@ def job(key: str, created_ms: int = 0) -> Job:
         id=key,
         user="u1",
         conn="c",
-        reply=f"tw.frames.c.{key}",
+        reply=request_frames("gw", "c", key, partitions=1),
         query="q",
         trace_id="t",
         created_ms=created_ms or int(time.time() * 1000),
