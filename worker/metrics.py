@@ -37,7 +37,7 @@ name                             type       labels          what
 ``consumer_ack_pending``         gauge      —               job consumer: delivered, not yet acked
 ``queue_oldest_age_seconds``     gauge      —               age of the oldest job still stored
 ``dead_letters``                 gauge      —               jobs kept in the dead-letter stream
-``stream_bytes``                 gauge      stream          bytes stored in TW_JOBS / TW_FRAMES
+``stream_bytes``                 gauge      stream          bytes stored in TW_JOBS, TW_FRAMES*
 ``stream_max_bytes``             gauge      stream          that stream's byte limit
 ``draining``                     gauge      —               1 from SIGTERM until the process exits
 ===============================  =========  ==============  =======================================
