@@ -217,14 +217,17 @@ class Close:
 
 @dataclass(frozen=True, slots=True)
 class SubscribeConnection:
-    """Hear this connection's frames; answer :meth:`Session.subscribed` or ``subscribe_failed``."""
+    """Hear this connection's frames; answer :meth:`Session.subscribed` or ``subscribe_failed``.
+
+    The gateway hears all its connections on one subscription: the pump registers this one
+    with it (``gateway/router.py``), which fails only before that subscription exists."""
 
     conn_id: str
 
 
 @dataclass(frozen=True, slots=True)
 class Unsubscribe:
-    """Stop hearing this connection's frames."""
+    """Stop hearing this connection's frames (the pump unregisters it: no NATS call)."""
 
 
 @dataclass(frozen=True, slots=True)

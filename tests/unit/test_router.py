@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from nats.errors import SlowConsumerError
 
 from gateway.bus import GatewayBus, frame_pending_limits
 from gateway.router import Router
 from shared.exceptions import BusUnavailable, InternalError
+from shared.natsedge import dropped_subject
 from shared.settings import Settings
 from shared.subjects import request_frames, request_key
 
@@ -104,3 +106,11 @@ def test_the_subscription_may_queue_a_whole_gateway_s_worth() -> None:
     assert msgs >= 65_536 and size >= 128 * 1024**2
     msgs, size = frame_pending_limits(Settings(max_connections=10_000))
     assert msgs >= 64 * 10_000 and size >= 32 * 1024 * 10_000  # a share per connection
+
+
+def test_only_a_drop_on_the_frame_subscription_names_a_connection_to_read_back() -> None:
+    frames, other = object(), object()  # two subscriptions, as nats-py names them
+    lost = SlowConsumerError(subject=subject("ca"), reply="", sid=1, sub=frames)  # type: ignore[arg-type]
+    assert dropped_subject(lost, frames) == subject("ca")  # type: ignore[arg-type]
+    assert dropped_subject(lost, other) is None  # type: ignore[arg-type]
+    assert dropped_subject(TimeoutError(), frames) is None  # type: ignore[arg-type]
