@@ -12,11 +12,12 @@ import uuid
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from shared.subjects import frame_partition, frames_stream, request_key
-from tests.integration.stack import Stack
-from tests.integration.test_nothing_lost import _holding_deltas, _owner_of, sim_queries
+from tests.integration.stack import Proc, Stack
+from tests.integration.test_nothing_lost import _holding_deltas, sim_queries
 from tests.integration.wsclient import Client, answer_of, assert_seq_complete
 from tokenwire.natsserver import NatsServer
 from tokenwire.simulator import expected_final_answer
@@ -35,6 +36,21 @@ def rid_in(partition: int, tag: str) -> str:
         if frame_partition(request_key(USER, rid), PARTITIONS) == partition:
             return rid
     raise AssertionError("no id found")  # pragma: no cover: 1000 tries, 1/3 each
+
+
+def owner_of(workers: list[Proc], client: Client) -> Proc:
+    """The worker that started the connection's request last (a loaded machine may have had
+    the job redelivered once already: the later delivery holds the lease)."""
+    conn = client.hello["session"]
+    starts = [
+        (orjson.loads(line)["ts"], worker.name)
+        for worker in workers
+        for line in worker.log_text().splitlines()
+        if conn in line and '"job started"' in line
+    ]
+    assert starts, "no worker started the request"
+    latest = max(starts)[1]
+    return next(w for w in workers if w.name == latest)
 
 
 def kept_per_stream(nats: NatsServer) -> dict[str, int]:
@@ -82,7 +98,7 @@ async def test_three_partitions_answer_resume_elsewhere_and_survive_a_killed_wor
         await client.chat(query, rid=rid, inputs={"tw_sim": long})
         start = await client.wait_for(rid, "start")
         await _holding_deltas(client, rid, 10)
-        _owner_of(workers, rid, client).kill()
+        owner_of(workers, client).kill()
         frames = await client.finish(rid, timeout=90)
     kinds = [f["type"] for f in frames]
     assert kinds[-1] == "end" and "reset" not in kinds, kinds
