@@ -118,8 +118,8 @@ async def _kept(stack: Stack, key: str) -> list[dict[str, Any]]:
                 done.set()
 
         sub = await js.subscribe(
-            request_frames_any_connection(key),
-            stream=FRAMES_STREAM,
+            request_frames_any_connection(key, partitions=1),
+            stream=FRAMES_STREAM,  # the stack's one partition
             cb=collect,
             ordered_consumer=True,
             deliver_policy=DeliverPolicy.ALL,

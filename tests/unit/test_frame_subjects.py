@@ -26,6 +26,7 @@ from shared.subjects import (
     gateway_frames,
     new_gateway_id,
     partition_frames,
+    partition_live,
     request_frames,
     request_frames_any_connection,
     request_key,
@@ -47,6 +48,11 @@ def matches(pattern: str, subject: str) -> bool:
         if i >= len(s_tokens) or (token != "*" and token != s_tokens[i]):
             return False
     return len(p_tokens) == len(s_tokens)
+
+
+def live(subject: str) -> str:
+    """Where its stream republishes ``subject`` (``tw.frames.X`` → ``tw.live.X``)."""
+    return "tw.live." + subject.removeprefix("tw.frames.")
 
 
 @given(KEYS, PARTITIONS)
@@ -71,9 +77,11 @@ def test_a_frame_subject_parses_back_to_its_parts(
 def test_only_its_own_gateway_hears_a_frame(
     gateway: str, other: str, conn: str, key: str, partitions: int
 ) -> None:
-    subject = request_frames(gateway, conn, key, partitions=partitions)
+    published = request_frames(gateway, conn, key, partitions=partitions)
+    subject = live(published)  # what the gateway hears: the stream's republish
     assert matches(gateway_frames(gateway), subject)
     assert matches(gateway_frames(other), subject) == (other == gateway)
+    assert frame_address(subject) == frame_address(published)  # either form parses
 
 
 @given(GATEWAYS, CONNS, KEYS, PARTITIONS)
@@ -127,10 +135,13 @@ def test_the_store_is_one_stream_per_partition_partition_0_first() -> None:
     assert [s["subjects"] for s in frames] == [[partition_frames(p)] for p in range(3)]
     # TOKENWIRE_FRAMES_MAX_BYTES is the whole store's, split evenly.
     assert [s["max_bytes"] for s in frames] == [1024**3] * 3
-    same = {k: v for k, v in frames[0].items() if k not in ("name", "subjects")}
-    assert all(
-        {k: v for k, v in s.items() if k not in ("name", "subjects")} == same for s in frames
-    )
+    # Each republishes what it stored on its own live subjects, the gateways' live path.
+    assert [s["republish"] for s in frames] == [
+        {"src": partition_frames(p), "dest": partition_live(p)} for p in range(3)
+    ]
+    own = ("name", "subjects", "republish")
+    same = {k: v for k, v in frames[0].items() if k not in own}
+    assert all({k: v for k, v in s.items() if k not in own} == same for s in frames)
     one = [s for s in stream_configs(Settings()) if s["name"].startswith(FRAMES_STREAM)]
     assert [(s["name"], s["subjects"]) for s in one] == [("TW_FRAMES", ["tw.frames.0.>"])]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from nats.aio.msg import Msg
 from nats.errors import SlowConsumerError
 
 from gateway.bus import GatewayBus, frame_pending_limits
@@ -22,15 +23,21 @@ class Sink:
         self.frames: list[bytes] = []
         self.lost = 0
 
-    async def receive_frame(self, data: bytes) -> None:
-        self.frames.append(data)
+    async def receive_frame(self, msg: Msg) -> None:
+        self.frames.append(msg.data)
 
     def frames_lost(self) -> None:
         self.lost += 1
 
 
 def subject(conn: str, rid: str = "r1", partitions: int = 3) -> str:
-    return request_frames(GATEWAY, conn, request_key("u", rid), partitions=partitions)
+    """A frame's subject as the gateway hears it: its stream's republish on ``tw.live.``."""
+    published = request_frames(GATEWAY, conn, request_key("u", rid), partitions=partitions)
+    return "tw.live." + published.removeprefix("tw.frames.")
+
+
+def msg(subject: str, data: bytes) -> Msg:
+    return Msg(_client=None, subject=subject, data=data)  # type: ignore[arg-type]
 
 
 async def test_each_frame_reaches_the_connection_its_subject_names() -> None:
@@ -38,8 +45,8 @@ async def test_each_frame_reaches_the_connection_its_subject_names() -> None:
     router.register("ca", a)
     router.register("cb", b)
     for i in range(5):
-        await router.route(subject("ca", f"r{i}"), b"a%d" % i)
-        await router.route(subject("cb", f"r{i}"), b"b%d" % i)
+        await router.route(msg(subject("ca", f"r{i}"), b"a%d" % i))
+        await router.route(msg(subject("cb", f"r{i}"), b"b%d" % i))
     assert a.frames == [b"a0", b"a1", b"a2", b"a3", b"a4"]
     assert b.frames == [b"b0", b"b1", b"b2", b"b3", b"b4"]
     assert len(router) == 2
@@ -49,9 +56,9 @@ async def test_frames_for_a_connection_that_left_are_dropped() -> None:
     router, a = Router(), Sink()
     router.register("ca", a)
     router.unregister("ca", a)
-    await router.route(subject("ca"), b"late")
-    await router.route(subject("nobody"), b"stray")
-    await router.route("tw.jobs.chat", b"not a frame subject")
+    await router.route(msg(subject("ca"), b"late"))
+    await router.route(msg(subject("nobody"), b"stray"))
+    await router.route(msg("tw.jobs.chat", b"not a frame subject"))
     assert a.frames == [] and len(router) == 0
 
 
@@ -59,7 +66,7 @@ async def test_only_the_registered_sink_can_unregister_its_connection() -> None:
     router, a, stale = Router(), Sink(), Sink()
     router.register("ca", a)
     router.unregister("ca", stale)  # e.g. a connection's late clean-up
-    await router.route(subject("ca"), b"f")
+    await router.route(msg(subject("ca"), b"f"))
     assert a.frames == [b"f"]
 
 
