@@ -167,11 +167,11 @@ def test_each_answer_reaches_the_connection_that_asked(held: Held) -> None:
         assert answer_of(frames) == expected_final_answer(query, CONTROLS)
 
 
-# Tasks a connection runs today beside uvicorn's own (run_asgi): its reader, the wait for its
-# close, its timer and the timer's wait_for, its outbox writer. None is NATS's: a connection's
-# own subscription added one more (nats-py's pending-queue task) before there was one per
-# gateway.
-_TASKS_PER_CONNECTION_NOW = 6
+# Tasks a connection runs today: uvicorn's own (run_asgi) and gateway/connection.py's reader
+# beside it (the timers are one sweep task, the writer starts on first use). None is NATS's:
+# a connection's own subscription added one more (nats-py's pending-queue task) before there
+# was one per gateway.
+_TASKS_PER_CONNECTION_NOW = 2
 
 
 @pytest.mark.timeout(240)
@@ -182,10 +182,8 @@ def test_no_connection_runs_a_task_for_nats(held: Held) -> None:
 
 @pytest.mark.timeout(240)
 @pytest.mark.xfail(
-    reason="each connection still runs its own timer (and its wait_for), outbox writer, "
-    "reader and close-wait tasks beside uvicorn's: the timer and writer are being replaced "
-    "elsewhere (one sweep task, a writer started on first use); the reader and close wait "
-    "are gateway/connection.py's lifecycle",
+    reason="each connection still runs gateway/connection.py's reader task beside uvicorn's "
+    "run_asgi (its lifecycle, not the subscription's)",
     strict=True,
 )
 def test_tasks_grow_by_at_most_one_per_connection(held: Held) -> None:
