@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 from pathlib import Path
@@ -53,7 +52,7 @@ def create_app(settings: Settings) -> Starlette:
         local=LocalConnections(settings),
         call_rates=RequestRate.for_calls(bus, settings),
     )
-    slots = ConnectionSlots(bus, settings, owner=secrets.token_hex(6))
+    slots = ConnectionSlots(bus, settings, owner=bus.gateway_id)
     admission = Admission(bus, settings, edge, slots)
     uploads = Uploads(bus, settings, edge.auth, edge.call_rates or edge.rates)
     state = {"draining": False}

@@ -25,17 +25,21 @@ from nats.js.kv import KeyValue
 from opentelemetry import propagate
 
 from gateway import metrics
+from gateway.replay_client import WorkerMadeConsumers
 from gateway.router import FrameSink, Router
 from shared import natsedge
 from shared.exceptions import BusRetryable, BusUnavailable, TokenwireError
 from shared.jobs import Job
 from shared.natsedge import KvEntry, map_nats_errors
+from shared.replay_proxy import encode_has_ask, read_has_reply
 from shared.session import StreamPosition
 from shared.settings import Settings
 from shared.subjects import (
     CALLS_SUBJECT,
     INPUT_SUBJECT,
     JOB_CHAT,
+    REPLAY_SUBJECT,
+    REQUESTS_BUCKET,
     UPLOADS_STREAM,
     frame_partition,
     frames_stream,
@@ -63,6 +67,8 @@ FrameHandler = Callable[[Msg], Awaitable[None]]
 
 
 LIMITS_TIMEOUT_S = 1.0
+# How long a worker may take to say whether a request's frames are kept (restricted NATS).
+_REPLAY_ASK_TIMEOUT_S = 5.0
 
 # What the frame subscription may hold before nats-py drops frames (a slow consumer: the event
 # loop fell behind), sized for the whole gateway: a share per connection it may hold, and at
@@ -95,6 +101,8 @@ class GatewayBus:
         self.router = Router()
         self.nc: Client | None = None
         self._js: JetStreamContext | None = None
+        # Replays' consumers: made by JetStream itself, or by a worker when restricted.
+        self._replay_js: JetStreamContext | None = None
         self._kv: KeyValue | None = None
         self._buckets: dict[str, KeyValue] = {}
         self._frames: Subscription | None = None
@@ -112,6 +120,7 @@ class GatewayBus:
         self.nc = await natsedge.connect(
             self.settings,
             name="tokenwire-gateway",
+            process=self.gateway_id,
             error_cb=self._on_error,
             disconnected_cb=_on_disconnected,
             reconnected_cb=self._on_reconnected,
@@ -119,15 +128,23 @@ class GatewayBus:
         )
         metrics.set_nats_connected(True)
         self._js = self.nc.jetstream()
-        self._kv = await natsedge.ensure_topology(self._js, self.settings)
-        await natsedge.ensure_stream(self._js, upload_stream_config(self.settings))
+        restricted = self.settings.nats_restricted
+        self._replay_js = WorkerMadeConsumers(self.nc) if restricted else self._js
+        if restricted:
+            self._kv = await self._await_bucket(REQUESTS_BUCKET)
+        else:
+            self._kv = await natsedge.ensure_topology(self._js, self.settings)
+            await natsedge.ensure_stream(self._js, upload_stream_config(self.settings))
         for spec in (connection_bucket_config(self.settings), rate_bucket_config(self.settings)):
-            await self._ensure_bucket(spec)
+            if restricted:
+                await self._await_bucket(spec["bucket"])
+            else:
+                await self._ensure_bucket(spec)
             # The limits must not hold a client up for long when JetStream is electing a new
             # leader: their own context answers (or fails, and the limits fail open) in 1 s.
             limits_js = self.nc.jetstream(timeout=LIMITS_TIMEOUT_S)
             bucket = await natsedge.open_bucket(limits_js, spec["bucket"])
-            assert bucket is not None, "declared just above"
+            assert bucket is not None, "declared above"
             self._buckets[spec["bucket"]] = bucket
         # Last: until it is in place no connection is let in (attach refuses), and nats-py
         # makes it again by itself on every reconnect.
@@ -163,6 +180,21 @@ class GatewayBus:
         dropped = natsedge.dropped_subject(exc, self._frames)
         if dropped is not None:
             self.router.lost(dropped)  # that connection reads its requests back
+
+    async def _await_bucket(self, name: str) -> KeyValue:
+        """A bucket the workers declare (a restricted gateway may not): wait until it exists."""
+        waited = 0.0
+        while True:
+            bucket = await natsedge.open_bucket(self.js, name)
+            if bucket is not None:
+                return bucket
+            if waited % 10 == 0:
+                log.warning(
+                    "waiting for a worker to declare the streams and buckets",
+                    extra={"bucket": name},
+                )
+            await asyncio.sleep(1.0)
+            waited += 1.0
 
     async def _ensure_bucket(self, spec: dict[str, Any]) -> KeyValue:
         """Create a KV bucket, or bring an existing one's TTL to ours (the last start wins)."""
@@ -293,6 +325,11 @@ class GatewayBus:
 
     async def has_frames(self, key: str) -> bool:
         """Whether any frame of request ``key`` is still kept (resume of a known id)."""
+        if self.settings.nats_restricted:
+            reply = await self.request(
+                REPLAY_SUBJECT, encode_has_ask(key), _REPLAY_ASK_TIMEOUT_S, "look up the request"
+            )
+            return read_has_reply(reply)
         return await natsedge.has_message(
             self.js,
             self._stream_of(key),
@@ -302,8 +339,9 @@ class GatewayBus:
     async def replay(self, key: str, handler: FrameHandler) -> Any:
         """Every kept frame of request ``key`` in order, then the live rest (ordered consumer),
         from its partition's stream, whichever gateway and connection asked it."""
+        assert self._replay_js is not None, "GatewayBus.start() not awaited"
         with map_nats_errors("replay the request"):
-            return await self.js.subscribe(
+            return await self._replay_js.subscribe(
                 request_frames_any_connection(key, partitions=self.partitions),
                 stream=self._stream_of(key),
                 cb=handler,

@@ -55,6 +55,7 @@ from nats.js.kv import KeyValue
 
 from shared.exceptions import BusFull, BusRetryable, BusUnavailable
 from shared.settings import Settings
+from shared.subjects import inbox_prefix
 from shared.topology import request_bucket_config, stream_configs
 
 __all__ = [
@@ -181,9 +182,15 @@ def broker_security(settings: Settings) -> NatsSecurity | None:
     return NatsSecurity(ssl_context=tls) if tls is not None else None
 
 
-async def connect(settings: Settings, *, name: str, **options: Any) -> Client:
+async def connect(
+    settings: Settings, *, name: str, process: str | None = None, **options: Any
+) -> Client:
     """One NATS connection named ``name`` (callbacks and reconnect options as nats-py's),
-    with the credentials and TLS of the settings."""
+    with the credentials and TLS of the settings. With ``process`` (one subject token: the
+    process's identity) its replies arrive under its own inbox prefix, so NATS permissions can
+    allow a process its own replies and nobody else's."""
+    if process is not None:
+        options["inbox_prefix"] = inbox_prefix(process)
     with map_nats_errors("connect to NATS"):
         client: Client = await nats.connect(
             nats_servers(settings), name=name, **credentials(settings), **options

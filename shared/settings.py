@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     nats_tls_ca_file: Path | None = None
     nats_tls_cert_file: Path | None = None
     nats_tls_key_file: Path | None = None
+    # The gateway's NATS user has the restricted gateway permissions (docs/security.md, "NATS
+    # permissions"): it declares no stream or bucket (the workers do), reads kept frames for
+    # `resume` through a worker, and takes replies on its own inbox prefix only.
+    nats_restricted: bool = False
     stream_replicas: int = Field(default=1, ge=1, le=5)
     # Retention of each request's frames for `resume` (seconds).
     frame_ttl_s: float = 15 * 60

@@ -25,6 +25,11 @@ Layout::
                                      ``tw-calls``: one worker answers each)
     tw.uploads                       "upload this staged file to Dify" (request/reply, the same
                                      queue group)
+    tw.ctl.replay                    a restricted gateway's "create this replay consumer" / "are
+                                     frames kept" (request/reply, the same queue group; checked
+                                     by shared/replay_proxy.py)
+    _INBOX.<process>.…               each process's replies (its own inbox prefix, so a gateway
+                                     may be allowed its own inbox only)
     tw.upload.<upload id>            a staged upload's chunks (stream TW_UPLOADS, short-lived)
 
 KV buckets: ``tw_requests`` (per-request facts, keys below), ``tw_connections`` (who holds
@@ -81,6 +86,7 @@ __all__ = [
     "JOB_CONTINUE",
     "OWNERS_BUCKET",
     "RATES_BUCKET",
+    "REPLAY_SUBJECT",
     "REQUESTS_BUCKET",
     "SUBJECT_TOKEN",
     "UPLOADS_ALL",
@@ -97,6 +103,7 @@ __all__ = [
     "gateway_frames",
     "gateway_liveness_key",
     "ids_key",
+    "inbox_prefix",
     "lease_key",
     "new_connection_id",
     "new_gateway_id",
@@ -145,6 +152,7 @@ OWNERS_BUCKET = "tw_owners"
 CALLS_SUBJECT = "tw.calls"
 CALLS_QUEUE = "tw-calls"
 UPLOADS_SUBJECT = "tw.uploads"
+REPLAY_SUBJECT = "tw.ctl.replay"
 UPLOADS_STREAM = "TW_UPLOADS"
 UPLOADS_ALL = "tw.upload.>"
 
@@ -236,6 +244,11 @@ def frames_stream_of(subject: str) -> str:
     a request asked before the partition count changed is still found where it was kept."""
     address = frame_address(subject)
     return frames_stream(address.partition if address is not None else 0)
+
+
+def inbox_prefix(process: str) -> str:
+    """The inbox prefix of one process (``process``: one subject token, its identity)."""
+    return f"_INBOX.{process}"
 
 
 def stop_subject(key: str) -> str:

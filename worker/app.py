@@ -33,6 +33,7 @@ from shared.natsedge import (
     RECONNECT_FOREVER,
     broker_security,
     ensure_bucket,
+    ensure_stream,
     ensure_topology,
     nats_servers,
     respond,
@@ -46,9 +47,16 @@ from shared.subjects import (
     INPUT_SUBJECT,
     JOBS_ALL,
     JOBS_STREAM,
+    REPLAY_SUBJECT,
     UPLOADS_SUBJECT,
 )
-from shared.topology import job_consumer_config, owner_bucket_config
+from shared.topology import (
+    connection_bucket_config,
+    job_consumer_config,
+    owner_bucket_config,
+    rate_bucket_config,
+    upload_stream_config,
+)
 from shared.tracing import nats_middlewares
 from worker.assembly import assemble
 from worker.calls import Calls
@@ -57,6 +65,7 @@ from worker.human_input import answer_input
 from worker.ownership import Ownership
 from worker.queue_gauges import watch_queue
 from worker.readiness import Readiness
+from worker.replay_proxy import ReplayProxy
 from worker.runner import JobRunner
 from worker.uploads import Uploads
 from worker.waiting_line import job_intake
@@ -189,11 +198,30 @@ def create_app(settings: Settings) -> AsgiFastStream:
             return
         await respond(msg.raw_message, await uploads.handle(msg.body))
 
+    @broker.subscriber(
+        REPLAY_SUBJECT,
+        queue=CALLS_QUEUE,
+        no_reply=True,  # the handler answers, through the NATS edge
+        title="replay",
+        description="Create a restricted gateway's replay consumer (request/reply).",
+    )
+    async def on_replay() -> None:
+        msg: NatsMessage = broker.context.get_local("message")
+        proxy: ReplayProxy | None = holder.get("replay")
+        if proxy is None or not msg.raw_message.reply:
+            return
+        await respond(msg.raw_message, await proxy.handle(msg.body))
+
     async def startup() -> None:
         await broker.connect()
         nc = broker.connection
         js = nc.jetstream()
         kv = await ensure_topology(js, settings)
+        # The gateways' buckets and stream too: a restricted gateway may not declare them.
+        await ensure_stream(js, upload_stream_config(settings))
+        for spec in (connection_bucket_config(settings), rate_bucket_config(settings)):
+            await ensure_bucket(js, spec)
+        holder["replay"] = ReplayProxy(nc, js, settings.frame_partitions)
         dify = DifyClient(settings)
         holder["dify"] = dify
         holder["runner"] = await assemble(
