@@ -44,8 +44,8 @@ __all__ = [
     "encode_consumer_ask",
     "encode_has_ask",
     "error_reply",
-    "key_stream",
     "has_reply",
+    "key_stream",
     "read_has_reply",
 ]
 

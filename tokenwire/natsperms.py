@@ -38,8 +38,8 @@ from shared.subjects import (
     UPLOADS_SUBJECT,
     gateway_frames,
     inbox_prefix,
-    stop_subject,
     stop_flag_key,
+    stop_subject,
     upload_chunks,
 )
 
