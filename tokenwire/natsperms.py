@@ -16,14 +16,21 @@ tokens) or any kept frame except through a worker, one request at a time
 
 ``python -m tokenwire.natsperms gateway-0 gateway-1`` prints an ``authorization`` block for
 nats-server (JSON is valid nats-server configuration) with a user per gateway and one for the
-workers, passwords to be filled in; deploy/k8s/nats-values.yaml holds the same for the chart.
+workers, passwords to be filled in. With ``--nkeys DIR`` it writes a fresh NKey seed per user
+to ``DIR/<user>.nk`` (mode 0600: the Secret the pods mount) and prints the block with their
+public keys instead of passwords; deploy/k8s/nats-values-restricted.yaml is such a block for
+the chart (regenerate it: its keys are examples).
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
+import nkeys
 import orjson
 
 from shared.subjects import (
@@ -34,6 +41,7 @@ from shared.subjects import (
     RATES_BUCKET,
     REPLAY_SUBJECT,
     REQUESTS_BUCKET,
+    SUBJECT_TOKEN,
     UPLOADS_STREAM,
     UPLOADS_SUBJECT,
     gateway_frames,
@@ -43,7 +51,10 @@ from shared.subjects import (
     upload_chunks,
 )
 
-__all__ = ["authorization", "gateway_permissions", "worker_permissions"]
+__all__ = ["WORKER_USER", "authorization", "gateway_permissions", "worker_permissions"]
+
+#: The workers' NATS user.
+WORKER_USER = "worker"
 
 
 def gateway_permissions(gateway: str) -> dict[str, Any]:
@@ -76,22 +87,51 @@ def worker_permissions() -> dict[str, Any]:
     return {"publish": {"allow": [">"]}, "subscribe": {"allow": [">"]}}
 
 
-def authorization(gateways: list[str], password: str = "CHANGE-ME") -> dict[str, Any]:
-    """An ``authorization`` block: one user per gateway (named as the gateway), one worker."""
-    users = [
-        {"user": gateway, "password": password, "permissions": gateway_permissions(gateway)}
-        for gateway in gateways
-    ]
-    users.append({"user": "worker", "password": password, "permissions": worker_permissions()})
+def authorization(
+    gateways: list[str], public_keys: dict[str, str] | None = None, password: str = "CHANGE-ME"
+) -> dict[str, Any]:
+    """An ``authorization`` block: one user per gateway (named as the gateway) and the workers'.
+
+    With ``public_keys`` (user → NKey public key) users are ``nkey`` entries, else a user name
+    and ``password``."""
+    perms = {gateway: gateway_permissions(gateway) for gateway in gateways}
+    perms[WORKER_USER] = worker_permissions()
+    users = []
+    for name, permissions in perms.items():
+        who = {"nkey": public_keys[name]} if public_keys else {"user": name, "password": password}
+        users.append({**who, "permissions": permissions})
     return {"authorization": {"users": users}}
 
 
+def write_seeds(folder: Path, names: list[str]) -> dict[str, str]:
+    """A fresh NKey user seed per name in ``folder/<name>.nk`` (0600); name → public key."""
+    folder.mkdir(parents=True, exist_ok=True)
+    public = {}
+    for name in names:
+        seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+        path = folder / f"{name}.nk"
+        path.touch(mode=0o600)
+        path.write_bytes(seed)
+        public[name] = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    return public
+
+
 def main(argv: list[str]) -> int:
-    if not argv or any(arg.startswith("-") for arg in argv):
-        print("usage: python -m tokenwire.natsperms GATEWAY_ID [GATEWAY_ID ...]", file=sys.stderr)
-        return 2
-    sys.stdout.write(orjson.dumps(authorization(argv), option=orjson.OPT_INDENT_2).decode())
-    sys.stdout.write("\n")
+    parser = argparse.ArgumentParser(
+        prog="python -m tokenwire.natsperms",
+        description="Print nats-server authorization for gateways (one user each) and workers.",
+    )
+    parser.add_argument("gateways", nargs="+", metavar="GATEWAY_ID")
+    parser.add_argument(
+        "--nkeys", type=Path, metavar="DIR", help="write a NKey seed per user into DIR"
+    )
+    args = parser.parse_args(argv)
+    bad = [g for g in args.gateways if not SUBJECT_TOKEN.fullmatch(g) or g == WORKER_USER]
+    if bad:
+        parser.error(f"not a gateway id (letters, digits, '-', '_'; not 'worker'): {bad[0]!r}")
+    keys = write_seeds(args.nkeys, [*args.gateways, WORKER_USER]) if args.nkeys else None
+    block = authorization(args.gateways, keys)
+    sys.stdout.write(orjson.dumps(block, option=orjson.OPT_INDENT_2).decode() + "\n")
     return 0
 
 

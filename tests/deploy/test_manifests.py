@@ -46,6 +46,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 BASE = DEPLOY / "k8s/base"
 OVERLAY = DEPLOY / "k8s/overlays/example"
+RESTRICTED = DEPLOY / "k8s/overlays/restricted"
+NATS_VALUES_RESTRICTED = DEPLOY / "k8s/nats-values-restricted.yaml"
 NATS_VALUES = DEPLOY / "k8s/nats-values.yaml"
 ALERTS = DEPLOY / "prometheus/alerts.yaml"
 DASHBOARD = DEPLOY / "grafana/tokenwire.json"
@@ -87,8 +89,18 @@ def one(manifests: tuple[Manifest, ...], kind: str, name_prefix: str) -> Manifes
     return found[0]
 
 
+WORKLOADS = ("Deployment", "StatefulSet")
+
+
 def deployment(manifests: tuple[Manifest, ...], component: str) -> Manifest:
-    return one(manifests, "Deployment", f"tokenwire-{component}")
+    """The component's workload: a Deployment (gateways: a StatefulSet when restricted)."""
+    found = [
+        m
+        for m in manifests
+        if m["kind"] in WORKLOADS and m["metadata"]["name"] == f"tokenwire-{component}"
+    ]
+    assert len(found) == 1, f"expected one workload tokenwire-{component}, found {len(found)}"
+    return found[0]
 
 
 def container(manifests: tuple[Manifest, ...], component: str) -> Manifest:
@@ -103,7 +115,9 @@ def config_data(manifests: tuple[Manifest, ...]) -> dict[str, str]:
     return data
 
 
-RENDERINGS = pytest.mark.parametrize("path", [BASE, OVERLAY], ids=["base", "overlay"])
+RENDERINGS = pytest.mark.parametrize(
+    "path", [BASE, OVERLAY, RESTRICTED], ids=["base", "overlay", "restricted"]
+)
 
 
 # --- schemas -----------------------------------------------------------------------------
@@ -341,15 +355,15 @@ def test_selectors_targets_and_references_resolve(path: Path) -> None:
     for m in manifests:
         by_kind.setdefault(m["kind"], {})[m["metadata"]["name"]] = m
 
+    workloads = {name: d for kind in WORKLOADS for name, d in by_kind.get(kind, {}).items()}
     pod_labels = {
-        name: d["spec"]["template"]["metadata"]["labels"]
-        for name, d in by_kind["Deployment"].items()
+        name: d["spec"]["template"]["metadata"]["labels"] for name, d in workloads.items()
     }
 
     def selects(selector: dict[str, str]) -> set[str]:
         return {n for n, labels in pod_labels.items() if selector.items() <= labels.items()}
 
-    for name, d in by_kind["Deployment"].items():
+    for name, d in workloads.items():
         assert selects(d["spec"]["selector"]["matchLabels"]) == {name}
     assert selects(by_kind["Service"]["tokenwire-gateway"]["spec"]["selector"]) == {
         "tokenwire-gateway"
@@ -357,7 +371,10 @@ def test_selectors_targets_and_references_resolve(path: Path) -> None:
     for pdb in by_kind["PodDisruptionBudget"].values():
         assert len(selects(pdb["spec"]["selector"]["matchLabels"])) == 1
     hpa = by_kind["HorizontalPodAutoscaler"]["tokenwire-gateway"]["spec"]["scaleTargetRef"]
-    assert (hpa["kind"], hpa["name"]) == ("Deployment", "tokenwire-gateway")
+    assert (hpa["kind"], hpa["name"]) == (
+        workloads["tokenwire-gateway"]["kind"],
+        "tokenwire-gateway",
+    )
     scaled = by_kind["ScaledObject"]["tokenwire-worker"]["spec"]["scaleTargetRef"]
     assert scaled["name"] == "tokenwire-worker"
 
@@ -369,13 +386,20 @@ def test_selectors_targets_and_references_resolve(path: Path) -> None:
     service = by_kind["Service"][backend["service"]["name"]]
     assert backend["service"]["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
 
+    # A StatefulSet names its governing Service, which exists and selects only it.
+    for d in by_kind.get("StatefulSet", {}).values():
+        governing = by_kind["Service"][d["spec"]["serviceName"]]["spec"]
+        assert governing["clusterIP"] == "None"
+        assert selects(governing["selector"]) == {d["metadata"]["name"]}
+
     # The autoscalers own the replica counts.
-    for d in by_kind["Deployment"].values():
+    for d in workloads.values():
         assert "replicas" not in d["spec"], d["metadata"]["name"]
 
 
-def test_the_overlay_references_generated_config_and_secrets_that_exist() -> None:
-    manifests = render(OVERLAY)
+@pytest.mark.parametrize("path", [OVERLAY, RESTRICTED], ids=["overlay", "restricted"])
+def test_the_overlay_references_generated_config_and_secrets_that_exist(path: Path) -> None:
+    manifests = render(path)
     names = {(m["kind"], m["metadata"]["name"]): m for m in manifests}
     for component in ("gateway", "worker"):
         spec = container(manifests, component)
@@ -586,6 +610,49 @@ def test_grace_periods_outlast_the_drains(path: Path, monkeypatch: pytest.Monkey
     assert readiness["periodSeconds"] * readiness["failureThreshold"] <= settings.drain_delay_s
     # A worker killed anyway: its jobs come back within the ack wait, well inside a minute.
     assert settings.job_ack_wait_s <= 60
+
+
+def test_restricted_gateways_each_use_their_own_nats_user_and_nothing_more() -> None:
+    manifests = render(RESTRICTED)
+    gateway = deployment(manifests, "gateway")
+    assert gateway["kind"] == "StatefulSet"
+    assert config_data(manifests)["TOKENWIRE_NATS_RESTRICTED"] == "true"
+    env = {e["name"]: e for e in container(manifests, "gateway")["env"]}
+    # The id is the pod's name, and the key it uses is the one named after it.
+    assert env["TOKENWIRE_GATEWAY_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    seed = env["TOKENWIRE_NATS_NKEY_SEED_FILE"]["value"]
+    assert seed.endswith("/$(TOKENWIRE_GATEWAY_ID).nk")
+    names = {(m["kind"], m["metadata"]["name"]): m for m in manifests}
+
+    def key_secrets(component: str) -> dict[str, set[str]]:
+        pod = deployment(manifests, component)["spec"]["template"]["spec"]
+        mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+        out = {}
+        for volume in pod["volumes"]:
+            if "secret" in volume and volume["name"] in mounts:
+                secret = names[("Secret", volume["secret"]["secretName"])]
+                out[mounts[volume["name"]]] = set(secret["data"])
+        return out
+
+    gateway_keys = key_secrets("gateway")
+    assert list(gateway_keys) == [seed.rsplit("/", 1)[0]]
+    files = gateway_keys[seed.rsplit("/", 1)[0]]
+    # A key for every pod the autoscaler may start, and no worker key among them.
+    most = one(manifests, "HorizontalPodAutoscaler", "tokenwire-gateway")["spec"]["maxReplicas"]
+    assert {f"tokenwire-gateway-{n}.nk" for n in range(most)} <= files
+    assert "worker.nk" not in files
+    worker_env = {e["name"]: e.get("value") for e in container(manifests, "worker")["env"]}
+    assert key_secrets("worker") == {"/etc/tokenwire/nats": {"worker.nk"}}
+    assert worker_env["TOKENWIRE_NATS_NKEY_SEED_FILE"] == "/etc/tokenwire/nats/worker.nk"
+
+    # The chart values give exactly those users exactly tokenwire's permissions.
+    from tokenwire.natsperms import gateway_permissions, worker_permissions
+
+    values = yaml.safe_load(NATS_VALUES_RESTRICTED.read_text())
+    users = values["config"]["merge"]["authorization"]["users"]
+    expected = [gateway_permissions(f"tokenwire-gateway-{n}") for n in range(most)]
+    assert [u["permissions"] for u in users] == [*expected, worker_permissions()]
+    assert all(u["nkey"].startswith("U") and "password" not in u for u in users)
 
 
 def test_keda_scales_workers_on_the_real_job_consumer() -> None:
