@@ -102,6 +102,7 @@ __all__ = [
     "frames_stream_of",
     "gateway_frames",
     "gateway_liveness_key",
+    "gateway_stamped_frames",
     "ids_key",
     "inbox_prefix",
     "lease_key",
@@ -208,6 +209,12 @@ def gateway_frames(gateway: str) -> str:
     all its connections, in each stream's order (shared/sequencing.py: the one order all
     readers share)."""
     return f"{_LIVE_PREFIX}*.{gateway}.>"
+
+
+def gateway_stamped_frames(gateway: str) -> str:
+    """The frame subjects gateway ``gateway`` publishes to itself (the ``accepted`` it stamps on
+    its own connections' requests): what its NATS permissions allow (tokenwire/natsperms.py)."""
+    return f"{_FRAMES_PREFIX}*.{gateway}.>"
 
 
 def request_frames_any_connection(key: str, *, partitions: int) -> str:

@@ -7,7 +7,8 @@ Dify's keys). A gateway is given only what it uses (docs/security.md, "NATS perm
   uploads and their chunks, replay requests to the workers; the two limit buckets
   (``tw_connections``, ``tw_rates``); a stop flag in ``tw_requests`` (write only); flow-control
   answers of its replays;
-* subscribe: its own frames (``tw.frames.*.<gateway>.>``) and its own inbox only.
+* subscribe: its own frames (the streams' republish, ``tw.live.*.<gateway>.>``) and its own
+  inbox only.
 
 So a gateway's credentials cannot read another gateway's frames, the job queue (queries,
 inputs), calls' or uploads' answers to other gateways, the request bucket (Dify's ids, form
@@ -45,6 +46,7 @@ from shared.subjects import (
     UPLOADS_STREAM,
     UPLOADS_SUBJECT,
     gateway_frames,
+    gateway_stamped_frames,
     inbox_prefix,
     stop_flag_key,
     stop_subject,
@@ -62,7 +64,7 @@ def gateway_permissions(gateway: str) -> dict[str, Any]:
     limits = (CONNECTIONS_BUCKET, RATES_BUCKET)
     publish = [
         JOB_CHAT,
-        gateway_frames(gateway),
+        gateway_stamped_frames(gateway),
         stop_subject("*"),
         INPUT_SUBJECT,
         CALLS_SUBJECT,

@@ -142,7 +142,14 @@ async def test_a_gateways_credentials_read_its_own_frames_and_nothing_else(
 
     try:
         own = gateway_frames("gw-a")
-        denied = [gateway_frames("gw-b"), "tw.frames.>", JOBS_ALL, "_INBOX.>", "tw.calls"]
+        denied = [
+            gateway_frames("gw-b"),
+            "tw.live.>",
+            "tw.frames.>",
+            JOBS_ALL,
+            "_INBOX.>",
+            "tw.calls",
+        ]
         for subject in (own, *denied):
             await listen(subject)
         await nc.flush()
