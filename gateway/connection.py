@@ -42,7 +42,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from gateway import metrics
 from gateway.auth import Authenticator, Identity
 from gateway.bus import GatewayBus, live_position
-from gateway.limits import LocalConnections, RequestRate
+from gateway.limits import Gate, LocalConnections, RequestRate
 from gateway.outbox import Outbox
 from gateway.sweep import Sweep
 from shared.calls import CallRequest, decode_reply, encode_call
@@ -100,6 +100,8 @@ class Edge:
     call_rates: RequestRate | None = None
     #: Feeds every connection's session the clock at its deadlines (one task per gateway).
     sweep: Sweep = field(default_factory=Sweep)
+    #: Admission control of ``resume`` frames (None: not capped).
+    resumes: Gate | None = None
 
 
 def _now() -> float:
@@ -352,12 +354,7 @@ class Connection:
             except TokenwireError as exc:
                 await self._carry_out(session.stop_failed(exc))
         elif isinstance(command, LookUp):
-            try:
-                found = await self.bus.has_frames(command.key)
-            except TokenwireError as exc:
-                await self._carry_out(session.lookup_failed(command.request_id, exc))
-                return
-            await self._carry_out(session.looked_up(command.request_id, found=found))
+            await self._look_up(command)
         elif isinstance(command, StartReplay):
             try:
                 replay = await self.bus.replay(command.key, self._on_replayed_frame)
@@ -378,6 +375,26 @@ class Connection:
                 await self._carry_out(session.token_refused(exc))
                 return
             await self._carry_out(session.token_verified(identity.user, identity.expires_at))
+
+    async def _look_up(self, command: LookUp) -> None:
+        """A ``resume``: look the request up and start its replay, holding one of the
+        gateway's places for resumes in progress (none free: ``too_busy``, retry later)."""
+        session, gate = self.session, self.edge.resumes
+        if gate is not None and not gate.enter():
+            metrics.refusal("resume_limit")
+            refused = gate.refusal(command.request_id)
+            await self._carry_out(session.resume_refused(command.request_id, refused))
+            return
+        try:
+            try:
+                found = await self.bus.has_frames(command.key)
+            except TokenwireError as exc:
+                await self._carry_out(session.lookup_failed(command.request_id, exc))
+                return
+            await self._carry_out(session.looked_up(command.request_id, found=found))
+        finally:
+            if gate is not None:
+                gate.leave()
 
     async def _store(self, command: StoreJob) -> None:
         """Store the job under its trace id (logs, and the span the worker continues)."""

@@ -27,6 +27,7 @@ GATEWAY_FAMILIES = {
     "tokenwire_gateway_ttft_seconds": ("histogram", set()),
     "tokenwire_gateway_resumes": ("counter", {"outcome"}),
     "tokenwire_gateway_refusals": ("counter", {"kind"}),
+    "tokenwire_gateway_in_progress": ("gauge", {"work"}),
     "tokenwire_gateway_draining": ("gauge", set()),
     "tokenwire_gateway_nats_connected": ("gauge", set()),
     "tokenwire_gateway_stale_frames": ("counter", set()),
