@@ -37,6 +37,7 @@ name                              type       labels          what
                                                              resume_limit
 ``in_progress``                   gauge      ``work``        handshakes or resumes in progress
                                                              now (admission control's gates)
+``asyncio_tasks``                 gauge      —               asyncio tasks alive in the process
 ``draining``                      gauge      —               1 from SIGTERM until exit
 ``nats_connected``                gauge      —               1 while the NATS link is up
 ================================  =========  ==============  ==================================
@@ -52,6 +53,7 @@ default registry is the whole truth, as before.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable
 from typing import Final, get_args
@@ -72,6 +74,7 @@ from shared.metric_labels import bounded as _bounded
 from shared.session import Metric, Tally
 
 __all__ = [
+    "ASYNCIO_TASKS",
     "CLIENT_FRAME_TYPES",
     "CLOSE_CODES",
     "CONNECTIONS",
@@ -200,6 +203,11 @@ IN_PROGRESS: Final = Gauge(
 )
 for _work in sorted(GATED_WORK):
     IN_PROGRESS.labels(work=_work)  # 0 until the gate is watched: both series always exist
+ASYNCIO_TASKS: Final = Gauge(
+    "tokenwire_gateway_asyncio_tasks",
+    "asyncio tasks alive in the gateway process (growth at constant load is a leak).",
+    multiprocess_mode="livesum",
+)
 DRAINING: Final = Gauge(
     "tokenwire_gateway_draining",
     "1 from SIGTERM until the process exits.",
@@ -210,6 +218,18 @@ NATS_CONNECTED: Final = Gauge(
     "1 while the gateway's NATS connection is up.",
     multiprocess_mode="livemin",
 )
+
+
+def _running_tasks() -> float:
+    """asyncio tasks alive now in this thread's loop (/metrics is served on that loop); a
+    count that grows at constant load is a leak (bench/soak.py watches it)."""
+    try:
+        return float(len(asyncio.all_tasks()))
+    except RuntimeError:  # no running loop in this thread
+        return float("nan")
+
+
+ASYNCIO_TASKS.set_function(_running_tasks)
 
 
 def connection_opened() -> None:
