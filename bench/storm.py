@@ -106,7 +106,7 @@ def _share_time(done_at: list[float], share: float) -> float:
 async def run_storm(
     victim_url: str,
     survivor_urls: Sequence[str],
-    kill: Callable[[], None],
+    kill: Callable[[], object],
     *,
     clients: int,
     tokens: int,

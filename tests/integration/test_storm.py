@@ -19,7 +19,11 @@ from tests.integration.stack import Stack
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CLIENTS = 150
-STACK_ENV = {"TOKENWIRE_WORKER_CONCURRENCY": "400", "TOKENWIRE_RATE_PER_USER": "600/min"}
+STACK_ENV = {
+    "TOKENWIRE_WORKER_CONCURRENCY": "400",
+    "TOKENWIRE_RATE_PER_USER": "600/min",
+    "TOKENWIRE_DRAIN_DELAY_S": "0",
+}
 SURVIVOR_CAPS = {
     "TOKENWIRE_MAX_HANDSHAKES": "6",
     "TOKENWIRE_MAX_RESUMES": "6",
@@ -33,7 +37,7 @@ async def test_a_storm_of_reconnects_resumes_every_answer_through_admission_cont
 ) -> None:
     stack.worker()
     victim = stack.gateway("gateway-victim", TOKENWIRE_MAX_HANDSHAKES=str(CLIENTS))
-    survivors = [stack.gateway(f"gateway-{n}", **SURVIVOR_CAPS) for n in ("b", "c")]
+    survivors = [stack.gateway(f"gateway-{n}", None, **SURVIVOR_CAPS) for n in ("b", "c")]
     ports = [s.port for s in survivors]  # type: ignore[attr-defined]
 
     result = await run_storm(
