@@ -94,12 +94,16 @@ class SoakResult:
     warmup_s: float = 0.0
 
     def growth(self, name: str) -> Growth:
+        """The series ``name`` after warm-up, half against half: means for RSS, medians for
+        counts (tasks and subscriptions jump with the chats in flight at the instant of a
+        sample; a leak lifts the median, a busy instant does not)."""
         after = [s for s in self.samples if s.t_s >= self.warmup_s]
         values = [float(getattr(s, name)) for s in after]
         if len(values) < 4:
             raise ValueError(f"too few samples after warm-up ({len(values)}): sample more often")
         half = len(values) // 2
-        return Growth(statistics.fmean(values[:half]), statistics.fmean(values[half:]))
+        stat = statistics.fmean if name.endswith("_kib") else statistics.median
+        return Growth(stat(values[:half]), stat(values[half:]))
 
     def summary(self) -> dict[str, Any]:
         names = (
