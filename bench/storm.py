@@ -52,12 +52,17 @@ class _Recording(Connection):
         super().__init__(*args, **kwargs)
         self.arrived: Counter[tuple[str, int]] = Counter()
         self.busy_resumes = 0
+        #: When the victim was killed, and how long after it the first frame came again.
+        self.killed_at: float | None = None
+        self.resumed_after: float | None = None
 
     def _handle(self, message: str | bytes) -> None:
         frame = orjson.loads(message)
         if isinstance(frame, dict):
             if isinstance(frame.get("id"), str) and isinstance(frame.get("seq"), int):
                 self.arrived[(frame["id"], frame["seq"])] += 1
+                if self.killed_at is not None and self.resumed_after is None:
+                    self.resumed_after = time.monotonic() - self.killed_at
             elif frame.get("code") == "too_busy" and frame.get("id"):
                 self.busy_resumes += 1
         super()._handle(message)
@@ -70,16 +75,26 @@ class StormResult:
     wrong: list[str] = field(default_factory=list)
     gaps: list[str] = field(default_factory=list)
     duplicates: int = 0
-    #: Seconds from the SIGKILL until that share of the answers were complete.
+    #: Seconds from the SIGKILL until that share of the answers were complete (an answer
+    #: also takes its remaining tokens' time), and until that share of the clients had a
+    #: frame again (reconnected and resumed: the storm itself).
     t50_s: float = 0.0
     t99_s: float = 0.0
     t100_s: float = 0.0
+    resumed_t50_s: float = 0.0
+    resumed_t99_s: float = 0.0
+    resumed_t100_s: float = 0.0
+    #: Seconds to connect every client, and from the chats to every answer under way.
+    connect_s: float = 0.0
+    start_s: float = 0.0
     #: Closes with 1013 (too_busy at the handshake) and too_busy resumes, as clients saw them.
     busy_closes: int = 0
     busy_resumes: int = 0
     reconnects: int = 0
-    #: Frames each request had before the kill (the kill came mid-answer: all > 0).
+    #: Frames each request had before the kill (the kill came mid-answer: all > 0), and
+    #: answers already complete then (mid-answer means none).
     frames_before_kill_min: int = 0
+    finished_before_kill: int = 0
 
     @property
     def problems(self) -> list[str]:
@@ -128,6 +143,7 @@ async def run_storm(
 
     controls = {"delay_ms": delay_ms, "tokens": tokens}
     try:
+        phase = time.monotonic()
         for start in range(0, clients, connect_batch):
             batch = []
             for i in range(start, min(clients, start + connect_batch)):
@@ -138,6 +154,8 @@ async def run_storm(
                 conns.append(conn)
                 batch.append(conn.connect())
             await asyncio.gather(*batch)
+        result.connect_s = time.monotonic() - phase
+        phase = time.monotonic()
         for i, conn in enumerate(conns):
             query = f"storm {i}"
             rid = f"storm-{i}"
@@ -151,10 +169,14 @@ async def run_storm(
                     return
 
         await asyncio.wait_for(asyncio.gather(*(holds_part(s) for s in streams)), timeout_s)
+        result.start_s = time.monotonic() - phase
         result.frames_before_kill_min = min(len(s.frames) for s in streams)
+        result.finished_before_kill = sum(s.finished for s in streams)
         closes.clear()
         kill()
         killed_at = time.monotonic()
+        for conn in conns:
+            conn.killed_at = killed_at
         done_at: list[float] = []
 
         async def finish(stream: ChatStream) -> None:
@@ -169,6 +191,10 @@ async def run_storm(
         result.t50_s = _share_time(done_at, 0.50)
         result.t99_s = _share_time(done_at, 0.99)
         result.t100_s = max(done_at) if len(done_at) == clients else float("nan")
+        resumed = [c.resumed_after for c in conns if c.resumed_after is not None]
+        result.resumed_t50_s = _share_time(resumed, 0.50)
+        result.resumed_t99_s = _share_time(resumed, 0.99)
+        result.resumed_t100_s = max(resumed) if len(resumed) == clients else float("nan")
         for stream in streams:
             seqs = [f.seq for f in stream.frames]
             if stream.end is not None:
@@ -210,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench.storm", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--clients", type=int, default=1000)
-    parser.add_argument("--tokens", type=int, default=60)
-    parser.add_argument("--delay-ms", type=int, default=150, help="between two tokens")
+    parser.add_argument("--tokens", type=int, default=200, help="long enough to be mid-answer")
+    parser.add_argument("--delay-ms", type=int, default=300, help="between two tokens")
     parser.add_argument("--max-handshakes", type=int, default=128, help="of each survivor")
     parser.add_argument("--max-resumes", type=int, default=256, help="of each survivor")
     parser.add_argument("--busy-retry-s", type=float, default=1.0)
