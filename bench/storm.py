@@ -75,6 +75,8 @@ class StormResult:
     wrong: list[str] = field(default_factory=list)
     gaps: list[str] = field(default_factory=list)
     duplicates: int = 0
+    #: Requests that ended in an ``error``, by code.
+    errors: dict[str, int] = field(default_factory=dict)
     #: Seconds from the SIGKILL until that share of the answers were complete (an answer
     #: also takes its remaining tokens' time), and until that share of the clients had a
     #: frame again (reconnected and resumed: the storm itself).
@@ -199,6 +201,9 @@ async def run_storm(
             seqs = [f.seq for f in stream.frames]
             if stream.end is not None:
                 result.completed += 1
+            elif stream.error is not None:
+                code = stream.error.code
+                result.errors[code] = result.errors.get(code, 0) + 1
             if seqs != list(range(1, len(seqs) + 1)):
                 result.gaps.append(stream.id)
             if stream.text != expected[stream.id] or stream.end is None:
@@ -236,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench.storm", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--clients", type=int, default=1000)
-    parser.add_argument("--tokens", type=int, default=200, help="long enough to be mid-answer")
-    parser.add_argument("--delay-ms", type=int, default=300, help="between two tokens")
+    parser.add_argument("--tokens", type=int, default=120, help="long enough to be mid-answer")
+    parser.add_argument("--delay-ms", type=int, default=250, help="between two tokens")
     parser.add_argument("--max-handshakes", type=int, default=128, help="of each survivor")
     parser.add_argument("--max-resumes", type=int, default=256, help="of each survivor")
     parser.add_argument("--busy-retry-s", type=float, default=1.0)
