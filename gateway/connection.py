@@ -46,7 +46,7 @@ from gateway.limits import Gate, LocalConnections, RequestRate
 from gateway.outbox import Outbox
 from gateway.sweep import Sweep
 from shared.calls import CallRequest, decode_reply, encode_call
-from shared.exceptions import CloseCode, TokenwireError
+from shared.exceptions import BusRetryable, CloseCode, TokenwireError, TooBusy
 from shared.human_input import InputRequest, decode_input_reply
 from shared.logs import trace_id_var
 from shared.session import (
@@ -388,6 +388,18 @@ class Connection:
         try:
             try:
                 found = await self.bus.has_frames(command.key)
+            except BusRetryable:
+                # NATS did not answer in time (a storm's load, a leader election): nothing was
+                # done, so the request stays as it is and the client resumes again after the
+                # hint, as over the cap, instead of the request failing for good.
+                metrics.refusal("resume_limit")
+                busy = TooBusy(
+                    "NATS is too busy to look the request up: resume again shortly",
+                    retry_after_s=gate.retry_after_s if gate is not None else 1.0,
+                    request_id=command.request_id,
+                )
+                await self._carry_out(session.resume_refused(command.request_id, busy))
+                return
             except TokenwireError as exc:
                 await self._carry_out(session.lookup_failed(command.request_id, exc))
                 return
