@@ -22,24 +22,27 @@ import argparse
 import asyncio
 import contextlib
 import json
+import random
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import httpx
 import orjson
 import websockets
 from prometheus_client.parser import text_string_to_metric_families
+from websockets.typing import Subprotocol
 
 from tokenwire.client import Backoff, ChatStream, Connection
 from tokenwire.simulator import expected_final_answer
 
 __all__ = ["Growth", "Sample", "SoakResult", "Target", "run_soak"]
 
+PROTOCOL: Final = Subprotocol("tokenwire.v1")
 #: How often an idle connection says it is alive (the SDK's default ping interval).
 IDLE_PING_S = 20.0
 
@@ -156,18 +159,25 @@ async def _nats(http: httpx.AsyncClient, monitor: str) -> tuple[int, int]:
             return subs, conns
 
 
+async def _open_idle(url: str, user: str) -> Any:
+    """One idle connection, once it has its ``hello``: a gateway at its handshake cap says
+    ``too_busy`` and closes (1013), and the connection is tried again after the hint."""
+    while True:
+        ws = await websockets.connect(f"{url}?user={user}", subprotocols=[PROTOCOL])
+        first = orjson.loads(await ws.recv())
+        if first.get("type") == "hello":
+            return ws
+        await ws.close()
+        await asyncio.sleep((first.get("retry_after_ms") or 1000) / 1000 * random.uniform(1, 1.5))
+
+
 async def _idle(url: str, count: int, stop: asyncio.Event, lost: list[int]) -> None:
     """``count`` idle connections, each pinging every IDLE_PING_S, until ``stop``."""
     sockets: list[Any] = []
     try:
-        for start in range(0, count, 100):
-            batch = [
-                websockets.connect(f"{url}?user=idle-{i}", subprotocols=["tokenwire.v1"])  # type: ignore[list-item]
-                for i in range(start, min(count, start + 100))
-            ]
-            sockets += await asyncio.gather(*batch)
-        for ws in sockets:
-            await ws.recv()  # hello
+        for start in range(0, count, 50):
+            users = range(start, min(count, start + 50))
+            sockets += await asyncio.gather(*(_open_idle(url, f"idle-{i}") for i in users))
         ping = orjson.dumps({"type": "ping"}).decode()
         while not stop.is_set():
             sweep_started = time.monotonic()
