@@ -222,7 +222,8 @@ async def run_soak(
         if [f.seq for f in stream.frames] != list(range(1, len(stream.frames) + 1)):
             result.gaps.append(stream.id)
         if stream.end is None or stream.text != expected:
-            result.wrong.append(stream.id)
+            why = stream.error.code if stream.error is not None else "text differs"
+            result.wrong.append(f"{stream.id} ({why})")
 
     async def chats() -> None:
         n = 0
@@ -318,7 +319,12 @@ def main(argv: list[str] | None = None) -> int:
         assert system.nats is not None
         system.start_simulator(SimSpec(token_delay_ms=20, tokens=20))
         worker = system.start_worker()
-        gateway = system.start_gateway()
+        # The one chatting user runs many answers at once on one connection.
+        lifted = {
+            "TOKENWIRE_MAX_INFLIGHT_PER_CONNECTION": "512",
+            "TOKENWIRE_MAX_INFLIGHT_PER_USER": "512",
+        }
+        gateway = system.start_gateway(env=lifted)
         target = Target(
             gateway_pid=gateway.pid,
             gateway_metrics=f"http://127.0.0.1:{gateway.port}/metrics",
