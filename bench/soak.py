@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -355,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         system.close()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

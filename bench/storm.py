@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -297,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         system.close()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
