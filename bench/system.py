@@ -185,8 +185,9 @@ class System:
         self.workers.append(proc)
         return proc
 
-    def start_gateway(self, *variant: str) -> Proc:
-        """``tokenwire gateway``; with ``variant`` args, :mod:`bench.gateway_variant` instead."""
+    def start_gateway(self, *variant: str, env: dict[str, str] | None = None) -> Proc:
+        """``tokenwire gateway``; with ``variant`` args, :mod:`bench.gateway_variant` instead;
+        ``env``: settings of its own (admission caps, for the storm)."""
         port = free_port()
         if variant:
             argv = [sys.executable, "-m", "bench.gateway_variant", "--port", str(port), *variant]
@@ -194,7 +195,7 @@ class System:
             argv = [sys.executable, "-m", "tokenwire", "gateway", "--host", "127.0.0.1",
                     "--port", str(port)]  # fmt: skip
         name = "gateway" + ("-" + "-".join(a.strip("-") for a in variant) if variant else "")
-        proc = self._proc(name, argv, f"http://127.0.0.1:{port}/readyz", port).start()
+        proc = self._proc(name, argv, f"http://127.0.0.1:{port}/readyz", port, env).start()
         self.gateways.append(proc)
         return proc
 

@@ -5,6 +5,12 @@ How this works, cheapest refusal first (docs/security.md has the table):
 1. **Origin**, before the upgrade: a browser's ``Origin`` that is not allowed gets HTTP 403.
    A handshake without ``Origin`` (not a browser) passes.
 2. **This gateway's cap** (``TOKENWIRE_MAX_CONNECTIONS``): ``too_many_connections``, close 1013.
+   **Admission control** (``TOKENWIRE_MAX_HANDSHAKES``): at most that many handshakes in
+   progress (steps 3 and 4: the token check and the slot's KV round-trips); one more gets
+   ``too_busy`` with ``retry_after_ms`` (``TOKENWIRE_BUSY_RETRY_S``) and close 1013, which the
+   clients obey with jitter. A reconnect storm (a gateway with thousands of clients died)
+   then costs the survivors bounded work at a time instead of every handshake at once; the
+   same holds for ``resume`` frames (``TOKENWIRE_MAX_RESUMES``, in the connection's pump).
 3. **Credentials**: the token from the handshake (header, ``bearer.`` subprotocol, query when
    enabled) or, failing that, a first ``auth`` frame within ``TOKENWIRE_AUTH_TIMEOUT_S``.
    Refused: ``unauthorized`` and close 4001, or ``token_expired`` and close 4002.
@@ -30,7 +36,7 @@ from gateway import metrics
 from gateway.auth import Identity, handshake_token, origin_allowed
 from gateway.bus import GatewayBus
 from gateway.connection import Connection, Edge
-from gateway.limits import ConnectionSlots
+from gateway.limits import ConnectionSlots, Gate, Slot
 from shared.exceptions import (
     ClientError,
     CloseCode,
@@ -58,6 +64,8 @@ class _ClientLeft(Exception):
 class Admission:
     """Runs steps 1-5 of the module docstring for each WebSocket."""
 
+    handshakes: Gate
+
     def __init__(
         self, bus: GatewayBus, settings: Settings, edge: Edge, slots: ConnectionSlots
     ) -> None:
@@ -66,6 +74,12 @@ class Admission:
         self.edge = edge
         self.slots = slots
         self.limits = ClientLimits(max_frame_bytes=settings.max_frame_bytes)
+        self.handshakes = Gate(
+            "handshakes",
+            settings.max_handshakes,
+            settings.busy_retry_s,
+            metrics.in_progress("handshake"),
+        )
 
     async def handle(self, ws: WebSocket) -> None:
         if not origin_allowed(
@@ -85,10 +99,28 @@ class Admission:
             await _refuse(ws, exc, CloseCode.TRY_AGAIN_LATER)
 
     async def _admitted(self, ws: WebSocket) -> None:
+        if not self.handshakes.enter():
+            metrics.refusal("handshake_limit")
+            await _refuse(ws, self.handshakes.refusal(), CloseCode.TRY_AGAIN_LATER)
+            return
+        try:
+            admitted = await self._handshake(ws)
+        finally:
+            self.handshakes.leave()
+        if admitted is None:
+            return
+        identity, conn_id, slot = admitted
+        try:
+            await Connection(ws, self.bus, self.settings, identity, self.edge, conn_id).serve()
+        finally:
+            await self.slots.release(slot)
+
+    async def _handshake(self, ws: WebSocket) -> tuple[Identity, str, Slot] | None:
+        """Steps 3 and 4: who it is, and the user's slot (None: refused, already told)."""
         try:
             identity = await self._identify(ws)
         except _ClientLeft:
-            return
+            return None
         except Unauthorized as exc:
             metrics.refusal("auth")
             code = (
@@ -97,25 +129,22 @@ class Admission:
                 else CloseCode.UNAUTHORIZED
             )
             await _refuse(ws, exc, code)
-            return
+            return None
         except InternalError as exc:
             log.error("cannot check credentials", extra={"error": str(exc)})
             await _refuse(ws, exc, CloseCode.INTERNAL_ERROR)
-            return
+            return None
         conn_id = secrets.token_hex(10)
         try:
             slot = await self.slots.claim(identity.user, conn_id)
         except TooManyConnections as exc:
             metrics.refusal("connection_limit")
             await _refuse(ws, exc, CloseCode.TOO_MANY_CONNECTIONS)
-            return
+            return None
         except TokenwireError as exc:
             await _refuse(ws, exc, CloseCode.BUS_UNAVAILABLE)
-            return
-        try:
-            await Connection(ws, self.bus, self.settings, identity, self.edge, conn_id).serve()
-        finally:
-            await self.slots.release(slot)
+            return None
+        return identity, conn_id, slot
 
     async def _identify(self, ws: WebSocket) -> Identity:
         auth = self.edge.auth

@@ -25,7 +25,7 @@ from gateway.admission import SUBPROTOCOL, Admission
 from gateway.auth import authenticator_for
 from gateway.bus import GatewayBus
 from gateway.connection import Connection, Edge
-from gateway.limits import ConnectionSlots, LocalConnections, RequestRate
+from gateway.limits import ConnectionSlots, Gate, LocalConnections, RequestRate
 from gateway.uploads import Uploads
 from shared.exceptions import CloseCode
 from shared.settings import Settings
@@ -51,6 +51,9 @@ def create_app(settings: Settings) -> Starlette:
         rates=RequestRate(bus, settings),
         local=LocalConnections(settings),
         call_rates=RequestRate.for_calls(bus, settings),
+        resumes=Gate(
+            "resumes", settings.max_resumes, settings.busy_retry_s, metrics.in_progress("resume")
+        ),
     )
     slots = ConnectionSlots(bus, settings, owner=bus.gateway_id)
     admission = Admission(bus, settings, edge, slots)

@@ -43,11 +43,11 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from gateway import metrics
 from gateway.auth import Authenticator, Identity
 from gateway.bus import GatewayBus, live_position
-from gateway.limits import LocalConnections, RequestRate
+from gateway.limits import Gate, LocalConnections, RequestRate
 from gateway.outbox import Outbox
 from gateway.sweep import Sweep
 from shared.calls import CallRequest, decode_reply, encode_call
-from shared.exceptions import CloseCode, TokenwireError
+from shared.exceptions import BusRetryable, CloseCode, TokenwireError, TooBusy
 from shared.human_input import InputRequest, decode_input_reply
 from shared.logs import trace_id_var
 from shared.session import (
@@ -101,6 +101,8 @@ class Edge:
     call_rates: RequestRate | None = None
     #: Feeds every connection's session the clock at its deadlines (one task per gateway).
     sweep: Sweep = field(default_factory=Sweep)
+    #: Admission control of ``resume`` frames (None: not capped).
+    resumes: Gate | None = None
 
 
 def _now() -> float:
@@ -352,12 +354,7 @@ class Connection:
             except TokenwireError as exc:
                 await self._carry_out(session.stop_failed(exc))
         elif isinstance(command, LookUp):
-            try:
-                found = await self.bus.has_frames(command.key)
-            except TokenwireError as exc:
-                await self._carry_out(session.lookup_failed(command.request_id, exc))
-                return
-            await self._carry_out(session.looked_up(command.request_id, found=found))
+            await self._look_up(command)
         elif isinstance(command, StartReplay):
             try:
                 replay = await self.bus.replay(command.key, self._on_replayed_frame)
@@ -384,6 +381,38 @@ class Connection:
         if self._attached:
             self._attached = False
             self.bus.detach(self.conn_id, self)
+
+    async def _look_up(self, command: LookUp) -> None:
+        """A ``resume``: look the request up and start its replay, holding one of the
+        gateway's places for resumes in progress (none free: ``too_busy``, retry later)."""
+        session, gate = self.session, self.edge.resumes
+        if gate is not None and not gate.enter():
+            metrics.refusal("resume_limit")
+            refused = gate.refusal(command.request_id)
+            await self._carry_out(session.resume_refused(command.request_id, refused))
+            return
+        try:
+            try:
+                found = await self.bus.has_frames(command.key)
+            except BusRetryable:
+                # NATS did not answer in time (a storm's load, a leader election): nothing was
+                # done, so the request stays as it is and the client resumes again after the
+                # hint, as over the cap, instead of the request failing for good.
+                metrics.refusal("resume_limit")
+                busy = TooBusy(
+                    "NATS is too busy to look the request up: resume again shortly",
+                    retry_after_s=gate.retry_after_s if gate is not None else 1.0,
+                    request_id=command.request_id,
+                )
+                await self._carry_out(session.resume_refused(command.request_id, busy))
+                return
+            except TokenwireError as exc:
+                await self._carry_out(session.lookup_failed(command.request_id, exc))
+                return
+            await self._carry_out(session.looked_up(command.request_id, found=found))
+        finally:
+            if gate is not None:
+                gate.leave()
 
     async def _store(self, command: StoreJob) -> None:
         """Store the job under its trace id (logs, and the span the worker continues)."""

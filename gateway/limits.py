@@ -21,6 +21,9 @@ How this works:
   of ``resume``/``stop``/``ping`` are refused cheaply.
 * **Per-gateway**: the connection count (``TOKENWIRE_MAX_CONNECTIONS``) and the requests in
   flight of each user on this gateway (``TOKENWIRE_MAX_INFLIGHT_PER_USER``).
+* **Admission control, per gateway** (:class:`Gate`): handshakes in progress
+  (``TOKENWIRE_MAX_HANDSHAKES``) and resumes in progress (``TOKENWIRE_MAX_RESUMES``); over
+  the cap, ``too_busy`` with the hint ``TOKENWIRE_BUSY_RETRY_S``.
 
 When NATS cannot answer (an outage, a JetStream leader election after a node died), the two
 shared limits fail open: the connection is admitted without a slot, the chat passes the rate
@@ -39,7 +42,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from gateway.bus import GatewayBus, KvEntry
-from shared.exceptions import InternalError, RateLimited, TokenwireError, TooManyConnections
+from shared.exceptions import (
+    InternalError,
+    RateLimited,
+    TokenwireError,
+    TooBusy,
+    TooManyConnections,
+)
 from shared.ratelimit import BucketState, Rate, decode_state, encode_state, spend, take
 from shared.settings import Settings
 from shared.subjects import (
@@ -54,6 +63,7 @@ from shared.topology import SLOT_LIFETIME_S
 
 __all__ = [
     "ConnectionSlots",
+    "Gate",
     "HasInflight",
     "LocalConnections",
     "RequestRate",
@@ -414,3 +424,49 @@ class LocalConnections:
     def inflight(self, user: str) -> int:
         """Requests in flight of ``user`` on this gateway, over all its connections."""
         return sum(c.inflight for c in self.by_user.get(user, ()))
+
+
+class Gate:
+    """Admission control: at most ``cap`` pieces of one kind of work in progress at once.
+
+    A gateway that takes every handshake and every ``resume`` of a reconnect storm at once
+    queues unbounded work on one event loop (token checks, KV round-trips, consumers) and
+    answers all of it late; refusing what is over the cap with a retry hint keeps the work in
+    progress bounded and the clients, waiting the hint plus jitter, spread out by themselves.
+    """
+
+    def __init__(
+        self,
+        what: str,
+        cap: int,
+        retry_after_s: float,
+        on_change: Callable[[int], None] | None = None,
+    ) -> None:
+        self.what = what
+        self.cap = cap
+        self.retry_after_s = retry_after_s
+        self.in_progress = 0
+        self._on_change = on_change  # a gauge's set
+
+    def enter(self) -> bool:
+        """Take a place (True), or False when ``cap`` are in progress."""
+        if self.in_progress >= self.cap:
+            return False
+        self.in_progress += 1
+        if self._on_change is not None:
+            self._on_change(self.in_progress)
+        return True
+
+    def leave(self) -> None:
+        self.in_progress = max(0, self.in_progress - 1)
+        if self._on_change is not None:
+            self._on_change(self.in_progress)
+
+    def refusal(self, request_id: str | None = None) -> TooBusy:
+        """The error of a refusal, with the retry hint."""
+        return TooBusy(
+            f"this gateway has {self.cap} {self.what} in progress: retry in "
+            f"{self.retry_after_s:g} s",
+            retry_after_s=self.retry_after_s,
+            request_id=request_id,
+        )

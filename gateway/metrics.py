@@ -25,13 +25,19 @@ name                              type       labels          what
                                                              (the replay ran), unknown,
                                                              error (NATS could not say or
                                                              replay: the request fails,
-                                                             retryable, nothing is left)
+                                                             retryable, nothing is left),
+                                                             refused (``too_busy``: over
+                                                             ``TOKENWIRE_MAX_RESUMES``)
 ``stale_frames_total``            counter    —               frames of a fenced (older)
                                                              delivery, dropped
 ``refusals_total``                counter    ``kind``        refused before any work: auth,
                                                              origin, rate_limit,
                                                              connection_limit, inflight_limit,
-                                                             frame, draining
+                                                             frame, draining, handshake_limit,
+                                                             resume_limit
+``in_progress``                   gauge      ``work``        handshakes or resumes in progress
+                                                             now (admission control's gates)
+``asyncio_tasks``                 gauge      —               asyncio tasks alive in the process
 ``draining``                      gauge      —               1 from SIGTERM until exit
 ``nats_connected``                gauge      —               1 while the NATS link is up
 ``tasks``                         gauge      —               asyncio tasks alive in the process
@@ -52,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from typing import Final, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -70,6 +77,7 @@ from shared.metric_labels import bounded as _bounded
 from shared.session import Metric, Tally
 
 __all__ = [
+    "ASYNCIO_TASKS",
     "CLIENT_FRAME_TYPES",
     "CLOSE_CODES",
     "CONNECTIONS",
@@ -78,6 +86,8 @@ __all__ = [
     "DRAINING",
     "FRAMES_IN",
     "FRAMES_OUT",
+    "GATED_WORK",
+    "IN_PROGRESS",
     "NATS_CONNECTED",
     "REFUSALS",
     "REFUSAL_KINDS",
@@ -97,6 +107,7 @@ __all__ = [
     "exposition",
     "frame_in",
     "frame_out",
+    "in_progress",
     "observe_ttft",
     "record",
     "refusal",
@@ -118,7 +129,9 @@ CLIENT_FRAME_TYPES: Final = frozenset(
     for model in (ChatFrame, StopFrame, ResumeFrame, PingFrame, AuthFrame)
 ) | {"invalid"}
 REQUEST_OUTCOMES: Final = frozenset({"completed", "stopped", "error", "detached"})
-RESUME_OUTCOMES: Final = frozenset({"replayed", "unknown", "error"})
+RESUME_OUTCOMES: Final = frozenset({"replayed", "unknown", "error", "refused"})
+#: The work admission control bounds (gateway/limits.py's Gate).
+GATED_WORK: Final = frozenset({"handshake", "resume"})
 REFUSAL_KINDS: Final = frozenset(
     {
         "auth",
@@ -128,6 +141,8 @@ REFUSAL_KINDS: Final = frozenset(
         "inflight_limit",
         "frame",
         "draining",
+        "handshake_limit",
+        "resume_limit",
     }
 )
 
@@ -185,6 +200,20 @@ REFUSALS: Final = Counter(
     "Connections or frames refused before any work, by kind.",
     ["kind"],
 )
+IN_PROGRESS: Final = Gauge(
+    "tokenwire_gateway_in_progress",
+    "Handshakes or resumes in progress now, by work (capped by TOKENWIRE_MAX_HANDSHAKES "
+    "and TOKENWIRE_MAX_RESUMES).",
+    ["work"],
+    multiprocess_mode="livesum",
+)
+for _work in sorted(GATED_WORK):
+    IN_PROGRESS.labels(work=_work)  # 0 until the gate is watched: both series always exist
+ASYNCIO_TASKS: Final = Gauge(
+    "tokenwire_gateway_asyncio_tasks",
+    "asyncio tasks alive in the gateway process (growth at constant load is a leak).",
+    multiprocess_mode="livesum",
+)
 DRAINING: Final = Gauge(
     "tokenwire_gateway_draining",
     "1 from SIGTERM until the process exits.",
@@ -201,6 +230,18 @@ TASKS: Final = Gauge(
     "asyncio tasks alive in the gateway process (about one per connection: its reader).",
     multiprocess_mode="livesum",
 )
+
+
+def _running_tasks() -> float:
+    """asyncio tasks alive now in this thread's loop (/metrics is served on that loop); a
+    count that grows at constant load is a leak (bench/soak.py watches it)."""
+    try:
+        return float(len(asyncio.all_tasks()))
+    except RuntimeError:  # no running loop in this thread
+        return float("nan")
+
+
+ASYNCIO_TASKS.set_function(_running_tasks)
 
 
 def connection_opened() -> None:
@@ -248,6 +289,12 @@ def resume(outcome: str) -> None:
 def refusal(kind: str) -> None:
     """Something was refused before any work: auth, origin, rate_limit, … (see the table)."""
     REFUSALS.labels(kind=_bounded(kind, REFUSAL_KINDS)).inc()
+
+
+def in_progress(work: str) -> Callable[[int], None]:
+    """What a gate calls with its count of ``work`` in progress whenever it changes (a set,
+    not a function read at scrape time, so that multiprocess mode adds the processes up)."""
+    return IN_PROGRESS.labels(work=_bounded(work, GATED_WORK)).set
 
 
 def set_draining(draining: bool) -> None:

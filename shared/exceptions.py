@@ -11,7 +11,10 @@ Every error a client can receive is one of these classes; its ``code`` is the st
     │   ├── UnknownRequest              unknown_request (resume of an id with no kept frames)
     │   ├── LimitExceeded               too_many_inflight (retry later)
     │   │   ├── RateLimited             rate_limited (with a retry hint)
-    │   │   └── TooManyConnections      too_many_connections (closes with 4004 or 1013)
+    │   │   ├── TooManyConnections      too_many_connections (closes with 4004 or 1013)
+    │   │   └── TooBusy                 too_busy: the gateway's handshakes (close 1013) or
+    │   │                               resumes in progress are at their cap; retry after
+    │   │                               the hint
     │   ├── Unauthorized                unauthorized (closes the socket with 4001)
     │   │   └── TokenExpired            token_expired (closes the socket with 4002)
     │   ├── Forbidden                   forbidden (closes the socket with 4003)
@@ -83,6 +86,7 @@ __all__ = [
     "RateLimited",
     "TokenExpired",
     "TokenwireError",
+    "TooBusy",
     "TooManyConnections",
     "Unauthorized",
     "UnknownMethod",
@@ -135,6 +139,8 @@ class ErrorCode(StrEnum):
     FILE_TOO_LARGE = "file_too_large"
     UNSUPPORTED_FILE_TYPE = "unsupported_file_type"
     FEATURE_DISABLED = "feature_disabled"
+    # Admission control (issue 17): a gateway at its cap of handshakes or resumes in progress.
+    TOO_BUSY = "too_busy"
 
 
 class ClosePolicy(StrEnum):
@@ -174,7 +180,8 @@ class CloseCode(IntEnum):
     INTERNAL_ERROR = 1011
     # The server restarted without draining.
     SERVICE_RESTART = 1012
-    # This gateway is full (its TOKENWIRE_MAX_CONNECTIONS): try again later, maybe elsewhere.
+    # This gateway is full (its TOKENWIRE_MAX_CONNECTIONS) or has too many handshakes in
+    # progress (TOKENWIRE_MAX_HANDSHAKES): try again later, maybe elsewhere.
     TRY_AGAIN_LATER = 1013
     UNAUTHORIZED = 4001
     # The token expired: get a fresh one, then reconnect (and resume).
@@ -422,6 +429,23 @@ class TooManyConnections(LimitExceeded):
 
     def __init__(self, message: str, *, retry_after_s: float) -> None:
         super().__init__(message)
+        self.retry_after_s: float | None = retry_after_s
+
+
+class TooBusy(LimitExceeded):
+    """This gateway is at its cap of handshakes (``TOKENWIRE_MAX_HANDSHAKES``: the socket
+    closes with 1013) or of resumes (``TOKENWIRE_MAX_RESUMES``: an ``error`` with the
+    request's ``id`` and no ``seq``; the request is untouched) in progress. Nothing was done:
+    the same handshake or ``resume`` passes later; clients wait ``retry_after_ms`` plus
+    jitter, so that a storm of reconnects spreads out instead of coming back at once."""
+
+    default_code = ErrorCode.TOO_BUSY
+    close_code = CloseCode.TRY_AGAIN_LATER
+
+    def __init__(
+        self, message: str, *, retry_after_s: float, request_id: str | None = None
+    ) -> None:
+        super().__init__(message, request_id=request_id)
         self.retry_after_s: float | None = retry_after_s
 
 

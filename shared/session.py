@@ -1016,6 +1016,17 @@ class Session:
         self.requests[frame.id] = view
         return self._start_replay(view, ReplayPurpose.RESUME)
 
+    def resume_refused(self, request_id: str, exc: TokenwireError) -> list[Command]:
+        """The gateway had no room for the look-up (admission control, ``too_busy``): an
+        ``error`` with the request's ``id`` and no ``seq``, so the request is untouched and
+        the client sends the same ``resume`` again after the hint."""
+        frame = self._resolving.pop(request_id, None)
+        if frame is None:
+            raise SessionError(f"no look-up was asked for {request_id!r}")
+        if self.state is not ConnectionState.OPEN:
+            return []
+        return [Tally(Metric.RESUME, "refused"), self._error(exc, frame.id)]
+
     def lookup_failed(self, request_id: str, exc: TokenwireError) -> list[Command]:
         """The look-up failed (NATS): the request fails with that retryable error, at the seq
         the client expects next (it holds its frames up to ``after``; it may resume again)."""

@@ -133,6 +133,13 @@ class Settings(BaseSettings):
     max_connections_per_user: int = Field(default=10, ge=1)
     max_connections: int = Field(default=10_000, ge=1)
     connection_ttl_s: float = Field(default=30.0, ge=1)
+    # Admission control, per gateway: handshakes in progress (upgrade to the connection slot
+    # claimed: token check and KV round-trips) and resumes in progress (look-up to replay
+    # started). Over either cap the gateway refuses with too_busy and this retry hint rather
+    # than queueing unbounded work (a reconnect storm after another gateway died).
+    max_handshakes: int = Field(default=64, ge=1)
+    max_resumes: int = Field(default=64, ge=1)
+    busy_retry_s: float = Field(default=1.0, gt=0)
     # Chats per user across all gateways (token bucket in NATS KV): "20/min", "5/s", "100/h";
     # at most rate_burst at once, by default the rate's count ("5/min": 5 at once, then one
     # every 12 s).

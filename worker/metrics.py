@@ -39,6 +39,7 @@ name                             type       labels          what
 ``dead_letters``                 gauge      —               jobs kept in the dead-letter stream
 ``stream_bytes``                 gauge      stream          bytes stored in TW_JOBS, TW_FRAMES*
 ``stream_max_bytes``             gauge      stream          that stream's byte limit
+``asyncio_tasks``                gauge      —               asyncio tasks alive in the process
 ``draining``                     gauge      —               1 from SIGTERM until the process exits
 ===============================  =========  ==============  =======================================
 
@@ -57,6 +58,7 @@ value most recently set by any child. With one process the default registry serv
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,6 +73,7 @@ from shared.metric_labels import bounded as _bounded
 
 __all__ = [
     "ANSWER_TOKENS",
+    "ASYNCIO_TASKS",
     "CONSUMER_ACK_PENDING",
     "CONSUMER_PENDING",
     "DEAD_LETTERS",
@@ -263,6 +266,23 @@ DRAINING: Final = Gauge(
     "1 from SIGTERM until the process exits.",
     multiprocess_mode="livemax",
 )
+ASYNCIO_TASKS: Final = Gauge(
+    "tokenwire_worker_asyncio_tasks",
+    "asyncio tasks alive in the worker process (growth at constant load is a leak).",
+    multiprocess_mode="livesum",
+)
+
+
+def _running_tasks() -> float:
+    """asyncio tasks alive now in this thread's loop (/metrics is served on that loop); a
+    count that grows at constant load is a leak (bench/soak.py watches it)."""
+    try:
+        return float(len(asyncio.all_tasks()))
+    except RuntimeError:  # no running loop in this thread
+        return float("nan")
+
+
+ASYNCIO_TASKS.set_function(_running_tasks)
 
 
 # Labelled children, looked up once per label value (``labels()`` costs a lock and a dict

@@ -483,3 +483,94 @@ async def test_replayed_frames_are_applied_once() -> None:
     assert stream.text == "Hi there"
     assert_gapless(stream)
     assert sessions == 2
+
+
+# --- admission control: too_busy ---------------------------------------------------------
+
+
+async def test_a_busy_gateway_is_left_for_the_next_after_its_hint_with_jitter() -> None:
+    """too_busy + 1013 at the handshake: the wait is the hint plus jitter (never less), and
+    the reconnect goes to the next of ``urls``, which answers."""
+    busy_handshakes = 0
+    answered: list[str] = []
+
+    async def busy(ws: ServerConnection) -> None:
+        nonlocal busy_handshakes
+        busy_handshakes += 1
+        await ws.send(
+            _frame(
+                type="error", code="too_busy", message="busy", retryable=True, retry_after_ms=400
+            )
+        )
+        await ws.close(1013, "too busy")
+
+    async def serving(ws: ServerConnection) -> None:
+        await ws.send(_hello())
+        chat = orjson.loads(await ws.recv())
+        answered.append(chat["id"])
+        await ws.send(_frame(type="accepted", id=chat["id"], seq=1))
+        await ws.send(_frame(type="delta", id=chat["id"], seq=2, text="ok"))
+        await ws.send(
+            _frame(type="end", id=chat["id"], seq=3, conversation_id=None, message_id=None)
+        )
+        await ws.wait_closed()
+
+    delays: list[float] = []
+    async with (
+        websockets.serve(busy, "127.0.0.1", 0) as a,
+        websockets.serve(serving, "127.0.0.1", 0) as b,
+    ):
+        url_a = f"ws://127.0.0.1:{a.sockets[0].getsockname()[1]}/v1/ws"
+        url_b = f"ws://127.0.0.1:{b.sockets[0].getsockname()[1]}/v1/ws"
+        conn = Connection(url_a, backoff=FAST, rand=lambda: 0.5, urls=[url_b])
+        conn.on_state.append(lambda c: c.delay_s and delays.append(c.delay_s))
+        stream = await conn.chat("q", id="q")
+        async with asyncio.timeout(10):
+            await stream.wait()
+        await conn.close()
+    assert busy_handshakes == 1 and answered == ["q"]
+    # The hint (0.4 s) plus half the jitter (0.5 of 0.5): well over the backoff's 0.05 s.
+    assert delays == pytest.approx([0.5])
+    assert stream.status is RequestStatus.DONE and stream.text == "ok"
+    assert_gapless(stream)
+
+
+async def test_a_resume_refused_as_too_busy_is_sent_again_and_the_answer_completes() -> None:
+    """too_busy with the request's id and no seq: the request stays as it was (not failed)
+    and the same resume goes out again after the hint, on the same socket."""
+    resumes: list[dict[str, Any]] = []
+    sessions = 0
+
+    async def handler(ws: ServerConnection) -> None:
+        nonlocal sessions
+        sessions += 1
+        await ws.send(_hello())
+        if sessions == 1:
+            chat = orjson.loads(await ws.recv())
+            await ws.send(_frame(type="accepted", id=chat["id"], seq=1))
+            await ws.send(_frame(type="delta", id=chat["id"], seq=2, text="Hel"))
+            await ws.close(4100, "draining")
+            return
+        resumes.append(orjson.loads(await ws.recv()))
+        rid = resumes[0]["id"]
+        await ws.send(
+            _frame(
+                type="error", id=rid, code="too_busy", message="busy", retryable=True,
+                retry_after_ms=50,
+            )
+        )  # fmt: skip
+        resumes.append(orjson.loads(await ws.recv()))
+        await ws.send(_frame(type="delta", id=rid, seq=3, text="lo"))
+        await ws.send(_frame(type="end", id=rid, seq=4, conversation_id=None, message_id=None))
+        await ws.wait_closed()
+
+    async with websockets.serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with Connection(f"ws://127.0.0.1:{port}/v1/ws", backoff=FAST) as conn:
+            stream = await conn.chat("q", id="q")
+            async with asyncio.timeout(10):
+                await stream.wait()
+    assert sessions == 2, "the refusal did not cost a reconnect"
+    assert [(f["type"], f["after"]) for f in resumes] == [("resume", 2), ("resume", 2)]
+    assert stream.status is RequestStatus.DONE and stream.text == "Hello"
+    assert_gapless(stream)

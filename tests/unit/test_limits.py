@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from gateway.bus import KvEntry
-from gateway.limits import ConnectionSlots, LocalConnections, RequestRate, slot_taken
+from gateway.limits import ConnectionSlots, Gate, LocalConnections, RequestRate, slot_taken
 from shared.exceptions import ErrorCode, InternalError, RateLimited, TooManyConnections
 from shared.settings import Settings
 
@@ -263,3 +263,14 @@ async def test_another_gateway_spending_costs_at_most_one_chat_and_it_is_paid_ba
     assert (refused.value.retry_after_s or 0) > 7000  # two tokens' refill, not one
     with pytest.raises(RateLimited):
         await on_b.take("kim", "b-more")  # b's copy is empty: refused without a round trip
+
+
+def test_a_gate_admits_up_to_its_cap_then_refuses_with_the_hint_until_a_place_frees() -> None:
+    gate = Gate("handshakes", 2, retry_after_s=0.25)
+    assert gate.enter() and gate.enter()
+    assert not gate.enter(), "a third in progress is over the cap"
+    refusal = gate.refusal()
+    assert refusal.code is ErrorCode.TOO_BUSY and refusal.retryable
+    assert refusal.retry_after_ms == 250 and refusal.close_code == 1013
+    gate.leave()
+    assert gate.in_progress == 1 and gate.enter()

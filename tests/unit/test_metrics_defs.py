@@ -27,7 +27,9 @@ GATEWAY_FAMILIES = {
     "tokenwire_gateway_ttft_seconds": ("histogram", set()),
     "tokenwire_gateway_resumes": ("counter", {"outcome"}),
     "tokenwire_gateway_refusals": ("counter", {"kind"}),
+    "tokenwire_gateway_in_progress": ("gauge", {"work"}),
     "tokenwire_gateway_draining": ("gauge", set()),
+    "tokenwire_gateway_asyncio_tasks": ("gauge", set()),
     "tokenwire_gateway_nats_connected": ("gauge", set()),
     "tokenwire_gateway_stale_frames": ("counter", set()),
     "tokenwire_gateway_tasks": ("gauge", set()),
@@ -56,6 +58,7 @@ WORKER_FAMILIES = {
     "tokenwire_worker_stream_bytes": ("gauge", {"stream"}),
     "tokenwire_worker_stream_max_bytes": ("gauge", {"stream"}),
     "tokenwire_worker_draining": ("gauge", set()),
+    "tokenwire_worker_asyncio_tasks": ("gauge", set()),
 }
 FORBIDDEN_LABELS = {"user", "id", "request", "request_id", "key", "conn", "session", "trace_id"}
 

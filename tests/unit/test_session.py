@@ -23,6 +23,7 @@ from shared.exceptions import (
     RateLimited,
     TokenExpired,
     TokenwireError,
+    TooBusy,
     Unauthorized,
 )
 from shared.frames import ClientLimits, Delta, End, Start, encode
@@ -393,6 +394,22 @@ def test_a_failed_resume_replay_leaves_no_request_and_counts_an_error() -> None:
     assert session.inflight == 0 and session.next_deadline() == 32.0
     # A later resume of the same id is not a no-op: it looks the request up again.
     later = resume(session, "r1", after=2, now=3.0)
+    assert tallies(session.replay_started(later.serial)) == [("resume", "replayed")]
+
+
+def test_a_resume_refused_as_too_busy_leaves_the_request_untouched_for_a_retry() -> None:
+    session = opened()
+    out = session.receive_client(client({"type": "resume", "id": "r1", "after": 2}), 0.0)
+    assert one(out, LookUp).request_id == "r1"
+    busy = TooBusy("busy", retry_after_s=0.5, request_id="r1")
+    out = session.resume_refused("r1", busy)
+    assert tallies(out) == [("resume", "refused")]
+    [error] = sent(out)
+    # No seq: the frame at seq 3 is still to come; the client resumes again after the hint.
+    assert error["code"] == "too_busy" and error["id"] == "r1" and "seq" not in error
+    assert error["retryable"] is True and error["retry_after_ms"] == 500
+    assert session.inflight == 0
+    later = resume(session, "r1", after=2)
     assert tallies(session.replay_started(later.serial)) == [("resume", "replayed")]
 
 

@@ -13,7 +13,9 @@ code's policy (:func:`shared.exceptions.close_policy`, the catalogue the browser
 as web/sdk/close-codes.js) says what happens next:
 
 * ``reconnect``: wait an exponential backoff with jitter (at least the ``retry_after_ms`` of
-  an error that came just before), reconnect; on the new ``hello`` every unfinished request
+  an error that came just before, plus up to ``jitter`` of it again at random, so that clients
+  told the same hint do not all come back at once), reconnect (to the next of ``urls``, when
+  more gateways are given); on the new ``hello`` every unfinished request
   is sent again: ``resume {id, after: last_seq}`` once the gateway has acknowledged it, else
   the same ``chat`` (same id: the gateway never asks Dify twice).
 * ``refresh_token`` (4002, the token expired): the same, with a fresh token from the token
@@ -22,6 +24,10 @@ as web/sdk/close-codes.js) says what happens next:
 * ``wait_for_user`` (4103 idle, 1000): reconnect only when there is something to send: at
   once if requests are unfinished, else on the next :meth:`Connection.chat`.
 * ``give_up`` (4001, 4003, …): the connection ends; unfinished requests fail.
+
+A ``resume`` the gateway is too busy for (``too_busy``: an ``error`` with the request's ``id``
+and no ``seq``; the request is untouched) is sent again after its ``retry_after_ms`` with the
+same jitter, on the same socket (a new socket resumes it anyway).
 
 The backoff starts over only once a socket made progress (a request frame applied) or stayed
 open ``stable_after_s``: a ``hello`` followed at once by the same close does not reset it.
@@ -97,6 +103,7 @@ PROTOCOL: Final = "tokenwire.v1"
 CONNECTION_CLOSED: Final = "connection_closed"
 #: Code of the local ``error`` of a chat over the gateway's ``hello.limits.max_frame_bytes``.
 FRAME_TOO_LARGE: Final = ErrorCode.FRAME_TOO_LARGE.value
+_TOO_BUSY: Final = ErrorCode.TOO_BUSY.value
 #: Token refreshes (closes with 4002) in a row without progress before the connection gives up.
 MAX_REFRESH_TRIES: Final = 3
 
@@ -150,6 +157,12 @@ class Backoff:
         base = min(self.max_s, self.initial_s * self.factor ** max(0, attempt))
         jitter = min(1.0, max(0.0, self.jitter))
         return max(0.0, base * (1.0 - jitter * rand()))
+
+    def after_hint(self, hint_s: float, rand: Callable[[], float] = random.random) -> float:
+        """The wait for a server's retry hint: uniform in ``[hint, hint * (1 + jitter)]``, never
+        less than the hint, spread so that a crowd told the same hint does not return at once."""
+        jitter = min(1.0, max(0.0, self.jitter))
+        return max(0.0, hint_s) * (1.0 + jitter * rand())
 
 
 @dataclass(eq=False)
@@ -355,10 +368,15 @@ class Connection(ServiceApi):
         connect_timeout_s: float = 10.0,
         stable_after_s: float = 10.0,
         rand: Callable[[], float] = random.random,
+        urls: Sequence[str] = (),
     ) -> None:
-        if urlsplit(url).scheme not in ("ws", "wss"):
-            raise ValueError(f"not a WebSocket URL (ws:// or wss://): {url!r}")
+        for each in (url, *urls):
+            if urlsplit(each).scheme not in ("ws", "wss"):
+                raise ValueError(f"not a WebSocket URL (ws:// or wss://): {each!r}")
         self.url = url
+        #: Every gateway to try, ``url`` first: each reconnect moves to the next one.
+        self.urls: tuple[str, ...] = (url, *(u for u in urls if u != url))
+        self._url_index = 0
         self.user = user
         self.token_provider = token_provider
         self.backoff = backoff or Backoff()
@@ -392,6 +410,7 @@ class Connection(ServiceApi):
         self._retry_after_s = 0.0
         self._refresh_tries = 0
         self._opened_at = 0.0
+        self._retries: set[asyncio.Task[None]] = set()  # resumes waiting out a too_busy hint
 
     async def __aenter__(self) -> Connection:
         await self.connect()
@@ -563,6 +582,8 @@ class Connection(ServiceApi):
         """Close for good; unfinished requests fail with ``connection_closed``."""
         self._closing = True
         self._wake.set()
+        for retry in list(self._retries):
+            retry.cancel()
         ws = self._ws
         if ws is not None:
             with contextlib.suppress(Exception):
@@ -622,8 +643,11 @@ class Connection(ServiceApi):
             if policy is ClosePolicy.WAIT_FOR_USER and not self.requests:
                 self._set_state(ConnectionState.IDLE, code=code, reason=reason)
                 return  # reconnect lazily, on the next chat()
-            delay = max(self.backoff.delay(self.attempt, self._rand), self._retry_after_s)
+            delay = self.backoff.delay(self.attempt, self._rand)
+            if self._retry_after_s > 0:
+                delay = max(delay, self.backoff.after_hint(self._retry_after_s, self._rand))
             self.attempt += 1
+            self._url_index = (self._url_index + 1) % len(self.urls)
             self._set_state(
                 ConnectionState.RECONNECTING,
                 attempt=self.attempt,
@@ -682,10 +706,11 @@ class Connection(ServiceApi):
         return self._session_open, ws.close_code, ws.close_reason or ""
 
     def _socket_url(self) -> str:
+        url = self.urls[self._url_index]
         if not self.user:
-            return self.url
-        sep = "&" if "?" in self.url else "?"
-        return f"{self.url}{sep}user={quote(self.user, safe='')}"
+            return url
+        sep = "&" if "?" in url else "?"
+        return f"{url}{sep}user={quote(self.user, safe='')}"
 
     async def _heartbeat(self, ws: ClientConnection) -> None:
         if self.ping_interval_s <= 0:
@@ -725,6 +750,16 @@ class Connection(ServiceApi):
                         retry_after_ms=frame.retry_after_ms,
                     )
                 )
+        elif (
+            isinstance(frame, ErrorFrame)
+            and frame.seq is None
+            and frame.code == _TOO_BUSY
+            and frame.id in self.requests
+        ):
+            # The gateway had no room for this request's resume: the same resume, later.
+            hint_s = (frame.retry_after_ms or 1000) / 1000
+            delay_s = self.backoff.after_hint(hint_s, self._rand)
+            self._retry_later(self.requests[frame.id], delay_s)
         elif isinstance(frame, ErrorFrame) and frame.seq is None and frame.id in self.requests:
             refused = self.requests[frame.id]  # an answer to its form was refused
             refused.refusals.append(frame)
@@ -761,6 +796,20 @@ class Connection(ServiceApi):
         for pending in list(self.calls.values()):
             if pending.sent_on != generation:
                 await self._send_call(pending)  # its answer was lost with the old socket
+
+    def _retry_later(self, stream: ChatStream, delay_s: float) -> None:
+        """Send ``stream``'s ``resume`` again in ``delay_s``, if this socket still lives then
+        (a new socket resumes every unfinished request anyway)."""
+        generation = self._generation
+
+        async def retry() -> None:
+            await asyncio.sleep(delay_s)
+            if generation == self._generation and self.requests.get(stream.id) is stream:
+                await self._send_request(stream)
+
+        task = asyncio.get_running_loop().create_task(retry())
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
 
     async def _send_request(self, stream: ChatStream) -> None:
         if stream.finished or self._refuse_oversize(stream):

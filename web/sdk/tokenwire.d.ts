@@ -503,6 +503,9 @@ export const DEFAULT_BACKOFF: Readonly<Required<BackoffOptions>>;
 /** Delay before reconnect attempt `attempt` (0-based). */
 export function backoffDelay(attempt: number, options?: BackoffOptions, random?: () => number): number;
 
+/** The wait for a server's retry hint: uniform in [hint, hint * (1 + jitter)]. */
+export function hintDelay(hintMs: number, options?: BackoffOptions, random?: () => number): number;
+
 /** `ws(s)://<host>/v1/ws` of the page. */
 export function defaultUrl(location?: { protocol: string; host: string }): string;
 

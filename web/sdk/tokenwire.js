@@ -12,7 +12,9 @@
 // generated from the Python catalogue shared/exceptions.py) says what happens next:
 //
 // - `reconnect`: wait an exponential backoff with jitter (at least the `retry_after_ms` of an
-//   error that came just before) and reconnect; on the new `hello` every unfinished request
+//   error that came just before, plus up to `jitter` of it again at random, so that clients
+//   told the same hint do not all come back at once) and reconnect; on the new `hello` every
+//   unfinished request
 //   is sent again: a `resume {id, after: lastSeq}` when the gateway has acknowledged it, else
 //   the same `chat` (same id: the gateway recognises it and never asks Dify twice).
 // - `refresh_token` (4002, the token expired): the same, with a fresh token from the token
@@ -21,6 +23,10 @@
 // - `wait_for_user` (4103 idle, 1000): reconnect only when there is something to send: at
 //   once if requests are unfinished, else on the next `chat()`.
 // - `give_up` (4001, 4003, ...): the connection closes; unfinished requests fail.
+//
+// A `resume` the gateway is too busy for (`too_busy`: an `error` with the request's `id` and
+// no `seq`; the request is untouched) is sent again after its `retry_after_ms`, jittered the
+// same way, on the same socket (a new socket resumes it anyway).
 //
 // The backoff starts over only once a socket made progress (a request frame applied) or
 // stayed open `stableAfterMs`: a `hello` followed at once by the same close does not reset it.
@@ -64,6 +70,16 @@ export function backoffDelay(attempt, options = {}, random = Math.random) {
   const base = Math.min(o.maxMs, o.initialMs * Math.pow(o.factor, Math.max(0, attempt)));
   const jitter = Math.min(1, Math.max(0, o.jitter));
   return Math.max(0, Math.round(base * (1 - jitter * random())));
+}
+
+/**
+ * The wait for a server's retry hint of `hintMs`: uniform in [hint, hint * (1 + jitter)],
+ * never less than the hint, spread so that a crowd told the same hint does not return at once.
+ */
+export function hintDelay(hintMs, options = {}, random = Math.random) {
+  const o = { ...DEFAULT_BACKOFF, ...options };
+  const jitter = Math.min(1, Math.max(0, o.jitter));
+  return Math.ceil(Math.max(0, hintMs) * (1 + jitter * random()));
 }
 
 /**
@@ -422,6 +438,7 @@ export class Connection extends Emitter {
     this._progressed = false;
     this._retryAfterMs = 0;
     this._reconnectTimer = null;
+    this._busyTimers = new Set(); // resumes waiting out a too_busy hint
     this._pingTimer = null;
     this._deadTimer = null;
     this._connectTimer = null;
@@ -762,6 +779,11 @@ export class Connection extends Emitter {
       this._answerCall(frame);
       return;
     }
+    if (frame.type === 'error' && typeof frame.seq !== 'number' && frame.code === 'too_busy' && this.requests.has(frame.id)) {
+      // The gateway had no room for this request's resume: the same resume, later.
+      this._resumeLater(this.requests.get(frame.id), frame.retry_after_ms ?? 1000);
+      return;
+    }
     if (frame.type === 'error' && typeof frame.seq !== 'number' && this.requests.has(frame.id)) {
       // An answer to this request's form was refused: the run itself goes on.
       const request = this.requests.get(frame.id);
@@ -810,6 +832,16 @@ export class Connection extends Emitter {
     const waiters = this._openWaiters;
     this._openWaiters = [];
     for (const w of waiters) w.resolve();
+  }
+
+  _resumeLater(request, hintMs) {
+    const generation = this._generation;
+    const timer = setTimeout(() => {
+      this._busyTimers.delete(timer);
+      // A new socket resumes every unfinished request by itself.
+      if (generation === this._generation && this.requests.get(request.id) === request) this._sendRequest(request);
+    }, hintDelay(hintMs, this.backoff, this._random));
+    this._busyTimers.add(timer);
   }
 
   _sendRequest(request) {
@@ -911,7 +943,8 @@ export class Connection extends Emitter {
 
   _scheduleReconnect(code, reason) {
     this._clearTimers();
-    const delayMs = Math.max(backoffDelay(this.attempt, this.backoff, this._random), this._retryAfterMs);
+    const hinted = this._retryAfterMs > 0 ? hintDelay(this._retryAfterMs, this.backoff, this._random) : 0;
+    const delayMs = Math.max(backoffDelay(this.attempt, this.backoff, this._random), hinted);
     this.attempt += 1;
     this._setState('reconnecting', { attempt: this.attempt, delayMs, code, reason });
     this._reconnectTimer = setTimeout(() => {
@@ -981,6 +1014,8 @@ export class Connection extends Emitter {
     clearInterval(this._pingTimer);
     clearTimeout(this._deadTimer);
     clearTimeout(this._connectTimer);
+    for (const timer of this._busyTimers) clearTimeout(timer);
+    this._busyTimers.clear();
     this._reconnectTimer = this._pingTimer = this._deadTimer = this._connectTimer = null;
   }
 

@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 
 import { CLOSE_CODES } from '../sdk/close-codes.js';
-import { MAX_REFRESH_TRIES, backoffDelay, closePolicy, defaultUrl } from '../sdk/tokenwire.js';
+import { MAX_REFRESH_TRIES, backoffDelay, closePolicy, defaultUrl, hintDelay } from '../sdk/tokenwire.js';
 import { connection, opened } from './helpers/fakeconn.mjs';
 import { FakeWebSocket, MemoryStorage, answerFrames } from './helpers/fakews.mjs';
 import { sleep, waitFor } from './helpers/stack.mjs';
@@ -358,6 +358,39 @@ describe('reconnect and resume', () => {
     ws.emit({ type: 'error', code: 'too_many_connections', message: 'full', retryable: true, retry_after_ms: 30 });
     ws.drop(4004, 'too many connections');
     assert.deepEqual(delays, [30]);
+  });
+
+  test('a too_busy handshake: the wait is the hint plus jitter, never less', async () => {
+    const conn = connection({ backoff: { initialMs: 5, maxMs: 40, factor: 2, jitter: 0.5 }, random: () => 0.5 });
+    const ws = await opened(conn);
+    conn.chat('q', { id: 'r1' });
+    const delays = [];
+    conn.on('state', (s) => s.state === 'reconnecting' && s.delayMs > 0 && delays.push(s.delayMs));
+    ws.emit({ type: 'error', code: 'too_busy', message: 'busy', retryable: true, retry_after_ms: 400 });
+    ws.drop(1013, 'too busy');
+    assert.deepEqual(delays, [500]);
+    assert.equal(hintDelay(400, { jitter: 0.5 }, () => 0), 400);
+    assert.equal(hintDelay(400, { jitter: 0.5 }, () => 0.999999), 600);
+  });
+
+  test('a resume refused as too_busy is sent again after the hint; the request goes on', async () => {
+    const conn = connection();
+    const ws1 = await opened(conn);
+    const request = conn.chat('q', { id: 'r1' });
+    for (const f of answerFrames('r1', TOKENS).slice(0, 3)) ws1.emit(f);
+    ws1.drop(1006);
+    const ws2 = await waitFor(() => FakeWebSocket.instances[1], { what: 'a new socket' });
+    ws2.accept();
+    assert.deepEqual(ws2.sent, [{ type: 'resume', id: 'r1', after: 3 }]);
+    ws2.emit({ type: 'error', id: 'r1', code: 'too_busy', message: 'busy', retryable: true, retry_after_ms: 10 });
+    assert.equal(request.finished, false);
+    assert.deepEqual(request.refusals, [], 'not a form refusal');
+    await waitFor(() => ws2.sent.length === 2, { what: 'the resume again' });
+    assert.deepEqual(ws2.sent[1], { type: 'resume', id: 'r1', after: 3 });
+    for (const f of answerFrames('r1', TOKENS).slice(3)) ws2.emit(f);
+    assert.equal(request.status, 'done');
+    assert.equal(request.text, TOKENS.join(''));
+    assert.equal(FakeWebSocket.instances.length, 2, 'no reconnect for a refused resume');
   });
 
   test('a stop asked while disconnected is sent after the resume', async () => {
