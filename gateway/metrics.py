@@ -38,11 +38,10 @@ name                              type       labels          what
 ``in_progress``                   gauge      ``work``        handshakes or resumes in progress
                                                              now (admission control's gates)
 ``asyncio_tasks``                 gauge      —               asyncio tasks alive in the process
-``draining``                      gauge      —               1 from SIGTERM until exit
-``nats_connected``                gauge      —               1 while the NATS link is up
-``tasks``                         gauge      —               asyncio tasks alive in the process
                                                              (about one per connection, its
                                                              reader: growing beyond is a leak)
+``draining``                      gauge      —               1 from SIGTERM until exit
+``nats_connected``                gauge      —               1 while the NATS link is up
 ================================  =========  ==============  ==================================
 
 ``tokenwire gateway --workers N`` runs N processes on one port and ``/metrics`` is answered by
@@ -56,7 +55,6 @@ default registry is the whole truth, as before.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Callable
 from typing import Final, get_args
@@ -64,6 +62,7 @@ from typing import Final, get_args
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from shared import loop_gauges
 from shared.exceptions import CloseCode
 from shared.frames import (
     AuthFrame,
@@ -98,7 +97,6 @@ __all__ = [
     "RESUME_OUTCOMES",
     "SERVER_FRAME_TYPES",
     "STALE_FRAMES",
-    "TASKS",
     "TTFT",
     "TTFT_BUCKETS",
     "connection_closed",
@@ -211,7 +209,8 @@ for _work in sorted(GATED_WORK):
     IN_PROGRESS.labels(work=_work)  # 0 until the gate is watched: both series always exist
 ASYNCIO_TASKS: Final = Gauge(
     "tokenwire_gateway_asyncio_tasks",
-    "asyncio tasks alive in the gateway process (growth at constant load is a leak).",
+    "asyncio tasks alive in the gateway process: about one per connection (its reader), none "
+    "per NATS subscription; growth at constant load is a leak.",
     multiprocess_mode="livesum",
 )
 DRAINING: Final = Gauge(
@@ -224,24 +223,6 @@ NATS_CONNECTED: Final = Gauge(
     "1 while the gateway's NATS connection is up.",
     multiprocess_mode="livemin",
 )
-
-TASKS: Final = Gauge(
-    "tokenwire_gateway_tasks",
-    "asyncio tasks alive in the gateway process (about one per connection: its reader).",
-    multiprocess_mode="livesum",
-)
-
-
-def _running_tasks() -> float:
-    """asyncio tasks alive now in this thread's loop (/metrics is served on that loop); a
-    count that grows at constant load is a leak (bench/soak.py watches it)."""
-    try:
-        return float(len(asyncio.all_tasks()))
-    except RuntimeError:  # no running loop in this thread
-        return float("nan")
-
-
-ASYNCIO_TASKS.set_function(_running_tasks)
 
 
 def connection_opened() -> None:
@@ -306,16 +287,13 @@ def set_nats_connected(connected: bool) -> None:
 
 
 def count_tasks() -> None:
-    """Set ``tasks`` to this process's asyncio tasks now (called from its event loop)."""
-    TASKS.set(len(asyncio.all_tasks()))
+    """Set the task gauge to this process's asyncio tasks now (called from its event loop)."""
+    loop_gauges.count_tasks(ASYNCIO_TASKS)
 
 
-async def watch_tasks(every_s: float = 1.0) -> None:
-    """Keep ``tasks`` fresh in every process of a pod, also those that do not answer the
-    scrape (with ``--workers N`` each child's value is a file the scraped one sums)."""
-    while True:
-        count_tasks()
-        await asyncio.sleep(every_s)
+async def watch_tasks() -> None:
+    """Keep the task gauge fresh (see :func:`shared.loop_gauges.watch_tasks`)."""
+    await loop_gauges.watch_tasks(ASYNCIO_TASKS)
 
 
 def record(tally: Tally) -> None:

@@ -16,7 +16,8 @@ import gc
 import logging
 import os
 import socket
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 import orjson
 from faststream import AckPolicy
@@ -58,6 +59,7 @@ from shared.topology import (
     upload_stream_config,
 )
 from shared.tracing import nats_middlewares
+from worker import metrics as worker_metrics
 from worker.assembly import assemble
 from worker.calls import Calls
 from worker.dify import DifyClient
@@ -71,6 +73,12 @@ from worker.uploads import Uploads
 from worker.waiting_line import job_intake
 
 __all__ = ["create_app"]
+
+class Replier(Protocol):
+    """What answers a request/reply subject (calls, uploads, replays): bytes in, bytes out."""
+
+    async def handle(self, data: bytes) -> bytes: ...
+
 
 log = logging.getLogger("tokenwire.worker")
 
@@ -167,50 +175,43 @@ def create_app(settings: Settings) -> AsgiFastStream:
         runner: JobRunner = holder["runner"]
         return await answer_input(runner.human, msg.body)
 
-    @broker.subscriber(
+    def replier(part: str) -> Callable[[], Awaitable[None]]:
+        """A request/reply handler: ``holder[part].handle(body)``, answered through the NATS
+        edge (a request that comes before startup, or without a reply subject, is dropped)."""
+
+        async def reply() -> None:
+            msg: NatsMessage = broker.context.get_local("message")
+            handler: Replier | None = holder.get(part)
+            if handler is None or not msg.raw_message.reply:
+                return
+            await respond(msg.raw_message, await handler.handle(msg.body))
+
+        reply.__name__ = reply.__qualname__ = f"on_{part}"
+        return reply
+
+    broker.subscriber(
         CALLS_SUBJECT,
         queue=CALLS_QUEUE,
         max_workers=CALL_CONCURRENCY,
         no_reply=True,  # the handler answers, through the NATS edge
         title="calls",
         description="Calls to Dify's Service API (request/reply, one worker of the group).",
-    )
-    async def on_call() -> None:
-        msg: NatsMessage = broker.context.get_local("message")
-        calls: Calls | None = holder.get("calls")
-        if calls is None or not msg.raw_message.reply:
-            return
-        reply = await calls.handle(msg.body)
-        await respond(msg.raw_message, reply)
-
-    @broker.subscriber(
+    )(replier("calls"))
+    broker.subscriber(
         UPLOADS_SUBJECT,
         queue=CALLS_QUEUE,
         max_workers=UPLOAD_CONCURRENCY,
-        no_reply=True,  # the handler answers, through the NATS edge
+        no_reply=True,
         title="uploads",
         description="Send a staged upload to Dify as its user (request/reply).",
-    )
-    async def on_upload() -> None:
-        msg: NatsMessage = broker.context.get_local("message")
-        uploads: Uploads | None = holder.get("uploads")
-        if uploads is None or not msg.raw_message.reply:
-            return
-        await respond(msg.raw_message, await uploads.handle(msg.body))
-
-    @broker.subscriber(
+    )(replier("uploads"))
+    broker.subscriber(
         REPLAY_SUBJECT,
         queue=CALLS_QUEUE,
-        no_reply=True,  # the handler answers, through the NATS edge
+        no_reply=True,
         title="replay",
         description="Create a restricted gateway's replay consumer (request/reply).",
-    )
-    async def on_replay() -> None:
-        msg: NatsMessage = broker.context.get_local("message")
-        proxy: ReplayProxy | None = holder.get("replay")
-        if proxy is None or not msg.raw_message.reply:
-            return
-        await respond(msg.raw_message, await proxy.handle(msg.body))
+    )(replier("replay"))
 
     async def startup() -> None:
         await broker.connect()
@@ -228,6 +229,7 @@ def create_app(settings: Settings) -> AsgiFastStream:
             nc, js, kv, dify, settings, worker_id=f"{socket.gethostname()}:{os.getpid()}"
         )
         holder["lag"] = asyncio.create_task(watch_queue(js, settings.frame_partitions))
+        holder["tasks"] = asyncio.create_task(worker_metrics.watch_tasks())
         owners_kv, _ = await ensure_bucket(js, owner_bucket_config(settings))
         owners = Ownership(owners_kv)
         holder["owners"] = owners
@@ -249,9 +251,10 @@ def create_app(settings: Settings) -> AsgiFastStream:
         """SIGTERM: stop taking jobs, finish or hand back running answers, then close."""
         readiness.subscribed = False
         runner: JobRunner | None = holder.get("runner")
-        lag: asyncio.Task[None] | None = holder.get("lag")
-        if lag is not None:
-            lag.cancel()
+        for watcher in ("lag", "tasks"):
+            task: asyncio.Task[None] | None = holder.get(watcher)
+            if task is not None:
+                task.cancel()
         if runner is not None:
             await runner.drain(settings.worker_drain_s)
 

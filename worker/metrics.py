@@ -58,7 +58,6 @@ value most recently set by any child. With one process the default registry serv
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,6 +66,7 @@ from typing import Any, Final
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from shared import loop_gauges
 from shared.delivery import Outcome
 from shared.metric_labels import ERROR_CODES, LATENCY_BUCKETS, SERVER_FRAME_TYPES
 from shared.metric_labels import bounded as _bounded
@@ -103,6 +103,7 @@ __all__ = [
     "STREAM_BYTES",
     "STREAM_MAX_BYTES",
     "answer_tokens",
+    "count_tasks",
     "dify_error",
     "dify_response",
     "exposition",
@@ -123,6 +124,7 @@ __all__ = [
     "stop_acted",
     "stream_finished",
     "stream_started",
+    "watch_tasks",
 ]
 
 #: Seconds; a job normally waits milliseconds, minutes while Dify is down or workers are few.
@@ -273,16 +275,14 @@ ASYNCIO_TASKS: Final = Gauge(
 )
 
 
-def _running_tasks() -> float:
-    """asyncio tasks alive now in this thread's loop (/metrics is served on that loop); a
-    count that grows at constant load is a leak (bench/soak.py watches it)."""
-    try:
-        return float(len(asyncio.all_tasks()))
-    except RuntimeError:  # no running loop in this thread
-        return float("nan")
+def count_tasks() -> None:
+    """Set the task gauge to this process's asyncio tasks now (called from its event loop)."""
+    loop_gauges.count_tasks(ASYNCIO_TASKS)
 
 
-ASYNCIO_TASKS.set_function(_running_tasks)
+async def watch_tasks() -> None:
+    """Keep the task gauge fresh (see :func:`shared.loop_gauges.watch_tasks`)."""
+    await loop_gauges.watch_tasks(ASYNCIO_TASKS)
 
 
 # Labelled children, looked up once per label value (``labels()`` costs a lock and a dict

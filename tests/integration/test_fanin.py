@@ -2,7 +2,7 @@
 
 One real gateway (with its id set, ``TOKENWIRE_GATEWAY_ID``) holds 1,000 raw WebSocket clients;
 what it costs is read where an operator reads it: the gateway's NATS client in nats-server's
-``/connz?subs=1`` (its subscriptions) and the gateway's ``tokenwire_gateway_tasks`` gauge.
+``/connz?subs=1`` (its subscriptions) and the gateway's ``tokenwire_gateway_asyncio_tasks`` gauge.
 A few of the clients chat, to show that the one wildcard subscription routes every frame to
 the connection that asked, while the other 995 sit idle on the same gateway.
 """
@@ -61,7 +61,7 @@ def gateway_subscriptions(server: NatsServer) -> tuple[list[str], int]:
 
 def gateway_tasks(gateway: Proc) -> float:
     metrics = samples(f"http://127.0.0.1:{gateway.port}/metrics")  # type: ignore[attr-defined]
-    return value(metrics, "tokenwire_gateway_tasks")
+    return value(metrics, "tokenwire_gateway_asyncio_tasks")
 
 
 async def settled(read: Any, tries: int = 50) -> Any:

@@ -32,7 +32,6 @@ GATEWAY_FAMILIES = {
     "tokenwire_gateway_asyncio_tasks": ("gauge", set()),
     "tokenwire_gateway_nats_connected": ("gauge", set()),
     "tokenwire_gateway_stale_frames": ("counter", set()),
-    "tokenwire_gateway_tasks": ("gauge", set()),
 }
 WORKER_FAMILIES = {
     "tokenwire_worker_jobs_received": ("counter", set()),
