@@ -9,20 +9,11 @@ import { existsSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 
-import { chromium } from 'playwright-core';
+import { CHROMIUM, launchChromium } from '../helpers/browser.mjs';
 
 import { renderMarkdown } from '../../sdk/markdown.js';
 import { ARTIFACTS_DIR, expectedAnswer, startDev, startProxy, waitFor } from '../helpers/stack.mjs';
 
-const CHROMIUM = process.env.TOKENWIRE_CHROMIUM ?? '/usr/bin/chromium';
-const CHROMIUM_ARGS = [
-  '--no-sandbox',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-  '--no-first-run',
-  '--disable-gpu',
-];
 
 let dev;
 let proxy;
@@ -130,7 +121,7 @@ describe('web chat page in Chromium', { timeout: 170000 }, () => {
     mkdirSync(ARTIFACTS_DIR, { recursive: true });
     proxy = await startProxy(() => dev.port);
     dev = await startDev({ extraOrigins: [proxy.origin] });
-    browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS });
+    browser = await launchChromium();
   });
 
   after(async () => {

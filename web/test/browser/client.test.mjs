@@ -9,22 +9,12 @@ import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 
-import { chromium } from 'playwright-core';
+import { launchChromium } from '../helpers/browser.mjs';
 
 import { ARTIFACTS_DIR, REPO_DIR, startDev, waitFor } from '../helpers/stack.mjs';
 
-const CHROMIUM = process.env.TOKENWIRE_CHROMIUM ?? '/usr/bin/chromium';
-const CHROMIUM_ARGS = [
-  '--no-sandbox',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-  '--no-first-run',
-  '--disable-gpu',
-  // A fake microphone (a beep) that needs no permission prompt, for voice input.
-  '--use-fake-ui-for-media-stream',
-  '--use-fake-device-for-media-stream',
-];
+// A fake microphone (a beep) that needs no permission prompt, for voice input.
+const FAKE_MICROPHONE = ['--use-fake-ui-for-media-stream', '--use-fake-device-for-media-stream'];
 const DOCS_SHOTS = join(REPO_DIR, 'docs', 'screenshots');
 // A 1×1 PNG.
 const PNG = Buffer.from(
@@ -117,7 +107,7 @@ describe('the web client at / (Chromium, tokenwire dev)', { timeout: 300000 }, (
     const match = /"dify":"(http:\/\/[^"]+?)\/v1"/.exec(dev.log());
     assert.ok(match, 'the worker says which Dify (the simulator) it talks to');
     simBase = match[1];
-    browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS });
+    browser = await launchChromium(FAKE_MICROPHONE);
   });
 
   after(async () => {

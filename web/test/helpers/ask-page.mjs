@@ -8,7 +8,7 @@
 // the same page, and any page errors. Used by tests/install/, which installs tokenwire the ways
 // users do and checks the page from there. Exits non-zero if the page never answers.
 
-import { chromium } from 'playwright-core';
+import { launchChromium } from './browser.mjs';
 
 import { renderMarkdown } from '../../sdk/markdown.js';
 
@@ -18,18 +18,7 @@ if (!url || question === undefined || expected === undefined) {
   process.exit(2);
 }
 
-const browser = await chromium.launch({
-  executablePath: process.env.TOKENWIRE_CHROMIUM ?? '/usr/bin/chromium',
-  headless: true,
-  args: [
-    '--no-sandbox',
-    '--disable-background-networking',
-    '--disable-component-update',
-    '--disable-sync',
-    '--no-first-run',
-    '--disable-gpu',
-  ],
-});
+const browser = await launchChromium();
 try {
   const page = await browser.newPage();
   const errors = [];

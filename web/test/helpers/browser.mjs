@@ -18,8 +18,13 @@ export const CHROMIUM_ARGS = [
   '--disable-gpu',
 ];
 
-export function launchChromium() {
-  return chromium.launch({ executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS });
+/** Debian's Chromium, headless, with the flags this closed network needs (and `extraArgs`). */
+export function launchChromium(extraArgs = []) {
+  return chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    args: [...CHROMIUM_ARGS, ...extraArgs],
+  });
 }
 
 /** A page's console errors and uncaught exceptions, for `assert.deepEqual(errors, [])`. */
