@@ -49,7 +49,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, 
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=540,  # a smoke run: generous on a loaded machine, never a timing assert
         check=False,
     )
     assert proc.returncode == 0, f"bench.run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -57,7 +57,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, 
     return out.read_text(), results, out.parent
 
 
-@pytest.mark.timeout(330)
+@pytest.mark.timeout(570)
 def test_quick_mode_writes_every_section_and_chart(
     quick_run: tuple[str, dict[str, Any], Path],
 ) -> None:
@@ -72,7 +72,7 @@ def test_quick_mode_writes_every_section_and_chart(
     assert "| Python |" in report and "Versions: " in report  # the machine is named
 
 
-@pytest.mark.timeout(330)
+@pytest.mark.timeout(570)
 def test_every_stream_delivered_the_expected_answer(
     quick_run: tuple[str, dict[str, Any], Path],
 ) -> None:
@@ -89,7 +89,7 @@ def test_every_stream_delivered_the_expected_answer(
             assert run["streams"] >= run["connections"] > 0, label
 
 
-@pytest.mark.timeout(330)
+@pytest.mark.timeout(570)
 def test_reported_numbers_are_finite_and_positive(
     quick_run: tuple[str, dict[str, Any], Path],
 ) -> None:
