@@ -3,9 +3,10 @@
 How this works: every decision (what a frame means, what to send, when to close and with
 which code, what to count) is the session's; this module only moves bytes and awaits I/O.
 
-* **The reader** reads one client frame at a time and feeds it to the session. The I/O the
-  session asks for while handling it (rate check, storing the job, a look-up, a replay, a token
-  check) is awaited in order before the next frame is read, and each result is fed back.
+* **The reader** reads one client frame at a time and feeds it to the session, in the ASGI
+  endpoint's own task (an idle connection runs no task of its own). The I/O the session asks
+  for while handling it (rate check, storing the job, a look-up, a replay, a token check) is
+  awaited in order before the next frame is read, and each result is fed back.
 * **NATS callbacks** feed request frames (live ones routed from the gateway's one frame
   subscription, ``gateway/router.py``, where the connection registers while its session
   listens; replayed ones from ordered consumers); the I/O they lead to runs in the background,
@@ -117,7 +118,7 @@ class Connection:
         "_attached",
         "_background",
         "_client_code",
-        "_closing",
+        "_close_asked",
         "_overflowed",
         "_replays",
         "bus",
@@ -125,6 +126,7 @@ class Connection:
         "conn_id",
         "edge",
         "outbox",
+        "serving",
         "session",
         "user",
         "ws",
@@ -156,9 +158,10 @@ class Connection:
         )
         self.outbox = Outbox(ws, settings.send_queue_frames)
         self.call_timeout_s = settings.call_timeout_s
-        # Done once the session decided to close (a future: an idle connection holds no task
-        # beyond its reader).
-        self._closing: asyncio.Future[None] | None = None
+        # The task serving the socket (the ASGI endpoint's own: it reads the client inline, so
+        # a connection holds no task of its own), and whether the session asked it to close.
+        self.serving: asyncio.Task[Any] | None = None
+        self._close_asked = False
         self._overflowed = False
         self._background: set[asyncio.Task[None]] = set()
         self._attached = False
@@ -182,22 +185,33 @@ class Connection:
     # --- lifecycle ------------------------------------------------------------------------
 
     async def serve(self) -> None:
-        """Run until the client leaves or the session closes the connection."""
-        tasks: list[asyncio.Task[Any]] = []
+        """Run until the client leaves or the session closes the connection.
+
+        The client is read in this very task (the ASGI endpoint's), not in a task of its own:
+        an idle connection costs no task. When the session decides to close from elsewhere (a
+        frame from NATS, the sweep, a background call), :meth:`_do` cancels the read; a close
+        decided while handling a client frame ends the read loop by the session's state.
+        """
         try:
             await self._carry_out(self.session.start())
             if self.session.state is ConnectionState.OPEN:
                 self.edge.local.add(self.user, self)
-                reader = asyncio.create_task(self._reader())
-                tasks = [reader]
-                closing = self._closing = asyncio.get_running_loop().create_future()
-                await asyncio.wait({reader, closing}, return_when=asyncio.FIRST_COMPLETED)
-                if reader.done() and not reader.cancelled() and reader.exception() is not None:
-                    log.error("connection failed", exc_info=reader.exception())
+                self.serving = asyncio.current_task()
+                try:
+                    await self._reader()
+                except asyncio.CancelledError:
+                    if not self._close_asked:
+                        raise  # the server is going away, not the session's close
+                    if self.serving is not None:
+                        self.serving.uncancel()
+                except Exception:
+                    log.error("connection failed", exc_info=True, extra={"conn": self.conn_id})
                     self._dispatch(self.session.fail())
+                finally:
+                    self.serving = None
         finally:
             self.outbox.release()  # no replay waits for a connection that is closing
-            for task in (*tasks, *self._background):
+            for task in self._background:
                 task.cancel()
             self.edge.local.remove(self.user, self)
             if self.session.state is ConnectionState.OPEN:
@@ -299,9 +313,19 @@ class Connection:
                 command.level, command.message, extra={"conn": self.conn_id, **dict(command.fields)}
             )
         elif isinstance(command, Close):
-            if self._closing is not None and not self._closing.done():
-                self._closing.set_result(None)
+            self._stop_reading()
             self.outbox.release()
+
+    def _stop_reading(self) -> None:
+        """The session closes: end the read of the client (see :meth:`serve`)."""
+        if self._close_asked:
+            return
+        self._close_asked = True
+        serving = self.serving
+        # From the serving task itself (a client frame's handling) the read loop ends by the
+        # session's state; cancelling there would also cancel the clean-up's first await.
+        if serving is not None and serving is not asyncio.current_task():
+            serving.cancel()
 
     def _enqueue(self, command: Send) -> None:
         if self._overflowed:

@@ -167,25 +167,11 @@ def test_each_answer_reaches_the_connection_that_asked(held: Held) -> None:
         assert answer_of(frames) == expected_final_answer(query, CONTROLS)
 
 
-# Tasks a connection runs today: uvicorn's own (run_asgi) and gateway/connection.py's reader
-# beside it (the timers are one sweep task, the writer starts on first use). None is NATS's:
-# a connection's own subscription added one more (nats-py's pending-queue task) before there
-# was one per gateway.
-_TASKS_PER_CONNECTION_NOW = 2
-
-
+# An idle connection runs one task: uvicorn's own (run_asgi), which also reads the client
+# (gateway/connection.py). Before issue 13 it also ran a reader, a timer, a writer and its NATS
+# subscription's pending-queue task; the timers are one sweep task now, the writer starts on
+# first use, and the gateway's one subscription serves every connection.
 @pytest.mark.timeout(240)
-def test_no_connection_runs_a_task_for_nats(held: Held) -> None:
-    grown = held.tasks_all - held.tasks_one
-    assert grown <= _TASKS_PER_CONNECTION_NOW * (CONNECTIONS - 1), grown
-
-
-@pytest.mark.timeout(240)
-@pytest.mark.xfail(
-    reason="each connection still runs gateway/connection.py's reader task beside uvicorn's "
-    "run_asgi (its lifecycle, not the subscription's)",
-    strict=True,
-)
 def test_tasks_grow_by_at_most_one_per_connection(held: Held) -> None:
     grown = held.tasks_all - held.tasks_one
     assert grown <= CONNECTIONS - 1, f"{grown:.0f} more tasks for {CONNECTIONS - 1} connections"
