@@ -77,6 +77,7 @@ from shared.exceptions import (
     RateLimited,
     TokenExpired,
     TokenwireError,
+    TooBusy,
     Unauthorized,
     UnknownRequest,
 )
@@ -152,6 +153,8 @@ FEATURES: Final[tuple[str, ...]] = ("call", "files", "run", "input")
 GAP_WAIT_S: Final = 1.0
 # The longest pause between attempts to read a request back while JetStream cannot answer.
 CATCH_UP_MAX_DELAY_S: Final = 5.0
+# The retry hint of a resume whose replay NATS could not start (the client resumes again).
+REPLAY_RETRY_S: Final = 1.0
 # How many JSON tokens of an oversize frame are looked at for its id (a bounded peek).
 PEEK_TOKENS: Final = 256
 _TERMINAL_KINDS: Final = frozenset({"end", "error"})
@@ -1100,10 +1103,21 @@ class Session:
             view.catch_up_delay = min(view.catch_up_delay * 2, CATCH_UP_MAX_DELAY_S)
             view.catch_up_always = True
             return [Log(logging.WARNING, "cannot catch up yet", (("error", str(exc)),))]
-        # Nothing of the request reached the client from here: it fails with the retryable
-        # error at the seq the client expects next (exactly one error, never a hang), and
-        # nothing is left behind, so the idle timeout and a later resume of the id work.
+        # Nothing of the request reached the client from here, and nothing is left behind, so
+        # the idle timeout and a later resume of the id work.
         out = self._drop(view, now)
+        if purpose is ReplayPurpose.RESUME and exc.retryable:
+            # NATS could not start the replay in time (a reconnect storm, a leader election):
+            # nothing was done, so the request is untouched and the client resumes it again
+            # after the hint, as when the gateway had no room for the look-up.
+            busy = TooBusy(
+                f"cannot replay the request yet ({exc}): resume again shortly",
+                retry_after_s=exc.retry_after_s or REPLAY_RETRY_S,
+                request_id=view.id,
+            )
+            return [*out, Tally(Metric.RESUME, "refused"), self._error(busy, view.id)]
+        # Else it fails with the error at the seq the client expects next (exactly one error,
+        # never a hang).
         if purpose is ReplayPurpose.RESUME:
             out.append(Tally(Metric.RESUME, "error"))
         out.append(self._error(exc, view.id, view.reorderer.next_seq))

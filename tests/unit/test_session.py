@@ -385,12 +385,15 @@ def test_resume_replays_what_the_client_lacks_then_counts_it() -> None:
     assert StopReplay(replay.serial) in out and session.inflight == 0
 
 
-def test_a_failed_resume_replay_leaves_no_request_and_counts_an_error() -> None:
+def test_a_resume_whose_replay_nats_could_not_start_is_retried_not_failed() -> None:
     session = opened(idle_timeout_s=30.0)
     replay = resume(session, "r1", after=2, now=1.0)
     out = session.replay_failed(replay.serial, BUS_DOWN, 2.0)
-    assert tallies(out) == [("resume", "error")], "never counted as replayed"
-    assert [(f["code"], f["id"], f["seq"]) for f in sent(out)] == [("bus_unavailable", "r1", 3)]
+    assert tallies(out) == [("resume", "refused")], "never counted as replayed"
+    # too_busy with the id and no seq: the request is untouched, the client resumes again.
+    [frame] = sent(out)
+    assert (frame["code"], frame["id"], "seq" in frame) == ("too_busy", "r1", False)
+    assert frame["retryable"] is True and frame["retry_after_ms"] > 0
     assert session.inflight == 0 and session.next_deadline() == 32.0
     # A later resume of the same id is not a no-op: it looks the request up again.
     later = resume(session, "r1", after=2, now=3.0)
@@ -722,6 +725,10 @@ class World:
         something the client sent and ended by exactly one end or error."""
         self.received.append(frame)
         if "id" not in frame:
+            return
+        if "seq" not in frame:
+            # A refusal that leaves the request untouched: the client resumes it again later.
+            assert (frame["type"], frame["code"]) == ("error", "too_busy"), frame
             return
         rid, seq = frame["id"], frame["seq"]
         last = self.open.get(rid)
