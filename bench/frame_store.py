@@ -9,11 +9,11 @@ storage under a temporary directory, and creates the frame stream with the proje
 config (``shared/topology.py`` :func:`stream_configs`, only ``num_replicas`` chosen here).
 ``--publishers`` child processes (``--child``, each connected to its own node) then publish
 delta frames as the worker does: core NATS publishes, the stream capturing the subject, to
-``request_frames(conn, key)`` subjects of ``--requests`` answers in flight each, every answer
-``--frames-per-request`` frames long and then replaced by a new one (so the stream sees new
-subjects all the time, as with real requests), frames encoded by ``shared/frames.py`` at two
-sizes: one token (~120 bytes) and a coalesced run of tokens (~600 bytes). Per size, four
-loads of ``--seconds`` each, each on a fresh stream:
+``request_frames(gateway, conn, key)`` subjects (partition 0: one stream) of ``--requests``
+answers in flight each, every answer ``--frames-per-request`` frames long and then replaced by
+a new one (so the stream sees new subjects all the time, as with real requests), frames encoded
+by ``shared/frames.py`` at two sizes: one token (~120 bytes) and a coalesced run of tokens
+(~600 bytes). Per size, four loads of ``--seconds`` each, each on a fresh stream:
 
 * **core flood**: core publishes as fast as the publishers go (the worker's path);
 * **acked flood**: publishes with a reply inbox, at most 1,000 per publisher awaiting their
@@ -69,6 +69,9 @@ from tokenwire.natsserver import NatsServer, start_cluster, stop_all
 from tokenwire.procs import spawn, stop_process
 
 __all__ = ["Load", "frame_stream_config", "main", "render", "run"]
+
+# The gateway token of the measured frames' subjects (one stream is one partition's).
+_GATEWAY = "bench-gw"
 
 #: Frame sizes measured, in bytes on the wire (the encoded ``delta``).
 SIZES: dict[str, int] = {"single token": 120, "coalesced": 600}
@@ -131,7 +134,8 @@ class _Answers:
     def _subject(self, slot: int, generation: int) -> str:
         # Ids as long as real ones; a few requests per connection, as with users.
         conn = hashlib.blake2b(f"{self.prefix}.{slot % 16}".encode(), digest_size=10).hexdigest()
-        return request_frames(conn, request_key(self.prefix, f"{slot}.{generation}"))
+        key = request_key(self.prefix, f"{slot}.{generation}")
+        return request_frames(_GATEWAY, conn, key, partitions=1)  # one stream: partition 0
 
     def next(self) -> tuple[str, bytes]:
         slot = self.turn
@@ -187,7 +191,12 @@ async def _publish(nc: Client, load: Load, index: int) -> dict[str, Any]:
         for _ in range(due):
             subject, data = answers.next()
             if load.acked:
-                await room.acquire()
+                # Bounded by the window's end: an ack the server never sends (a flood it
+                # dropped) must not hold the publisher past it (counted as ack_missing).
+                try:
+                    await asyncio.wait_for(room.acquire(), timeout=max(0.01, end - time.time()))
+                except TimeoutError:
+                    break
                 reply = f"{inbox}.{sent}"
                 in_flight[reply] = time.perf_counter()
                 await nc.publish(subject, data, reply=reply)

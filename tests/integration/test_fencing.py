@@ -67,19 +67,23 @@ async def test_worker_frozen_past_the_ack_wait_then_thawed_reaches_no_client(sta
         replayed = await again.finish(rid, timeout=30)
     assert [_strip(f) for f in replayed] == [_strip(f) for f in frames]
 
-    # The thawed worker did publish: its frames are kept after the fence, and dropped.
+    # The thawed worker ran again and found itself fenced out (its log and its metric).
+    assert "fenced: a newer delivery owns this request" in frozen.log_text()
+    assert value(_metrics(frozen), "tokenwire_worker_fenced_total") >= 1
     kept = await _kept(stack, request_key(USER, rid))
     fences = [i for i, f in enumerate(kept) if f["type"] == "fence"]
     assert fences, "no fence was kept"
-    stale = [f for f in kept[fences[-1] :] if f.get("gen", 0) < kept[fences[-1]]["gen"]]
-    assert stale, "the thawed worker published nothing after the fence"
     folded = Kept.of(kept)
     assert folded.closed and folded.answer == expected
     assert folded.last_seq == frames[-1]["seq"]
-    assert "fenced: a newer delivery owns this request" in frozen.log_text()
-    assert value(_metrics(frozen), "tokenwire_worker_fenced_total") >= 1
-    gateway_metrics = samples(f"http://127.0.0.1:{gateway.port}/metrics")  # type: ignore[attr-defined]
-    assert value(gateway_metrics, "tokenwire_gateway_stale_frames_total") >= 1
+    # Whatever it published before it noticed (usually the tokens Dify sent it while it was
+    # frozen; on a loaded machine its lease check may come first) is kept after the fence and
+    # dropped by the gateway: the answers and the replay above held none of it.
+    stale = [f for f in kept[fences[-1] :] if f.get("gen", 0) < kept[fences[-1]]["gen"]]
+    print(f"the thawed worker published {len(stale)} frames after the fence")
+    if stale:
+        gateway_metrics = samples(f"http://127.0.0.1:{gateway.port}/metrics")  # type: ignore[attr-defined]
+        assert value(gateway_metrics, "tokenwire_gateway_stale_frames_total") >= 1
 
 
 def _strip(frame: dict[str, Any]) -> dict[str, Any]:
