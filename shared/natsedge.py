@@ -121,9 +121,13 @@ def map_nats_errors(what: str) -> Iterator[None]:
     except _NO_ANSWER as exc:
         raise BusRetryable(f"cannot {what}: NATS has no answer yet ({type(exc).__name__})") from exc
     except nats.js.errors.APIError as exc:
-        if exc.err_code in _STORAGE_FULL:
-            raise BusFull(f"cannot {what}: storage is full ({exc.description})") from exc
-        raise BusUnavailable(f"cannot {what}: NATS refused ({exc.description})") from exc
+        # Not every APIError ran APIError.__init__: nats-py's key-value errors (KeyNotFoundError,
+        # KeyDeletedError, ...) set their own fields, so a missing err_code must not turn a
+        # refusal into an AttributeError (it did, in a slot claim under NATS overload).
+        detail = getattr(exc, "description", None) or str(exc)
+        if getattr(exc, "err_code", None) in _STORAGE_FULL:
+            raise BusFull(f"cannot {what}: storage is full ({detail})") from exc
+        raise BusUnavailable(f"cannot {what}: NATS refused ({detail})") from exc
     except nats.errors.Error as exc:
         raise BusUnavailable(f"cannot {what}: NATS is unavailable ({type(exc).__name__})") from exc
 
