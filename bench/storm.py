@@ -1,6 +1,7 @@
 """The reconnect storm (issue 17): N streaming clients on one gateway, that gateway SIGKILLed.
 
-    .venv/bin/python -m bench.storm [--clients 1000] [--tokens 60] [--delay-ms 150] [--json F]
+    .venv/bin/python -m bench.storm [--clients 1000] [--tokens 120] [--delay-ms 250] [--no-kill]
+                                    [--json F]
 
 How this works: three gateways; the victim takes every client first (its admission caps
 lifted), the two survivors keep tokenwire's admission control at ``--max-handshakes`` and
@@ -10,7 +11,9 @@ the victim is SIGKILLed. Every client then reconnects with jittered backoff, mee
 survivors' ``too_busy`` refusals (1013 at the handshake, an id-only ``error`` for a resume),
 waits out their hints with jitter, and resumes. Reported: the time from the kill until 50 %,
 99 % and 100 % of the answers were complete, the refusals each side saw, and every answer
-checked against the simulator's exact text with each ``seq`` exactly once.
+checked against the simulator's exact text with each ``seq`` exactly once, and the CPU
+seconds each process spent from the kill to the last answer. ``--no-kill`` is the control:
+the same load with the first gateway left alive, so what the storm itself costs shows.
 
 :func:`run_storm` is the client side, shared with ``tests/integration/test_storm.py`` (the
 same scenario with fewer clients).
@@ -22,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -234,6 +238,13 @@ def gateway_refusals(metrics_url: str) -> dict[str, float]:
 # --- the full-size run --------------------------------------------------------------------
 
 
+def cpu_s(pid: int) -> float:
+    """CPU time (user + system) ``pid`` has used so far, in seconds (/proc/<pid>/stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()  # after "(comm)", which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main(argv: list[str] | None = None) -> int:
     from bench.loadgen import raise_nofile
     from bench.system import SimSpec, System
@@ -248,6 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-resumes", type=int, default=64, help="of each survivor")
     parser.add_argument("--busy-retry-s", type=float, default=1.0)
     parser.add_argument("--timeout-s", type=float, default=300.0)
+    parser.add_argument(
+        "--no-kill",
+        action="store_true",
+        help="the control: the same load, the first gateway left alive (what the storm costs)",
+    )
     parser.add_argument("--json", type=Path, help="write the result here too")
     args = parser.parse_args(argv)
     raise_nofile()
@@ -266,9 +282,25 @@ def main(argv: list[str] | None = None) -> int:
         survivors = [system.start_gateway(env=caps) for _ in range(2)]
         url = "ws://127.0.0.1:{}/v1/ws".format
 
+        # Where the two cores went from the kill to the last answer: which process was busy.
+        assert system.nats is not None and system.sim is not None
+        pids = {
+            "bench clients": os.getpid(),
+            "nats-server": system.nats.pid,
+            "simulator": system.sim.pid,
+            "worker": system.workers[0].pid,
+            "survivor 1": survivors[0].pid,
+            "survivor 2": survivors[1].pid,
+            "first gateway": victim.pid if args.no_kill else None,
+        }
+        watched = {name: pid for name, pid in pids.items() if pid is not None}
+        cpu_at_kill: dict[str, float] = {}
+
         def kill() -> None:
+            cpu_at_kill.update({name: cpu_s(pid) for name, pid in watched.items()})
             assert victim.popen is not None
-            victim.popen.kill()
+            if not args.no_kill:
+                victim.popen.kill()
 
         started = time.monotonic()
         result = asyncio.run(
@@ -282,8 +314,10 @@ def main(argv: list[str] | None = None) -> int:
                 timeout_s=args.timeout_s,
             )
         )
+        cpu = {name: round(cpu_s(watched[name]) - was, 1) for name, was in cpu_at_kill.items()}
         refusals = [gateway_refusals(f"http://127.0.0.1:{s.port}/metrics") for s in survivors]
         report = result.as_dict() | {
+            "cpu_s_after_kill": cpu,
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "survivor_refusals": refusals,
             "survivors_alive": [s.popen is not None and s.popen.poll() is None for s in survivors],
