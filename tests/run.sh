@@ -32,6 +32,7 @@ export TOKENWIRE_WEB_DEPS_READY=1
 
 echo "== ruff"
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 echo "== mypy --strict (gateway, worker, shared, tokenwire)"
 .venv/bin/mypy
 

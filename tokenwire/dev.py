@@ -399,9 +399,7 @@ def demo_apps() -> dict[str, str]:
     ``app``; the default app stays the classic chat, ``app-simulator``."""
     from tokenwire.simulator import DEMO_APPS
 
-    return {
-        key.removeprefix("app-"): key for key in DEMO_APPS if key and key != SIMULATOR_API_KEY
-    }
+    return {key.removeprefix("app-"): key for key in DEMO_APPS if key and key != SIMULATOR_API_KEY}
 
 
 def _how_it_ended(code: int) -> str:

@@ -74,6 +74,7 @@ from worker.waiting_line import job_intake
 
 __all__ = ["create_app"]
 
+
 class Replier(Protocol):
     """What answers a request/reply subject (calls, uploads, replays): bytes in, bytes out."""
 

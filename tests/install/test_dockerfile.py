@@ -145,8 +145,16 @@ def services(tmp_path: Path) -> Iterator[tuple[str, str]]:
     sim_port = free_port()
     sim_log = (tmp_path / "sim.log").open("wb")
     sim = subprocess.Popen(
-        [sys.executable, "-m", "tokenwire", "simulate-dify", "--port", str(sim_port),
-         "--api-key", DIFY_KEY],
+        [
+            sys.executable,
+            "-m",
+            "tokenwire",
+            "simulate-dify",
+            "--port",
+            str(sim_port),
+            "--api-key",
+            DIFY_KEY,
+        ],
         stdout=sim_log,
         stderr=subprocess.STDOUT,
     )
@@ -188,7 +196,10 @@ def test_the_image_recipe_answers_through_a_gateway_and_a_worker(
         return [found, *(ports.get(str(a), str(a)) for a in args)]
 
     # Each process gets only the secret its manifest gives it.
-    secrets = {"gateway": {"TOKENWIRE_JWT_SECRET": JWT_SECRET}, "worker": {"DIFY_API_KEY": DIFY_KEY}}
+    secrets = {
+        "gateway": {"TOKENWIRE_JWT_SECRET": JWT_SECRET},
+        "worker": {"DIFY_API_KEY": DIFY_KEY},
+    }
     procs, logs = [], []
     try:
         for component in ("worker", "gateway"):
@@ -213,10 +224,14 @@ def test_the_image_recipe_answers_through_a_gateway_and_a_worker(
         token = jwt.encode(
             {"sub": "replayed-user", "exp": int(time.time()) + 600}, JWT_SECRET, algorithm="HS256"
         )
-        answer = ask(f"http://127.0.0.1:{gateway_port}", QUESTION, headers={
-            "Authorization": f"Bearer {token}",
-            "Origin": env["TOKENWIRE_ALLOWED_ORIGINS"].split(",")[0],
-        })
+        answer = ask(
+            f"http://127.0.0.1:{gateway_port}",
+            QUESTION,
+            headers={
+                "Authorization": f"Bearer {token}",
+                "Origin": env["TOKENWIRE_ALLOWED_ORIGINS"].split(",")[0],
+            },
+        )
         assert answer == expected_final_answer(QUESTION)
         # The page ships inside the venv: the gateway serves it with no TOKENWIRE_WEB_DIR.
         conn = http.client.HTTPConnection("127.0.0.1", gateway_port, timeout=5)

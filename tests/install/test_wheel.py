@@ -92,8 +92,9 @@ def get(url_port: int, path: str, **headers: str) -> tuple[int, str, bytes]:
 def test_the_wheel_holds_every_module_and_the_page_but_nothing_else(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     modules = {
-        f for f in tracked_files() if f.endswith(".py") and f.split("/")[0] in
-        ("gateway", "worker", "shared", "tokenwire")
+        f
+        for f in tracked_files()
+        if f.endswith(".py") and f.split("/")[0] in ("gateway", "worker", "shared", "tokenwire")
     }
     missing = sorted(m for m in modules if m not in names)
     assert not missing, f"modules the wheel leaves out: {missing}"
@@ -200,9 +201,7 @@ def test_tokenwire_jobs_and_chat_from_a_plain_install(
             chat.wait()
 
 
-def test_every_command_and_its_help_start_from_a_plain_install(
-    venv: Path, elsewhere: Path
-) -> None:
+def test_every_command_and_its_help_start_from_a_plain_install(venv: Path, elsewhere: Path) -> None:
     top = run([venv / "tokenwire", "--help"], cwd=elsewhere).stdout
     commands = ("dev", "gateway", "worker", "jobs", "chat", "simulate-dify")
     for command in commands:
@@ -269,7 +268,9 @@ def reason(lines: list[str], marker: str) -> str:
 
 def test_a_worker_that_cannot_start_ends_dev_with_its_reason(venv: Path, elsewhere: Path) -> None:
     # Tracing asked for, but the plain install has no otel extra.
-    code, lines = failed_dev(venv, elsewhere, TOKENWIRE_OTEL_ENDPOINT="http://127.0.0.1:9/v1/traces")
+    code, lines = failed_dev(
+        venv, elsewhere, TOKENWIRE_OTEL_ENDPOINT="http://127.0.0.1:9/v1/traces"
+    )
     assert code != 0
     assert not any(READY_PHRASE in line for line in lines), "\n".join(lines)
     line = reason(lines, "while starting")
@@ -306,9 +307,7 @@ def test_a_key_dify_refuses_ends_dev_at_once(venv: Path, elsewhere: Path) -> Non
     assert "app-wrong" not in "\n".join(lines), "the key must never be printed"
 
 
-def test_an_unreachable_dify_ends_dev_after_the_ready_timeout(
-    venv: Path, elsewhere: Path
-) -> None:
+def test_an_unreachable_dify_ends_dev_after_the_ready_timeout(venv: Path, elsewhere: Path) -> None:
     closed = free_port()
     code, lines = failed_dev(
         venv,

@@ -138,7 +138,9 @@ def test_dev_starts_everything_and_ctrl_c_stops_it_all(tmp_path: Path) -> None:
         (worker,) = [c for c in children if " worker " in cmdline(c.pid) + " "]
         gateway_env = Path(f"/proc/{gateway.pid}/environ").read_bytes().split(b"\0")
         worker_env = Path(f"/proc/{worker.pid}/environ").read_bytes().split(b"\0")
-        assert not [v for v in gateway_env if v.startswith((b"DIFY_API_KEY=", b"TOKENWIRE_DIFY_APPS"))]
+        assert not [
+            v for v in gateway_env if v.startswith((b"DIFY_API_KEY=", b"TOKENWIRE_DIFY_APPS"))
+        ]
         assert any(v.startswith(b"DIFY_API_KEY=") for v in worker_env)
 
         proc.send_signal(signal.SIGINT)

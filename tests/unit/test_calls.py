@@ -92,8 +92,14 @@ def test_the_catalogue_is_the_contracts_list() -> None:
             {},
             {"rating": None, "user": "alice"},
         ),
-        ("messages.suggested", {"message_id": "m-1"}, "GET", "/messages/m-1/suggested",
-         {"user": "alice"}, None),
+        (
+            "messages.suggested",
+            {"message_id": "m-1"},
+            "GET",
+            "/messages/m-1/suggested",
+            {"user": "alice"},
+            None,
+        ),
         ("runs.get", {"workflow_run_id": "r-1"}, "GET", "/workflows/run/r-1", {}, None),
     ],
 )
