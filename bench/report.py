@@ -690,8 +690,8 @@ def _section_idle(results: dict[str, Any]) -> list[str]:
         "processes (tokenwire ones get their `hello`), then the server's VmRSS is read from "
         "`/proc/<pid>/status`; per connection = (after − before) / N. Clients offer "
         "permessage-deflate as browsers do. *Server CPU* is the server's CPU while it only "
-        "holds them (WebSocket pings, and for tokenwire the connection-slot refresh in NATS "
-        "KV), over a few seconds.",
+        "holds them (WebSocket pings and, for tokenwire, the gateway's sweep and its one "
+        "liveness write to NATS KV every ttl/3), over a few seconds.",
         "",
         _table(
             [
