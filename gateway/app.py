@@ -29,6 +29,7 @@ from gateway.limits import ConnectionSlots, Gate, LocalConnections, RequestRate
 from gateway.uploads import Uploads
 from shared.exceptions import CloseCode
 from shared.settings import Settings
+from shared.subjects import slot_owner
 
 __all__ = ["SUBPROTOCOL", "create_app", "default_web_dir"]
 
@@ -55,7 +56,7 @@ def create_app(settings: Settings) -> Starlette:
             "resumes", settings.max_resumes, settings.busy_retry_s, metrics.in_progress("resume")
         ),
     )
-    slots = ConnectionSlots(bus, settings, owner=bus.gateway_id)
+    slots = ConnectionSlots(bus, settings, owner=slot_owner(bus.gateway_id))
     admission = Admission(bus, settings, edge, slots)
     uploads = Uploads(bus, settings, edge.auth, edge.call_rates or edge.rates)
     state = {"draining": False}

@@ -6,7 +6,8 @@ How this works:
   user has that many *slots*, KV keys ``<user hash>.<n>`` in the ``tw_connections`` bucket,
   each naming the gateway that holds it. A connection claims the first free slot with a KV
   *create* (atomic: two gateways cannot take the same slot), and deletes it when it ends.
-  Each gateway keeps one *liveness* entry (``gw.<gateway>``) whose own TTL is
+  Each gateway process keeps one *liveness* entry (``gw.<owner>``, the owner being its gateway
+  id with a fresh suffix per start: :func:`shared.subjects.slot_owner`) whose own TTL is
   ``TOKENWIRE_CONNECTION_TTL_S``, re-written every ttl/3: one write per gateway, not one per
   connection. A slot whose gateway's liveness entry expired is free (taken over with a
   compare-and-set), so the slots of a gateway that was killed (no clean-up ran) all stop

@@ -116,6 +116,7 @@ __all__ = [
     "request_frames",
     "request_frames_any_connection",
     "request_key",
+    "slot_owner",
     "status_key",
     "stop_flag_key",
     "stop_subject",
@@ -172,6 +173,14 @@ def new_connection_id() -> str:
 def new_gateway_id() -> str:
     """A fresh id for one gateway process (when ``TOKENWIRE_GATEWAY_ID`` names none)."""
     return secrets.token_hex(6)
+
+
+def slot_owner(gateway_id: str) -> str:
+    """The name one gateway *process* writes into its connection slots and liveness entry:
+    its gateway id and a fresh suffix per start. The id alone is not enough: a StatefulSet pod
+    or ``--workers N`` children keep ``TOKENWIRE_GATEWAY_ID`` across restarts, and a process
+    under its dead predecessor's name would count those slots as its own and keep them alive."""
+    return f"{gateway_id}-{secrets.token_hex(4)}"
 
 
 def frame_partition(key: str, partitions: int) -> int:

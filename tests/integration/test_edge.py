@@ -259,6 +259,40 @@ async def test_a_killed_gateways_connections_stop_counting(edge: Edge) -> None:
         assert (frame["code"], closed) == ("too_many_connections", 4004)
 
 
+async def test_a_gateway_restarted_under_its_fixed_id_does_not_inherit_its_dead_slots(
+    edge: Edge,
+) -> None:
+    """A StatefulSet pod (the restricted overlay) or ``--workers N`` keeps TOKENWIRE_GATEWAY_ID
+    across restarts. The slots of the process that was killed must still come free: the new
+    process under the same id neither counts them as its own nor keeps them alive."""
+    fixed = {"TOKENWIRE_GATEWAY_ID": f"pod-{uuid.uuid4().hex[:6]}"}
+    first = edge.stack.gateway("gateway-fixed-1", **CLUSTER_ENV, **fixed)
+    sub = user()
+    held = [Client(edge.url(first.port), **bearer(sub)) for _ in range(2)]
+    for client in held:
+        await client.connect()
+    first.kill()  # no clean-up: both slots stay in NATS
+    killed_at = time.monotonic()
+    for client in held:
+        await asyncio.wait_for(client.closed.wait(), 10)
+        await client.close()
+    again = edge.stack.gateway("gateway-fixed-2", **CLUSTER_ENV, **fixed)
+    # Within the liveness TTL (and slack for a loaded machine) the user has both slots back,
+    # on the restarted gateway itself.
+    frames = []
+    while time.monotonic() - killed_at < CONNECTION_TTL_S + 15:
+        async with websockets.connect(edge.url(again.port), **bearer(sub)) as ws:
+            frames.append(orjson.loads(await asyncio.wait_for(ws.recv(), 15)))
+        if frames[-1]["type"] == "hello":
+            break
+        await asyncio.sleep(0.3)
+    assert frames[-1]["type"] == "hello", f"the dead process's slots never came free: {frames[-1]}"
+    async with Client(edge.url(again.port), **bearer(sub)), Client(edge.url(edge.a), **bearer(sub)):
+        frame, closed = await refusal(edge.url(again.port), **bearer(sub))
+        assert (frame["code"], closed) == ("too_many_connections", 4004)
+    again.stop()
+
+
 async def test_a_burst_over_the_rate_gets_rate_limited_and_dify_sees_none_of_it(
     edge: Edge,
 ) -> None:
