@@ -260,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--busy-retry-s", type=float, default=1.0)
     parser.add_argument("--timeout-s", type=float, default=300.0)
     parser.add_argument(
+        "--partitions", type=int, default=1, help="TOKENWIRE_FRAME_PARTITIONS of every process"
+    )
+    parser.add_argument(
         "--no-kill",
         action="store_true",
         help="the control: the same load, the first gateway left alive (what the storm costs)",
@@ -272,9 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         system.start_nats()
         system.start_simulator(SimSpec(token_delay_ms=args.delay_ms, tokens=args.tokens))
-        system.start_worker()
-        victim = system.start_gateway(env={"TOKENWIRE_MAX_HANDSHAKES": str(args.clients)})
-        caps = {
+        layout = {"TOKENWIRE_FRAME_PARTITIONS": str(args.partitions)}
+        system.start_worker(env=layout)
+        victim = system.start_gateway(env=layout | {"TOKENWIRE_MAX_HANDSHAKES": str(args.clients)})
+        caps = layout | {
             "TOKENWIRE_MAX_HANDSHAKES": str(args.max_handshakes),
             "TOKENWIRE_MAX_RESUMES": str(args.max_resumes),
             "TOKENWIRE_BUSY_RETRY_S": str(args.busy_retry_s),
