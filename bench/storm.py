@@ -238,15 +238,9 @@ def gateway_refusals(metrics_url: str) -> dict[str, float]:
 # --- the full-size run --------------------------------------------------------------------
 
 
-def cpu_s(pid: int) -> float:
-    """CPU time (user + system) ``pid`` has used so far, in seconds (/proc/<pid>/stat)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat.rsplit(")", 1)[1].split()  # after "(comm)", which may hold spaces
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def main(argv: list[str] | None = None) -> int:
     from bench.loadgen import raise_nofile
+    from bench.stats import cpu_seconds
     from bench.system import SimSpec, System
 
     parser = argparse.ArgumentParser(
@@ -301,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu_at_kill: dict[str, float] = {}
 
         def kill() -> None:
-            cpu_at_kill.update({name: cpu_s(pid) for name, pid in watched.items()})
+            cpu_at_kill.update({name: cpu_seconds(pid) for name, pid in watched.items()})
             assert victim.popen is not None
             if not args.no_kill:
                 victim.popen.kill()
@@ -318,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
                 timeout_s=args.timeout_s,
             )
         )
-        cpu = {name: round(cpu_s(watched[name]) - was, 1) for name, was in cpu_at_kill.items()}
+        cpu = {
+            name: round(cpu_seconds(watched[name]) - was, 1) for name, was in cpu_at_kill.items()
+        }
         refusals = [gateway_refusals(f"http://127.0.0.1:{s.port}/metrics") for s in survivors]
         report = result.as_dict() | {
             "cpu_s_after_kill": cpu,
