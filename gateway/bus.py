@@ -19,7 +19,7 @@ from typing import Any
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 from opentelemetry import propagate
@@ -340,13 +340,33 @@ class GatewayBus:
         """Every kept frame of request ``key`` in order, then the live rest (ordered consumer),
         from its partition's stream, whichever gateway and connection asked it."""
         assert self._replay_js is not None, "GatewayBus.start() not awaited"
+        any_connection = request_frames_any_connection(key, partitions=self.partitions)
+        stream = self._stream_of(key)
+        # The request's literal subject from its first frame when there is one subject (the
+        # usual case): far cheaper for nats-server than the wildcard from the stream's start.
+        # A restricted gateway may not read the stream: its worker-made consumer keeps the
+        # wildcard (shared/replay_proxy.py checks the filter).
+        found = None
+        if not self.settings.nats_restricted:
+            found = await natsedge.one_subject(self.js, stream, any_connection)
         with map_nats_errors("replay the request"):
+            if found is None:
+                return await self._replay_js.subscribe(
+                    any_connection,
+                    stream=stream,
+                    cb=handler,
+                    ordered_consumer=True,
+                    deliver_policy=DeliverPolicy.ALL,
+                )
+            subject, first_seq = found
             return await self._replay_js.subscribe(
-                request_frames_any_connection(key, partitions=self.partitions),
-                stream=self._stream_of(key),
+                subject,
+                stream=stream,
                 cb=handler,
                 ordered_consumer=True,
-                deliver_policy=DeliverPolicy.ALL,
+                config=ConsumerConfig(
+                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=first_seq
+                ),
             )
 
     def _stream_of(self, key: str) -> str:

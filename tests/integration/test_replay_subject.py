@@ -1,0 +1,105 @@
+"""A replay reads one request's frames from their literal subject when it can.
+
+A resuming gateway knows the request's key, not the gateway and connection that asked it, so
+its frames are found with a wildcard (``tw.frames.<p>.*.*.<key>``). A consumer filtered on that
+wildcard costs nats-server ~2.7x a literal one at a replay (``bench/replay_cost.py``), so the
+gateway looks the literal subject and its first sequence up first
+(:func:`shared.natsedge.one_subject`). These run against a real nats-server and the product's
+own frame stream: the lookup must never hide a frame (two subjects keep the wildcard), and a
+replay must give exactly the request's frames, in order, whichever way it filtered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
+
+from gateway.bus import GatewayBus
+from shared import natsedge
+from shared.settings import Settings
+from shared.subjects import FRAMES_STREAM, request_frames, request_frames_any_connection
+from tokenwire.natsserver import NatsServer
+
+pytestmark = pytest.mark.integration
+
+KEY = "ab" * 16
+OTHER = "cd" * 16
+
+
+async def test_one_subject_finds_the_literal_subject_and_its_first_frame(
+    nats: NatsServer,
+) -> None:
+    settings = Settings(nats_url=nats.url)
+    nc = await natsedge.connect(settings, name="test")
+    try:
+        await natsedge.ensure_topology(nc.jetstream(), settings)
+        js = nc.jetstream()
+        wild = request_frames_any_connection(KEY, partitions=1)
+        assert await natsedge.one_subject(js, FRAMES_STREAM, wild) is None  # nothing kept yet
+
+        mine = request_frames("gw1", "conn1", KEY, partitions=1)
+        other = request_frames("gw1", "conn1", OTHER, partitions=1)
+        await js.publish(other, b"other 1")
+        first = await js.publish(mine, b"mine 1")
+        await js.publish(other, b"other 2")
+        await js.publish(mine, b"mine 2")
+        assert await natsedge.one_subject(js, FRAMES_STREAM, wild) == (mine, first.seq)
+
+        # The same key asked again on another connection: two subjects, so no single one.
+        await js.publish(request_frames("gw2", "conn2", KEY, partitions=1), b"mine again")
+        assert await natsedge.one_subject(js, FRAMES_STREAM, wild) is None
+    finally:
+        await nc.close()
+
+
+@pytest.mark.parametrize("two_subjects", [False, True], ids=["one subject", "two subjects"])
+async def test_a_replay_gets_exactly_the_requests_frames_in_order(
+    nats: NatsServer, two_subjects: bool
+) -> None:
+    settings = Settings(nats_url=nats.url)
+    bus = GatewayBus(settings)
+    await bus.start()
+    publisher = await natsedge.connect(settings, name="publisher")
+    try:
+        js = publisher.jetstream()
+        mine = request_frames("gw1", "conn1", KEY, partitions=1)
+        second = request_frames("gw2", "conn2", KEY, partitions=1)
+        expected = []
+        for n in range(1, 41):
+            await js.publish(request_frames("gw1", "c9", OTHER, partitions=1), b"noise %d" % n)
+            subject = second if two_subjects and n > 30 else mine
+            await js.publish(subject, b"frame %d" % n)
+            expected.append(b"frame %d" % n)
+
+        got: list[bytes] = []
+        done = asyncio.Event()
+
+        async def on_frame(msg: Msg) -> None:
+            got.append(msg.data)
+            if len(got) >= len(expected) + 2:
+                done.set()
+
+        replay = await bus.replay(KEY, on_frame)
+        # Live frames after the replay started come too.
+        await js.publish(mine, b"live 1")
+        await js.publish(request_frames("gw1", "c9", OTHER, partitions=1), b"noise live")
+        await js.publish(mine, b"live 2")
+        await asyncio.wait_for(done.wait(), 15)
+        await asyncio.sleep(0.3)  # nothing else may follow
+        assert got == [*expected, b"live 1", b"live 2"]
+        # And it filtered the cheap way when it could.
+        config = (await replay.consumer_info()).config
+        if two_subjects:
+            assert config.filter_subject == request_frames_any_connection(KEY, partitions=1)
+        else:
+            assert config.filter_subject == mine and config.deliver_policy in (
+                DeliverPolicy.BY_START_SEQUENCE,
+                "by_start_sequence",
+            )
+        await replay.unsubscribe()
+    finally:
+        await publisher.close()
+        await bus.close()
