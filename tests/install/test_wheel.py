@@ -313,7 +313,9 @@ def test_an_unreachable_dify_ends_dev_after_the_ready_timeout(venv: Path, elsewh
         venv,
         elsewhere,
         "--ready-timeout",
-        "4",
+        # Long enough for the worker's /readyz to answer at all on a loaded machine (it must
+        # say why it is not ready: Dify unreachable), short enough to keep the test quick.
+        "12",
         DIFY_API_URL=f"http://127.0.0.1:{closed}/v1",
         DIFY_API_KEY="app-anything",
     )
