@@ -10,11 +10,13 @@ the mapper). What those bytes mean is decided in the core (``shared/dify_api.py`
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
+import aiohttp
 import httpx
 import orjson
 from httpx_aiohttp import AiohttpTransport
@@ -34,6 +36,18 @@ from worker import metrics
 __all__ = ["DifyAnswer", "DifyClient", "map_httpx_errors"]
 
 _MAX_ERROR_BODY = 16 * 1024
+
+log = logging.getLogger("tokenwire.worker")
+
+
+def closed_before_answering(exc: BaseException) -> bool:
+    """Whether Dify's side closed the connection before any byte of an answer: what a kept-alive
+    connection the server had just timed out looks like (uvicorn closes idle ones after 5 s,
+    gunicorn after 2 s; the pool keeps them 5 s), and a server that died before it answered."""
+    cause = exc.__cause__
+    return isinstance(cause, aiohttp.ServerDisconnectedError) or (
+        isinstance(exc, httpx.RemoteProtocolError) and "without sending a response" in str(exc)
+    )
 
 
 @contextmanager
@@ -159,7 +173,7 @@ class DifyClient:
         sent = time.monotonic()
         try:
             with map_httpx_errors(started=False):
-                response = await self._http.send(request, stream=True)
+                response = await self._send_once_more(request)
         except DifyUnavailable:
             metrics.dify_response(None, time.monotonic() - sent, endpoint)
             raise
@@ -176,14 +190,30 @@ class DifyClient:
         finally:
             await response.aclose()
 
+    async def _send_once_more(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request``; if Dify closed the connection before answering, send it once more
+        on a fresh one. A request that fails so is sent again anyway (the job goes back with
+        ``DifyUnavailable`` and comes back after a backoff), so sending it at once is no less
+        safe; it spares the client a ``queued`` detour for a connection the pool kept a moment
+        longer than Dify did."""
+        try:
+            return await self._http.send(request, stream=True)
+        except httpx.TransportError as exc:
+            if not closed_before_answering(exc):
+                raise
+            log.info("Dify closed the connection before answering; sending once more")
+            return await self._http.send(request, stream=True)
+
     async def _call(self, endpoint: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One short Dify call (stop, history): timed, errors translated, non-200 raised."""
         sent = time.monotonic()
         try:
             with map_httpx_errors(started=False):
-                response = await self._http.request(
+                request = self._http.build_request(
                     method, path, timeout=self._stop_timeout, **kwargs
                 )
+                response = await self._send_once_more(request)
+                await response.aread()
         except DifyUnavailable:
             metrics.dify_response(None, time.monotonic() - sent, endpoint)
             raise

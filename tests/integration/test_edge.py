@@ -113,6 +113,20 @@ async def refusal(url: str, first: dict[str, Any] | None = None, **kw: Any) -> t
         return frame, ws.close_code
 
 
+async def first_frames_until_hello(url: str, sub: str, *, since: float) -> list[dict[str, Any]]:
+    """Connect as ``sub`` again and again until the gateway says ``hello`` (or the liveness TTL
+    and generous slack for a loaded machine have passed since ``since``); each connection's
+    first frame, in order."""
+    frames: list[dict[str, Any]] = []
+    while time.monotonic() - since < CONNECTION_TTL_S + 15:
+        async with websockets.connect(url, **bearer(sub)) as ws:
+            frames.append(orjson.loads(await asyncio.wait_for(ws.recv(), 15)))
+        if frames[-1]["type"] == "hello":
+            break
+        await asyncio.sleep(0.3)
+    return frames
+
+
 # --- authentication -----------------------------------------------------------------------
 
 
@@ -244,13 +258,7 @@ async def test_a_killed_gateways_connections_stop_counting(edge: Edge) -> None:
     await second.close()
     # Documented: a killed gateway's connections stop counting within
     # TOKENWIRE_CONNECTION_TTL_S; the deadline leaves generous slack for a loaded machine.
-    first_frames = []
-    while time.monotonic() - killed_at < CONNECTION_TTL_S + 15:
-        async with websockets.connect(edge.url(edge.b), **bearer(sub)) as ws:
-            first_frames.append(orjson.loads(await asyncio.wait_for(ws.recv(), 15)))
-        if first_frames[-1]["type"] == "hello":
-            break
-        await asyncio.sleep(0.3)
+    first_frames = await first_frames_until_hello(edge.url(edge.b), sub, since=killed_at)
     assert first_frames[0]["code"] == "too_many_connections"  # right after the kill
     assert first_frames[-1]["type"] == "hello" and first_frames[-1]["user"] == sub
     # Both of the dead gateway's slots went at once: the user holds two on B, then is capped.
@@ -279,13 +287,7 @@ async def test_a_gateway_restarted_under_its_fixed_id_does_not_inherit_its_dead_
     again = edge.stack.gateway("gateway-fixed-2", **CLUSTER_ENV, **fixed)
     # Within the liveness TTL (and slack for a loaded machine) the user has both slots back,
     # on the restarted gateway itself.
-    frames = []
-    while time.monotonic() - killed_at < CONNECTION_TTL_S + 15:
-        async with websockets.connect(edge.url(again.port), **bearer(sub)) as ws:
-            frames.append(orjson.loads(await asyncio.wait_for(ws.recv(), 15)))
-        if frames[-1]["type"] == "hello":
-            break
-        await asyncio.sleep(0.3)
+    frames = await first_frames_until_hello(edge.url(again.port), sub, since=killed_at)
     assert frames[-1]["type"] == "hello", f"the dead process's slots never came free: {frames[-1]}"
     async with Client(edge.url(again.port), **bearer(sub)), Client(edge.url(edge.a), **bearer(sub)):
         frame, closed = await refusal(edge.url(again.port), **bearer(sub))
