@@ -34,6 +34,9 @@ from shared.subjects import slot_owner
 __all__ = ["SUBPROTOCOL", "create_app", "default_web_dir"]
 
 log = logging.getLogger("tokenwire.gateway")
+#: How long a drain waits for its 4100 closes to go out before uvicorn's shutdown (bounded:
+#: uvicorn's own graceful shutdown is 10 s, and a client that never reads must not hold it).
+_DRAIN_CLOSE_WAIT_S = 5.0
 
 
 def default_web_dir() -> Path:
@@ -88,6 +91,11 @@ def create_app(settings: Settings) -> Starlette:
         for conn in [c for conns in edge.local.by_user.values() for c in conns]:
             if isinstance(conn, Connection):
                 conn.close(CloseCode.DRAINING)
+        # Each close is sent by a task of its connection's. Wait until they have gone out
+        # (their connections leave edge.local) before uvicorn's shutdown starts: it closes
+        # what is still open with 1012, and a loaded loop let it overtake a 4100 that way.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(edge.local.wait_empty(), _DRAIN_CLOSE_WAIT_S)
         # uvicorn's own shutdown then waits for those connections to finish closing.
 
     async def websocket(ws: WebSocket) -> None:

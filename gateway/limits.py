@@ -397,6 +397,7 @@ class LocalConnections:
         self.max_inflight_per_user = settings.max_inflight_per_user
         self.count = 0
         self.by_user: dict[str, set[HasInflight]] = {}
+        self._emptied = asyncio.Event()  # set when the last serving connection left
 
     @contextlib.contextmanager
     def admitted(self) -> Iterator[None]:
@@ -421,6 +422,14 @@ class LocalConnections:
             conns.discard(conn)
             if not conns:
                 del self.by_user[user]
+                if not self.by_user:
+                    self._emptied.set()
+
+    async def wait_empty(self) -> None:
+        """Until no connection is serving on this gateway (a drain's closes have gone out)."""
+        while self.by_user:
+            self._emptied.clear()
+            await self._emptied.wait()
 
     def inflight(self, user: str) -> int:
         """Requests in flight of ``user`` on this gateway, over all its connections."""

@@ -201,6 +201,28 @@ def test_local_counts() -> None:
         assert local.count == 1
 
 
+async def test_a_drain_waits_until_the_last_connection_has_left() -> None:
+    """The drain closes every client with 4100, then waits for them to leave before uvicorn's
+    shutdown would close what is left with 1012."""
+
+    class Conn:
+        inflight = 0
+
+    local = LocalConnections(settings())
+    await asyncio.wait_for(local.wait_empty(), 1)  # nobody: at once
+    a, b, c = Conn(), Conn(), Conn()
+    local.add("ivan", a)
+    local.add("ivan", b)
+    local.add("judy", c)
+    waiting = asyncio.create_task(local.wait_empty())
+    for leaving in (("ivan", a), ("judy", c)):
+        local.remove(*leaving)
+        await asyncio.sleep(0.01)
+        assert not waiting.done(), "a connection is still serving"
+    local.remove("ivan", b)
+    await asyncio.wait_for(waiting, 1)
+
+
 class CountingKv(MemoryKv):
     """MemoryKv that counts round trips."""
 
