@@ -82,8 +82,9 @@ def run_gateway_pod(
             ],
             env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(mdir)},
             pass_fds=[fd],
-            # The drain's delay, uvicorn's graceful shutdown (10 s), and a margin.
-            stop_grace_s=settings.drain_delay_s + 15,
+            # The drain's delay, its wait for the closes (5 s), uvicorn's graceful shutdown
+            # (10 s), and a margin.
+            stop_grace_s=settings.drain_delay_s + 20,
             metrics=mdir,
         )
         return asyncio.run(supervisor.run())
