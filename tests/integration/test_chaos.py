@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -78,8 +79,21 @@ async def test_chaos_every_answer_complete_exactly_once(tmp_path: Path) -> None:
             gateways[0].kill()
             await asyncio.sleep(0.5)
             outage = {"mode": "refuse", "seconds": 6}
+            sends_before = len((await http.get(f"{sim}/_sim/requests")).json())
             (await http.post(f"{sim}/_sim/outage", json=outage)).raise_for_status()
+            posted = time.monotonic()
             await wave(1)
+            # The outage must meet a send, or it tests nothing: on a loaded machine the
+            # worker left may start wave 1 only after 6 s. Keep it on, without a gap, until
+            # the simulator has seen a send (it records each before failing it), bounded.
+            deadline = posted + 30
+            while time.monotonic() < deadline:
+                if len((await http.get(f"{sim}/_sim/requests")).json()) > sends_before:
+                    break
+                if time.monotonic() - posted > 5:
+                    (await http.post(f"{sim}/_sim/outage", json=outage)).raise_for_status()
+                    posted = time.monotonic()
+                await asyncio.sleep(0.2)
             await asyncio.sleep(1.0)
             for client in rng.sample(clients, CLIENTS // 2):
                 await client.drop()
