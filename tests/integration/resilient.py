@@ -29,6 +29,8 @@ class ResilientClient:
         self.sent: dict[str, dict[str, Any]] = {}
         self.done: dict[str, asyncio.Event] = {}
         self.reconnects = 0
+        self.busy_resumes = 0  # resumes refused as too_busy, each sent again after its hint
+        self._retries: set[asyncio.Task[None]] = set()
         self.ws: Any = None
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
@@ -68,6 +70,12 @@ class ResilientClient:
                             self.frames[rid].append(frame)
                             if frame["type"] in TERMINAL:
                                 self.done[rid].set()
+                        elif rid in self.frames and frame.get("code") == "too_busy":
+                            # The gateway had no room (or NATS no answer) for the resume: the
+                            # request is untouched; the same resume after the hint.
+                            self.busy_resumes += 1
+                            wait_s = frame.get("retry_after_ms", 1000) / 1000
+                            self._later(ws, rid, wait_s * random.uniform(1.0, 1.5))
             except (TimeoutError, OSError, websockets.WebSocketException):
                 pass
             self.ws = None
@@ -77,6 +85,23 @@ class ResilientClient:
             self.reconnects += 1
             attempt += 1
             await asyncio.sleep(min(0.1 * 2**attempt, 2.0) * random.uniform(0.5, 1.0))
+
+    def _later(self, ws: Any, rid: str, wait_s: float) -> None:
+        async def resend() -> None:
+            await asyncio.sleep(wait_s)
+            frames = self.frames[rid]
+            if self.ws is ws and not self.done[rid].is_set():  # a new socket resumes anyway
+                again = (
+                    {"type": "resume", "id": rid, "after": frames[-1]["seq"]}
+                    if frames
+                    else self.sent[rid]  # never acknowledged: the chat again, as on reconnect
+                )
+                with contextlib.suppress(websockets.ConnectionClosed):
+                    await ws.send(orjson.dumps(again).decode())
+
+        task = asyncio.create_task(resend())
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
 
     async def chat(self, rid: str, query: str, **fields: Any) -> None:
         self.sent[rid] = {"type": "chat", "id": rid, "query": query, **fields}
@@ -99,6 +124,8 @@ class ResilientClient:
 
     async def close(self) -> None:
         self._closing = True
+        for task in list(self._retries):
+            task.cancel()
         if self.ws is not None:
             with contextlib.suppress(Exception):
                 await self.ws.close()
