@@ -110,7 +110,10 @@ async def test_twenty_requests_in_flight_and_a_bad_frame_among_them(spine: Stack
     async with Client(spine.ws_url(user="dave")) as client:
         queries = {f"r{i}": f"parallel question {i} {uuid.uuid4().hex[:4]}" for i in range(20)}
         for i, (rid, query) in enumerate(queries.items()):
-            await client.chat(query, rid=rid, inputs={"tw_sim": {"delay_ms": 5}})
+            # r3 streams for seconds, so it is surely in flight when its id is reused below
+            # (at 5 ms a token a loaded machine once finished it first: no duplicate_id).
+            delay_ms = 100 if rid == "r3" else 5
+            await client.chat(query, rid=rid, inputs={"tw_sim": {"delay_ms": delay_ms}})
             if i == 10:
                 await client.send("{not json")
                 await client.send({"type": "teleport", "id": "r3"})
