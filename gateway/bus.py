@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -69,6 +70,11 @@ FrameHandler = Callable[[Msg], Awaitable[None]]
 LIMITS_TIMEOUT_S = 1.0
 # How long a worker may take to say whether a request's frames are kept (restricted NATS).
 _REPLAY_ASK_TIMEOUT_S = 5.0
+# Look-ups whose span waits for the replay that follows each (one loop hop, normally); a
+# look-up whose connection closed before its replay leaves one, so the oldest are dropped, and
+# one older than a few seconds is asked again (a key asked anew since has a second subject).
+_SPANS_KEPT = 1024
+_SPAN_FRESH_S = 5.0
 
 # What the frame subscription may hold before nats-py drops frames (a slow consumer: the event
 # loop fell behind), sized for the whole gateway: a share per connection it may hold, and at
@@ -106,6 +112,8 @@ class GatewayBus:
         self._kv: KeyValue | None = None
         self._buckets: dict[str, KeyValue] = {}
         self._frames: Subscription | None = None
+        # Each look-up's answer (where the request's frames are), for the replay that follows.
+        self._spans: OrderedDict[str, tuple[float, natsedge.KeptSpan]] = OrderedDict()
 
     @property
     def connected(self) -> bool:
@@ -330,11 +338,20 @@ class GatewayBus:
                 REPLAY_SUBJECT, encode_has_ask(key), _REPLAY_ASK_TIMEOUT_S, "look up the request"
             )
             return read_has_reply(reply)
-        return await natsedge.has_message(
+        # Where the frames are, not only whether: the replay that follows uses it rather than
+        # asking again (two direct gets per resume, not three).
+        span = await natsedge.kept_span(
             self.js,
             self._stream_of(key),
             request_frames_any_connection(key, partitions=self.partitions),
         )
+        if span is None:
+            return False
+        self._spans[key] = (time.monotonic(), span)
+        self._spans.move_to_end(key)
+        while len(self._spans) > _SPANS_KEPT:
+            self._spans.popitem(last=False)
+        return True
 
     async def replay(self, key: str, handler: FrameHandler) -> Any:
         """Every kept frame of request ``key`` in order, then the live rest (ordered consumer),
@@ -346,11 +363,15 @@ class GatewayBus:
         # usual case): far cheaper for nats-server than the wildcard from the stream's start.
         # A restricted gateway may not read the stream: its worker-made consumer keeps the
         # wildcard (shared/replay_proxy.py checks the filter).
-        found = None
+        span = None
         if not self.settings.nats_restricted:
-            found = await natsedge.one_subject(self.js, stream, any_connection)
+            found = self._spans.pop(key, None)  # a resume's look-up found it just now
+            if found is not None and time.monotonic() - found[0] < _SPAN_FRESH_S:
+                span = found[1]
+            else:  # a catch-up (nothing looked it up), or a look-up long past
+                span = await natsedge.kept_span(self.js, stream, any_connection)
         with map_nats_errors("replay the request"):
-            if found is None:
+            if span is None or span.subject is None:
                 return await self._replay_js.subscribe(
                     any_connection,
                     stream=stream,
@@ -358,14 +379,13 @@ class GatewayBus:
                     ordered_consumer=True,
                     deliver_policy=DeliverPolicy.ALL,
                 )
-            subject, first_seq = found
             return await self._replay_js.subscribe(
-                subject,
+                span.subject,
                 stream=stream,
                 cb=handler,
                 ordered_consumer=True,
                 config=ConsumerConfig(
-                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=first_seq
+                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=span.first_seq
                 ),
             )
 

@@ -15,7 +15,8 @@ is the one place httpx is touched:
 * The few JetStream and KV calls whose "not found" or "lost a compare-and-set" is an answer,
   not a failure, return ``None`` (or ``False``) for it: :func:`kv_get`, :func:`kv_create`,
   :func:`kv_update`, :func:`kv_delete`, :func:`open_bucket`, :func:`stream_state`,
-  :func:`subject_count`, :func:`read_subject`, :func:`has_message`, :func:`get_message`,
+  :func:`subject_count`, :func:`read_subject`, :func:`has_message`, :func:`kept_span`,
+  :func:`get_message`,
   :func:`delivered_upto`, :func:`consumer_lag`.
 
 It does I/O, so it is not part of the checked core (tests/unit/test_core_boundary.py).
@@ -60,6 +61,7 @@ from shared.topology import request_bucket_config, stream_configs
 
 __all__ = [
     "RECONNECT_FOREVER",
+    "KeptSpan",
     "KvEntry",
     "broker_security",
     "connect",
@@ -73,6 +75,7 @@ __all__ = [
     "ensure_topology",
     "get_message",
     "has_message",
+    "kept_span",
     "kv_beat",
     "kv_create",
     "kv_delete",
@@ -81,7 +84,6 @@ __all__ = [
     "kv_update",
     "map_nats_errors",
     "nats_servers",
-    "one_subject",
     "open_bucket",
     "publish_acked",
     "publish_expecting",
@@ -436,10 +438,17 @@ async def has_message(js: JetStreamContext, stream: str, subject: str) -> bool:
     return True
 
 
-async def one_subject(js: JetStreamContext, stream: str, subjects: str) -> tuple[str, int] | None:
-    """The one subject of ``stream`` matching ``subjects`` (a filter with wildcards) and the
-    sequence of its first message, or None when no message matches or the first and the last
-    are on different subjects.
+class KeptSpan(NamedTuple):
+    """Where a request's kept frames are: ``subject`` (None when the first and the last are
+    on different subjects) and the stream sequence of the first."""
+
+    subject: str | None
+    first_seq: int
+
+
+async def kept_span(js: JetStreamContext, stream: str, subjects: str) -> KeptSpan | None:
+    """The :class:`KeptSpan` of the messages of ``stream`` matching ``subjects`` (a filter with
+    wildcards), or None when none is kept; one direct get when none is, two when some are.
 
     Why: a consumer filtered on a literal subject from its first sequence costs nats-server a
     fraction of one filtered with wildcards from the stream's start (``bench/replay_cost.py``:
@@ -447,16 +456,14 @@ async def one_subject(js: JetStreamContext, stream: str, subjects: str) -> tuple
     both. A request's frames are all on its job's reply subject; a key asked twice on two
     connections (its dedupe window passed) has two, and then the wildcard is kept."""
     first = await get_message(js, stream, 1, subject=subjects, next=True)
-    if first is None:
+    if first is None or first.subject is None or first.seq is None:
         return None
     with map_nats_errors("look up a message"):
         try:
             last = await js.get_last_msg(stream, subjects)
         except nats.js.errors.NotFoundError:
             return None
-    if last.subject != first.subject or first.subject is None or first.seq is None:
-        return None
-    return first.subject, int(first.seq)
+    return KeptSpan(first.subject if last.subject == first.subject else None, int(first.seq))
 
 
 async def get_message(

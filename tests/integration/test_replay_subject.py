@@ -4,7 +4,7 @@ A resuming gateway knows the request's key, not the gateway and connection that 
 its frames are found with a wildcard (``tw.frames.<p>.*.*.<key>``). A consumer filtered on that
 wildcard costs nats-server ~2.7x a literal one at a replay (``bench/replay_cost.py``), so the
 gateway looks the literal subject and its first sequence up first
-(:func:`shared.natsedge.one_subject`). These run against a real nats-server and the product's
+(:func:`shared.natsedge.kept_span`, at the resume's look-up). These run against a real nats-server and the product's
 own frame stream: the lookup must never hide a frame (two subjects keep the wildcard), and a
 replay must give exactly the request's frames, in order, whichever way it filtered.
 """
@@ -29,7 +29,7 @@ KEY = "ab" * 16
 OTHER = "cd" * 16
 
 
-async def test_one_subject_finds_the_literal_subject_and_its_first_frame(
+async def test_kept_span_finds_the_literal_subject_and_its_first_frame(
     nats: NatsServer,
 ) -> None:
     settings = Settings(nats_url=nats.url)
@@ -38,7 +38,7 @@ async def test_one_subject_finds_the_literal_subject_and_its_first_frame(
         await natsedge.ensure_topology(nc.jetstream(), settings)
         js = nc.jetstream()
         wild = request_frames_any_connection(KEY, partitions=1)
-        assert await natsedge.one_subject(js, FRAMES_STREAM, wild) is None  # nothing kept yet
+        assert await natsedge.kept_span(js, FRAMES_STREAM, wild) is None  # nothing kept yet
 
         mine = request_frames("gw1", "conn1", KEY, partitions=1)
         other = request_frames("gw1", "conn1", OTHER, partitions=1)
@@ -46,11 +46,11 @@ async def test_one_subject_finds_the_literal_subject_and_its_first_frame(
         first = await js.publish(mine, b"mine 1")
         await js.publish(other, b"other 2")
         await js.publish(mine, b"mine 2")
-        assert await natsedge.one_subject(js, FRAMES_STREAM, wild) == (mine, first.seq)
+        assert await natsedge.kept_span(js, FRAMES_STREAM, wild) == (mine, first.seq)
 
         # The same key asked again on another connection: two subjects, so no single one.
         await js.publish(request_frames("gw2", "conn2", KEY, partitions=1), b"mine again")
-        assert await natsedge.one_subject(js, FRAMES_STREAM, wild) is None
+        assert await natsedge.kept_span(js, FRAMES_STREAM, wild) == (None, first.seq)
     finally:
         await nc.close()
 
@@ -101,5 +101,56 @@ async def test_a_replay_gets_exactly_the_requests_frames_in_order(
             )
         await replay.unsubscribe()
     finally:
+        await publisher.close()
+        await bus.close()
+
+
+async def test_a_resume_asks_nats_where_the_frames_are_once(nats: NatsServer) -> None:
+    """The look-up finds the span and the replay uses it: two message gets for a resume (one
+    for a request with nothing kept), counted where nats-server receives them."""
+    settings = Settings(nats_url=nats.url)
+    bus = GatewayBus(settings)
+    await bus.start()
+    publisher = await natsedge.connect(settings, name="publisher")
+    watcher = await natsedge.connect(settings, name="watcher")
+    try:
+        gets: list[str] = []
+
+        async def on_get(msg: Msg) -> None:
+            gets.append(msg.subject)
+
+        for api in ("$JS.API.STREAM.MSG.GET.>", "$JS.API.DIRECT.GET.>"):
+            await watcher.subscribe(api, cb=on_get)
+        await watcher.flush()
+        js = publisher.jetstream()
+        mine = request_frames("gw1", "conn1", KEY, partitions=1)
+        for n in range(1, 6):
+            await js.publish(mine, b"frame %d" % n)
+
+        assert not await bus.has_frames(OTHER)
+        await watcher.flush()
+        await asyncio.sleep(0.2)
+        assert len(gets) == 1, gets
+
+        gets.clear()
+        got: list[bytes] = []
+        done = asyncio.Event()
+
+        async def on_frame(msg: Msg) -> None:
+            got.append(msg.data)
+            if len(got) == 5:
+                done.set()
+
+        assert await bus.has_frames(KEY)
+        replay = await bus.replay(KEY, on_frame)
+        await asyncio.wait_for(done.wait(), 15)
+        await watcher.flush()
+        await asyncio.sleep(0.2)
+        assert got == [b"frame %d" % n for n in range(1, 6)]
+        assert len(gets) == 2, gets
+        assert (await replay.consumer_info()).config.filter_subject == mine
+        await replay.unsubscribe()
+    finally:
+        await watcher.close()
         await publisher.close()
         await bus.close()
