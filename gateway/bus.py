@@ -333,20 +333,27 @@ class GatewayBus:
 
     async def has_frames(self, key: str) -> bool:
         """Whether any frame of request ``key`` is still kept (resume of a known id)."""
+        span: natsedge.KeptSpan | None
         if self.settings.nats_restricted:
             reply = await self.request(
                 REPLAY_SUBJECT, encode_has_ask(key), _REPLAY_ASK_TIMEOUT_S, "look up the request"
             )
-            return read_has_reply(reply)
-        # Where the frames are, not only whether: the replay that follows uses it rather than
-        # asking again (two direct gets per resume, not three).
-        span = await natsedge.kept_span(
-            self.js,
-            self._stream_of(key),
-            request_frames_any_connection(key, partitions=self.partitions),
-        )
-        if span is None:
-            return False
+            found, at = read_has_reply(reply)
+            if not found:
+                return False
+            if at is None:  # an older worker: it does not say where
+                return True
+            span = natsedge.KeptSpan(at.subject, at.first_seq)
+        else:
+            # Where the frames are, not only whether: the replay that follows uses it rather
+            # than asking again (two direct gets per resume, not three).
+            span = await natsedge.kept_span(
+                self.js,
+                self._stream_of(key),
+                request_frames_any_connection(key, partitions=self.partitions),
+            )
+            if span is None:
+                return False
         self._spans[key] = (time.monotonic(), span)
         self._spans.move_to_end(key)
         while len(self._spans) > _SPANS_KEPT:
@@ -361,32 +368,39 @@ class GatewayBus:
         stream = self._stream_of(key)
         # The request's literal subject from its first frame when there is one subject (the
         # usual case): far cheaper for nats-server than the wildcard from the stream's start.
-        # A restricted gateway may not read the stream: its worker-made consumer keeps the
-        # wildcard (shared/replay_proxy.py checks the filter).
+        # A resume's look-up found it just now; a catch-up asks. A restricted gateway may not
+        # read the stream: it has the span only from its look-up's worker (or none: wildcard).
         span = None
-        if not self.settings.nats_restricted:
-            found = self._spans.pop(key, None)  # a resume's look-up found it just now
-            if found is not None and time.monotonic() - found[0] < _SPAN_FRESH_S:
-                span = found[1]
-            else:  # a catch-up (nothing looked it up), or a look-up long past
-                span = await natsedge.kept_span(self.js, stream, any_connection)
+        found = self._spans.pop(key, None)
+        if found is not None and time.monotonic() - found[0] < _SPAN_FRESH_S:
+            span = found[1]
+        elif not self.settings.nats_restricted:  # a catch-up, or a look-up long past
+            span = await natsedge.kept_span(self.js, stream, any_connection)
+        if span is not None and span.subject is not None:
+            try:
+                with map_nats_errors("replay the request"):
+                    return await self._replay_js.subscribe(
+                        span.subject,
+                        stream=stream,
+                        cb=handler,
+                        ordered_consumer=True,
+                        config=ConsumerConfig(
+                            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                            opt_start_seq=span.first_seq,
+                        ),
+                    )
+            except BusUnavailable:
+                if not self.settings.nats_restricted:
+                    raise
+                # A worker from before literal replays refused it (a rolling upgrade): the
+                # wildcard, which every worker allows.
         with map_nats_errors("replay the request"):
-            if span is None or span.subject is None:
-                return await self._replay_js.subscribe(
-                    any_connection,
-                    stream=stream,
-                    cb=handler,
-                    ordered_consumer=True,
-                    deliver_policy=DeliverPolicy.ALL,
-                )
             return await self._replay_js.subscribe(
-                span.subject,
+                any_connection,
                 stream=stream,
                 cb=handler,
                 ordered_consumer=True,
-                config=ConsumerConfig(
-                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=span.first_seq
-                ),
+                deliver_policy=DeliverPolicy.ALL,
             )
 
     def _stream_of(self, key: str) -> str:

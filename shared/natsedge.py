@@ -15,8 +15,7 @@ is the one place httpx is touched:
 * The few JetStream and KV calls whose "not found" or "lost a compare-and-set" is an answer,
   not a failure, return ``None`` (or ``False``) for it: :func:`kv_get`, :func:`kv_create`,
   :func:`kv_update`, :func:`kv_delete`, :func:`open_bucket`, :func:`stream_state`,
-  :func:`subject_count`, :func:`read_subject`, :func:`has_message`, :func:`kept_span`,
-  :func:`get_message`,
+  :func:`subject_count`, :func:`read_subject`, :func:`kept_span`, :func:`get_message`,
   :func:`delivered_upto`, :func:`consumer_lag`.
 
 It does I/O, so it is not part of the checked core (tests/unit/test_core_boundary.py).
@@ -74,7 +73,6 @@ __all__ = [
     "ensure_stream",
     "ensure_topology",
     "get_message",
-    "has_message",
     "kept_span",
     "kv_beat",
     "kv_create",
@@ -426,16 +424,6 @@ async def read_subject_seqs(
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
     return out
-
-
-async def has_message(js: JetStreamContext, stream: str, subject: str) -> bool:
-    """Whether ``stream`` keeps any message on ``subject`` (a filter may hold wildcards)."""
-    with map_nats_errors("look up a message"):
-        try:
-            await js.get_last_msg(stream, subject)
-        except nats.js.errors.NotFoundError:
-            return False
-    return True
 
 
 class KeptSpan(NamedTuple):

@@ -10,7 +10,9 @@ and the worker creates only what this module allows:
 
 * a consumer of one frames stream, filtered to exactly one request's frames: the filter is
   :func:`shared.subjects.request_frames_any_connection` of a literal request key (32 hex
-  digits), in the stream that holds that key;
+  digits), or :func:`shared.subjects.request_frames` of that key with a literal gateway and
+  connection (plain subject tokens, never a wildcard: narrower still, and far cheaper for
+  nats-server to serve), in the stream that holds that key;
 * pushed to an inbox (``_INBOX.…``), never onto another subject tokenwire uses;
 * with the ordered-consumer settings (no acks, one delivery, flow control, memory storage,
   one replica) and an inactivity threshold, so a gateway that dies leaves nothing behind.
@@ -18,7 +20,9 @@ and the worker creates only what this module allows:
 Everything else in the request is dropped, not passed on. The answer is JetStream's own
 response, unchanged, so the gateway's nats-py ordered consumer reads it as if it had asked
 JetStream directly (and re-asks the same way when it recreates its consumer after a gap).
-``has`` answers whether any frame of a request is kept (resume of a known id).
+``has`` answers whether any frame of a request is kept (resume of a known id) and, when all are
+on one subject, that subject and the first frame's sequence: the replay that follows filters on
+it (a gateway without them, or an older worker's answer, keeps the wildcard).
 
 Pure code: the worker's shell (``worker/replay_proxy.py``) does the I/O.
 """
@@ -32,12 +36,19 @@ from typing import Any, Final
 import orjson
 
 from shared.exceptions import BadParams
-from shared.subjects import frame_partition, frames_stream, request_frames_any_connection
+from shared.subjects import (
+    SUBJECT_TOKEN,
+    frame_partition,
+    frames_stream,
+    request_frames,
+    request_frames_any_connection,
+)
 
 __all__ = [
     "INACTIVE_THRESHOLD_NS",
     "ConsumerAsk",
     "HasAsk",
+    "KeptAt",
     "check_consumer",
     "create_subject",
     "decode_ask",
@@ -64,6 +75,14 @@ class ConsumerAsk:
 
     stream: str
     config: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class KeptAt:
+    """Where one request's kept frames are: their one subject and the first one's sequence."""
+
+    subject: str
+    first_seq: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,8 +135,7 @@ def check_consumer(ask: ConsumerAsk, partitions: int) -> dict[str, Any]:
     if not isinstance(filter_subject, str):
         raise BadParams("a replay consumer needs a filter subject")
     key = filter_subject.rsplit(".", 1)[-1]
-    one_request = request_frames_any_connection(key, partitions=partitions)
-    if not _KEY.fullmatch(key) or filter_subject != one_request:
+    if not _KEY.fullmatch(key) or not _one_requests(filter_subject, key, partitions):
         raise BadParams("a replay consumer may only read one request's frames")
     if ask.stream != key_stream(key, partitions):
         raise BadParams("that request's frames are not kept in that stream")
@@ -155,6 +173,22 @@ def check_consumer(ask: ConsumerAsk, partitions: int) -> dict[str, Any]:
     return allowed
 
 
+def _one_requests(filter_subject: str, key: str, partitions: int) -> bool:
+    """Whether ``filter_subject`` reads request ``key``'s frames and nothing else: on any
+    connection (the wildcard), or on one literal gateway and connection."""
+    if filter_subject == request_frames_any_connection(key, partitions=partitions):
+        return True
+    tokens = filter_subject.split(".")
+    if len(tokens) != 6:
+        return False
+    gateway, conn = tokens[3], tokens[4]
+    return (
+        SUBJECT_TOKEN.fullmatch(gateway) is not None
+        and SUBJECT_TOKEN.fullmatch(conn) is not None
+        and filter_subject == request_frames(gateway, conn, key, partitions=partitions)
+    )
+
+
 def create_subject(stream: str, config: dict[str, Any], prefix: str = "$JS.API") -> str:
     """JetStream's API subject that creates ``config`` (named: with its filter, as nats-py)."""
     name = config.get("name")
@@ -163,8 +197,10 @@ def create_subject(stream: str, config: dict[str, Any], prefix: str = "$JS.API")
     return f"{prefix}.CONSUMER.CREATE.{stream}"
 
 
-def has_reply(has: bool) -> bytes:
-    return orjson.dumps({"has": has})
+def has_reply(has: bool, at: KeptAt | None = None) -> bytes:
+    if at is None:
+        return orjson.dumps({"has": has})
+    return orjson.dumps({"has": has, "subject": at.subject, "first_seq": at.first_seq})
 
 
 def error_reply(exc: Exception) -> bytes:
@@ -172,11 +208,22 @@ def error_reply(exc: Exception) -> bytes:
     return orjson.dumps({"error": {"code": 400, "err_code": 10000, "description": str(exc)}})
 
 
-def read_has_reply(data: bytes) -> bool:
-    """The worker's ``has`` answer; a refusal raises :class:`BadParams` with its reason."""
+def read_has_reply(data: bytes) -> tuple[bool, KeptAt | None]:
+    """The worker's ``has`` answer, and where the frames are when it says (a worker before
+    this field did not); a refusal raises :class:`BadParams` with its reason."""
     body = orjson.loads(data)
     if isinstance(body, dict) and isinstance(body.get("has"), bool):
-        return bool(body["has"])
+        subject, first_seq = body.get("subject"), body.get("first_seq")
+        at = None
+        if (
+            body["has"]
+            and isinstance(subject, str)
+            and isinstance(first_seq, int)
+            and not isinstance(first_seq, bool)
+            and first_seq > 0
+        ):
+            at = KeptAt(subject, first_seq)
+        return bool(body["has"]), at
     error = body.get("error") if isinstance(body, dict) else None
     reason = error.get("description") if isinstance(error, dict) else None
     raise BadParams(str(reason or f"unexpected replay answer: {body!r}")[:200])

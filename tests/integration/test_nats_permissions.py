@@ -27,6 +27,7 @@ from shared.subjects import (
     REQUESTS_BUCKET,
     gateway_frames,
     partition_frames,
+    request_key,
 )
 from tests.integration.conftest import FAST
 from tests.integration.stack import Stack
@@ -100,7 +101,7 @@ async def _as(server: NatsServer, name: str, errors: list[str]) -> nats.NATS:
 async def test_restricted_gateways_answer_and_resume_each_others_requests(
     restricted: tuple[Stack, NatsServer],
 ) -> None:
-    stack, _ = restricted
+    stack, server = restricted
     port_a, port_b = stack.gateway_ports
     controls = {"delay_ms": 20, "tokens": 60}
     query = f"permissions {uuid.uuid4().hex[:6]}"
@@ -121,6 +122,24 @@ async def test_restricted_gateways_answer_and_resume_each_others_requests(
     assert_seq_complete(whole)
     assert answer_of(whole) == expected_final_answer(query, controls)
     assert [f["seq"] for f in whole[held:]] == [f["seq"] for f in rest]
+    # Both replays' consumers (made by the worker, alive until their inactivity threshold)
+    # filtered on the request's literal subject, the one gateway A's connection answered on:
+    # the worker said where the frames are at the look-up.
+    nc = await _as(server, "worker", [])
+    try:
+        consumers = await nc.jetstream().consumers_info(FRAMES_STREAM)
+    finally:
+        await nc.close()
+    key = request_key("rita", rid)
+    filters = {
+        c.config.deliver_subject.split(".")[1]: c.config.filter_subject
+        for c in consumers
+        if c.config.deliver_subject and (c.config.filter_subject or "").endswith(key)
+    }
+    assert set(filters) == {"gw-a", "gw-b"}, filters
+    for filter_subject in filters.values():
+        assert filter_subject is not None and filter_subject.startswith("tw.frames.0.gw-a.")
+        assert "*" not in filter_subject and ">" not in filter_subject
 
 
 @pytest.mark.timeout(120)

@@ -15,15 +15,22 @@ from shared.exceptions import BadParams
 from shared.replay_proxy import (
     ConsumerAsk,
     HasAsk,
+    KeptAt,
     check_consumer,
     decode_ask,
     encode_consumer_ask,
     encode_has_ask,
     error_reply,
+    has_reply,
     key_stream,
     read_has_reply,
 )
-from shared.subjects import gateway_frames, request_frames_any_connection, request_key
+from shared.subjects import (
+    gateway_frames,
+    request_frames,
+    request_frames_any_connection,
+    request_key,
+)
 from tokenwire.natsperms import authorization, gateway_permissions
 
 KEY = request_key("alice", "r1")
@@ -58,11 +65,20 @@ def test_one_requests_frames_to_an_inbox_is_allowed_and_narrowed(partitions: int
     assert not {"headers_only", "sample_freq", "max_ack_pending"} & set(allowed)
 
 
+@pytest.mark.parametrize("partitions", [1, 3])
+def test_one_requests_frames_on_one_literal_connection_are_allowed(partitions: int) -> None:
+    subject = request_frames("gateway-0", "3f2a9c", KEY, partitions=partitions)
+    config = _ordered(subject, deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=7)
+    allowed = check_consumer(ConsumerAsk(key_stream(KEY, partitions), config), partitions)
+    assert allowed["filter_subject"] == subject
+    assert allowed["deliver_policy"] == "by_start_sequence" and allowed["opt_start_seq"] == 7
+
+
 @given(st.text(min_size=1, max_size=60))
 def test_any_other_filter_is_refused(filter_subject: str) -> None:
     exact = request_frames_any_connection(KEY, partitions=1)
-    if filter_subject == exact:
-        return
+    if filter_subject == exact or filter_subject.endswith(f".{KEY}"):
+        return  # KEY's own frames (32 hex digits: text() all but never makes them)
     with pytest.raises(BadParams):
         check_consumer(ConsumerAsk(key_stream(KEY, 1), _ordered(filter_subject)), 1)
 
@@ -75,6 +91,13 @@ def test_any_other_filter_is_refused(filter_subject: str) -> None:
         "tw.frames.0.*.*.>",
         "tw.jobs.chat",
         f"tw.frames.0.gw.c.{KEY[:-1]}*",
+        f"tw.frames.0.*.c.{KEY}",
+        f"tw.frames.0.gw.*.{KEY}",
+        f"tw.frames.0.gw.>.{KEY}",
+        f"tw.frames.0.gw.c.d.{KEY}",
+        f"tw.frames.0.gw..{KEY}",
+        f"tw.frames.1.gw.c.{KEY}",
+        f"tw.live.0.gw.c.{KEY}",
     ],
 )
 def test_wildcards_never_pass(filter_subject: str) -> None:
@@ -107,6 +130,13 @@ def test_asks_round_trip_and_refusals_read_back() -> None:
             decode_ask(bad)
     with pytest.raises(BadParams, match="no"):
         read_has_reply(error_reply(BadParams("no")))
+    # Where the frames are rides along when they are on one subject; an older worker's answer
+    # (no such fields) still reads.
+    subject = request_frames("gw", "c", KEY, partitions=1)
+    assert read_has_reply(has_reply(True, KeptAt(subject, 3))) == (True, KeptAt(subject, 3))
+    assert read_has_reply(has_reply(True)) == (True, None)
+    assert read_has_reply(b'{"has": false}') == (False, None)
+    assert read_has_reply(b'{"has": true, "subject": "s", "first_seq": true}') == (True, None)
     assert orjson.loads(error_reply(BadParams("no")))["error"]["code"] == 400
 
 
