@@ -19,9 +19,17 @@ from nats.js.api import DeliverPolicy
 
 from gateway.bus import GatewayBus
 from shared import natsedge
+from shared.exceptions import BadParams
+from shared.replay_proxy import ConsumerAsk, decode_ask, error_reply
 from shared.settings import Settings
-from shared.subjects import FRAMES_STREAM, request_frames, request_frames_any_connection
+from shared.subjects import (
+    FRAMES_STREAM,
+    REPLAY_SUBJECT,
+    request_frames,
+    request_frames_any_connection,
+)
 from tokenwire.natsserver import NatsServer
+from worker.replay_proxy import ReplayProxy
 
 pytestmark = pytest.mark.integration
 
@@ -154,3 +162,53 @@ async def test_a_resume_asks_nats_where_the_frames_are_once(nats: NatsServer) ->
         await watcher.close()
         await publisher.close()
         await bus.close()
+
+
+async def test_a_restricted_replay_takes_the_wildcard_when_a_worker_refuses_the_literal(
+    nats: NatsServer,
+) -> None:
+    """A rolling upgrade: the worker that answered the look-up said where the frames are, the
+    one asked for the consumer is older and allows only the wildcard. The replay still gets
+    every frame."""
+    settings = Settings(nats_url=nats.url)
+    declarer = GatewayBus(settings)  # declares the streams and buckets, as a worker would
+    await declarer.start()
+    worker = await natsedge.connect(settings, name="worker")
+    proxy = ReplayProxy(worker, worker.jetstream(), partitions=1)
+    refused: list[str] = []
+
+    async def answer(msg: Msg) -> None:
+        ask = decode_ask(msg.data)
+        if isinstance(ask, ConsumerAsk) and "*" not in ask.config.get("filter_subject", "*"):
+            refused.append(ask.config["filter_subject"])
+            old_rule = BadParams("a replay consumer may only read one request's frames")
+            await msg.respond(error_reply(old_rule))
+            return
+        await msg.respond(await proxy.handle(msg.data))
+
+    await worker.subscribe(REPLAY_SUBJECT, cb=answer)
+    bus = GatewayBus(Settings(nats_url=nats.url, nats_restricted=True))
+    await bus.start()
+    try:
+        js = worker.jetstream()
+        mine = request_frames("gw1", "conn1", KEY, partitions=1)
+        for n in range(1, 6):
+            await js.publish(mine, b"frame %d" % n)
+        got: list[bytes] = []
+        done = asyncio.Event()
+
+        async def on_frame(msg: Msg) -> None:
+            got.append(msg.data)
+            if len(got) == 5:
+                done.set()
+
+        assert await bus.has_frames(KEY)
+        replay = await bus.replay(KEY, on_frame)
+        await asyncio.wait_for(done.wait(), 15)
+        assert got == [b"frame %d" % n for n in range(1, 6)]
+        assert refused == [mine]  # the literal was asked first, and refused
+        await replay.unsubscribe()
+    finally:
+        await bus.close()
+        await worker.close()
+        await declarer.close()
