@@ -12,6 +12,7 @@ replay must give exactly the request's frames, in order, whichever way it filter
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from nats.aio.msg import Msg
@@ -113,6 +114,23 @@ async def test_a_replay_gets_exactly_the_requests_frames_in_order(
         await bus.close()
 
 
+async def resume_and_read(bus: GatewayBus, key: str, count: int) -> tuple[list[bytes], Any]:
+    """What a resume does on the bus: look the request up, replay it; its first ``count``
+    frames and the replay."""
+    got: list[bytes] = []
+    done = asyncio.Event()
+
+    async def on_frame(msg: Msg) -> None:
+        got.append(msg.data)
+        if len(got) == count:
+            done.set()
+
+    assert await bus.has_frames(key)
+    replay = await bus.replay(key, on_frame)
+    await asyncio.wait_for(done.wait(), 15)
+    return got, replay
+
+
 async def test_a_resume_asks_nats_where_the_frames_are_once(nats: NatsServer) -> None:
     """The look-up finds the span and the replay uses it: two message gets for a resume (one
     for a request with nothing kept), counted where nats-server receives them."""
@@ -141,17 +159,7 @@ async def test_a_resume_asks_nats_where_the_frames_are_once(nats: NatsServer) ->
         assert len(gets) == 1, gets
 
         gets.clear()
-        got: list[bytes] = []
-        done = asyncio.Event()
-
-        async def on_frame(msg: Msg) -> None:
-            got.append(msg.data)
-            if len(got) == 5:
-                done.set()
-
-        assert await bus.has_frames(KEY)
-        replay = await bus.replay(KEY, on_frame)
-        await asyncio.wait_for(done.wait(), 15)
+        got, replay = await resume_and_read(bus, KEY, 5)
         await watcher.flush()
         await asyncio.sleep(0.2)
         assert got == [b"frame %d" % n for n in range(1, 6)]
@@ -194,17 +202,7 @@ async def test_a_restricted_replay_takes_the_wildcard_when_a_worker_refuses_the_
         mine = request_frames("gw1", "conn1", KEY, partitions=1)
         for n in range(1, 6):
             await js.publish(mine, b"frame %d" % n)
-        got: list[bytes] = []
-        done = asyncio.Event()
-
-        async def on_frame(msg: Msg) -> None:
-            got.append(msg.data)
-            if len(got) == 5:
-                done.set()
-
-        assert await bus.has_frames(KEY)
-        replay = await bus.replay(KEY, on_frame)
-        await asyncio.wait_for(done.wait(), 15)
+        got, replay = await resume_and_read(bus, KEY, 5)
         assert got == [b"frame %d" % n for n in range(1, 6)]
         assert refused == [mine]  # the literal was asked first, and refused
         await replay.unsubscribe()
