@@ -42,6 +42,7 @@ from shared.subjects import (
     REPLAY_SUBJECT,
     REQUESTS_BUCKET,
     UPLOADS_STREAM,
+    KeptSpan,
     frame_partition,
     frames_stream,
     gateway_frames,
@@ -113,7 +114,7 @@ class GatewayBus:
         self._buckets: dict[str, KeyValue] = {}
         self._frames: Subscription | None = None
         # Each look-up's answer (where the request's frames are), for the replay that follows.
-        self._spans: OrderedDict[str, tuple[float, natsedge.KeptSpan]] = OrderedDict()
+        self._spans: OrderedDict[str, tuple[float, KeptSpan]] = OrderedDict()
 
     @property
     def connected(self) -> bool:
@@ -333,17 +334,14 @@ class GatewayBus:
 
     async def has_frames(self, key: str) -> bool:
         """Whether any frame of request ``key`` is still kept (resume of a known id)."""
-        span: natsedge.KeptSpan | None
+        span: KeptSpan | None
         if self.settings.nats_restricted:
             reply = await self.request(
                 REPLAY_SUBJECT, encode_has_ask(key), _REPLAY_ASK_TIMEOUT_S, "look up the request"
             )
-            found, at = read_has_reply(reply)
-            if not found:
-                return False
-            if at is None:  # an older worker: it does not say where
-                return True
-            span = natsedge.KeptSpan(at.subject, at.first_seq)
+            found, span = read_has_reply(reply)
+            if span is None:  # nothing kept, or where is not said (frames on two subjects,
+                return found  # or an older worker)
         else:
             # Where the frames are, not only whether: the replay that follows uses it rather
             # than asking again (two direct gets per resume, not three).

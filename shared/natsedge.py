@@ -55,12 +55,11 @@ from nats.js.kv import KeyValue
 
 from shared.exceptions import BusFull, BusRetryable, BusUnavailable
 from shared.settings import Settings
-from shared.subjects import inbox_prefix
+from shared.subjects import KeptSpan, inbox_prefix
 from shared.topology import request_bucket_config, stream_configs
 
 __all__ = [
     "RECONNECT_FOREVER",
-    "KeptSpan",
     "KvEntry",
     "broker_security",
     "connect",
@@ -424,14 +423,6 @@ async def read_subject_seqs(
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
     return out
-
-
-class KeptSpan(NamedTuple):
-    """Where a request's kept frames are: ``subject`` (None when the first and the last are
-    on different subjects) and the stream sequence of the first."""
-
-    subject: str | None
-    first_seq: int
 
 
 async def kept_span(js: JetStreamContext, stream: str, subjects: str) -> KeptSpan | None:

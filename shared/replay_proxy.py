@@ -38,6 +38,8 @@ import orjson
 from shared.exceptions import BadParams
 from shared.subjects import (
     SUBJECT_TOKEN,
+    KeptSpan,
+    frame_address,
     frame_partition,
     frames_stream,
     request_frames,
@@ -48,7 +50,6 @@ __all__ = [
     "INACTIVE_THRESHOLD_NS",
     "ConsumerAsk",
     "HasAsk",
-    "KeptAt",
     "check_consumer",
     "create_subject",
     "decode_ask",
@@ -75,14 +76,6 @@ class ConsumerAsk:
 
     stream: str
     config: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class KeptAt:
-    """Where one request's kept frames are: their one subject and the first one's sequence."""
-
-    subject: str
-    first_seq: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,14 +171,13 @@ def _one_requests(filter_subject: str, key: str, partitions: int) -> bool:
     connection (the wildcard), or on one literal gateway and connection."""
     if filter_subject == request_frames_any_connection(key, partitions=partitions):
         return True
-    tokens = filter_subject.split(".")
-    if len(tokens) != 6:
-        return False
-    gateway, conn = tokens[3], tokens[4]
+    address = frame_address(filter_subject)
     return (
-        SUBJECT_TOKEN.fullmatch(gateway) is not None
-        and SUBJECT_TOKEN.fullmatch(conn) is not None
-        and filter_subject == request_frames(gateway, conn, key, partitions=partitions)
+        address is not None
+        and SUBJECT_TOKEN.fullmatch(address.gateway) is not None
+        and SUBJECT_TOKEN.fullmatch(address.conn) is not None
+        and filter_subject
+        == request_frames(address.gateway, address.conn, key, partitions=partitions)
     )
 
 
@@ -197,10 +189,11 @@ def create_subject(stream: str, config: dict[str, Any], prefix: str = "$JS.API")
     return f"{prefix}.CONSUMER.CREATE.{stream}"
 
 
-def has_reply(has: bool, at: KeptAt | None = None) -> bytes:
-    if at is None:
+def has_reply(has: bool, span: KeptSpan | None = None) -> bytes:
+    """The ``has`` answer, with where the frames are when they are on one subject."""
+    if span is None or span.subject is None:
         return orjson.dumps({"has": has})
-    return orjson.dumps({"has": has, "subject": at.subject, "first_seq": at.first_seq})
+    return orjson.dumps({"has": has, "subject": span.subject, "first_seq": span.first_seq})
 
 
 def error_reply(exc: Exception) -> bytes:
@@ -208,7 +201,7 @@ def error_reply(exc: Exception) -> bytes:
     return orjson.dumps({"error": {"code": 400, "err_code": 10000, "description": str(exc)}})
 
 
-def read_has_reply(data: bytes) -> tuple[bool, KeptAt | None]:
+def read_has_reply(data: bytes) -> tuple[bool, KeptSpan | None]:
     """The worker's ``has`` answer, and where the frames are when it says (a worker before
     this field did not); a refusal raises :class:`BadParams` with its reason."""
     body = orjson.loads(data)
@@ -222,7 +215,7 @@ def read_has_reply(data: bytes) -> tuple[bool, KeptAt | None]:
             and not isinstance(first_seq, bool)
             and first_seq > 0
         ):
-            at = KeptAt(subject, first_seq)
+            at = KeptSpan(subject, first_seq)
         return bool(body["has"]), at
     error = body.get("error") if isinstance(body, dict) else None
     reason = error.get("description") if isinstance(error, dict) else None

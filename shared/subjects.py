@@ -93,6 +93,7 @@ __all__ = [
     "UPLOADS_STREAM",
     "UPLOADS_SUBJECT",
     "FrameAddress",
+    "KeptSpan",
     "app_slot_key",
     "call_rate_key",
     "connection_slot_key",
@@ -230,6 +231,14 @@ def request_frames_any_connection(key: str, *, partitions: int) -> str:
     """Filter for every kept frame of request ``key``, whatever gateway and connection asked it
     (resume), within the stream :func:`frames_stream` of its partition."""
     return f"{_FRAMES_PREFIX}{frame_partition(key, partitions)}.*.*.{key}"
+
+
+class KeptSpan(NamedTuple):
+    """Where one request's kept frames are: their ``subject`` (None when the first and the
+    last are on two subjects) and the stream sequence of the first."""
+
+    subject: str | None
+    first_seq: int
 
 
 class FrameAddress(NamedTuple):

@@ -19,7 +19,6 @@ from shared.exceptions import BadParams, TokenwireError
 from shared.natsedge import map_nats_errors
 from shared.replay_proxy import (
     ConsumerAsk,
-    KeptAt,
     check_consumer,
     create_subject,
     decode_ask,
@@ -56,10 +55,7 @@ class ReplayProxy:
             # Where the frames are too, so the gateway's replay can filter on their literal
             # subject (check_consumer allows it).
             span = await natsedge.kept_span(self.js, stream, subject)
-            if span is None:
-                return has_reply(False)
-            at = KeptAt(span.subject, span.first_seq) if span.subject is not None else None
-            return has_reply(True, at)
+            return has_reply(span is not None, span)
         except BadParams as exc:
             log.warning("replay request refused", extra={"error": str(exc)})
             return error_reply(exc)

@@ -15,7 +15,6 @@ from shared.exceptions import BadParams
 from shared.replay_proxy import (
     ConsumerAsk,
     HasAsk,
-    KeptAt,
     check_consumer,
     decode_ask,
     encode_consumer_ask,
@@ -26,6 +25,7 @@ from shared.replay_proxy import (
     read_has_reply,
 )
 from shared.subjects import (
+    KeptSpan,
     gateway_frames,
     request_frames,
     request_frames_any_connection,
@@ -133,8 +133,9 @@ def test_asks_round_trip_and_refusals_read_back() -> None:
     # Where the frames are rides along when they are on one subject; an older worker's answer
     # (no such fields) still reads.
     subject = request_frames("gw", "c", KEY, partitions=1)
-    assert read_has_reply(has_reply(True, KeptAt(subject, 3))) == (True, KeptAt(subject, 3))
+    assert read_has_reply(has_reply(True, KeptSpan(subject, 3))) == (True, KeptSpan(subject, 3))
     assert read_has_reply(has_reply(True)) == (True, None)
+    assert read_has_reply(has_reply(True, KeptSpan(None, 3))) == (True, None)  # two subjects
     assert read_has_reply(b'{"has": false}') == (False, None)
     assert read_has_reply(b'{"has": true, "subject": "s", "first_seq": true}') == (True, None)
     assert orjson.loads(error_reply(BadParams("no")))["error"]["code"] == 400
