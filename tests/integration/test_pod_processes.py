@@ -87,6 +87,9 @@ async def test_gateway_workers_answer_from_two_processes_survive_a_kill_and_drai
     gateway = stack.gateway(TOKENWIRE_GATEWAY_WORKERS="2")
     port: int = gateway.port  # type: ignore[attr-defined]
     pids = await until(lambda: children_of(gateway), lambda p: len(p) == 2)
+    # Both children accept only once each says it is ready: on a loaded machine the second
+    # was still starting while 30 connections all went to the first.
+    await until(lambda: gateway.log_text().count('"gateway ready"'), lambda n: n == 2, 60)
     # Keep connecting until each of the two processes holds a connection (bounded).
     by_pid: dict[int, Client] = {}
     spare: list[Client] = []
@@ -100,6 +103,7 @@ async def test_gateway_workers_answer_from_two_processes_survive_a_kill_and_drai
             by_pid[pid] = client
         if len(by_pid) == 2:
             break
+        await asyncio.sleep(0.05)  # let the other process's loop come round to its accept
     assert len(by_pid) == 2, "30 connections and all on one gateway process"
     opened = len(by_pid) + len(spare)
     try:
